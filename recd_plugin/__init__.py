@@ -1,0 +1,52 @@
+"""recd-plugin: RecD deduplication (and later FAE, DES) for existing TorchRec training.
+
+The public API. In a TorchRec training script::
+
+    import recd_plugin
+    config = recd_plugin.RecDConfig.load(args.recd)      # --recd flag / $RECD_PLUGIN / TOML
+    model, loader = recd_plugin.apply(config, model, loader)
+
+Building blocks, for users who wire things themselves: ``build_ikjt`` / ``expand`` (IKJT),
+``DedupLoader`` / ``DedupCollate`` (dataloader transform), ``DedupEmbeddingCollection`` and
+``dedup_tower`` (dedup-aware modules). See docs/recd.md.
+"""
+
+from recd_plugin._peer import check_peer_requirements
+
+check_peer_requirements()  # before torch is imported: a clear message instead of a crash
+
+from recd_plugin.config import ENV_VAR, RecDConfig  # noqa: E402
+from recd_plugin.errors import (  # noqa: E402
+    ConfigError,
+    DedupSpecError,
+    MalformedBatchError,
+    NotDeduplicableError,
+    PeerRequirementError,
+    RecDError,
+    UnsupportedModelError,
+)
+from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection  # noqa: E402
+from recd_plugin.modules.swap import CONVERTERS, register_converter  # noqa: E402
+from recd_plugin.modules.tower import DedupContext, dedup_tower  # noqa: E402
+from recd_plugin.plugin import apply, remove  # noqa: E402
+from recd_plugin.sparse.ikjt import (  # noqa: E402
+    DedupSpec,
+    FeatureGroup,
+    build_ikjt,
+    expand,
+    inverse_index,
+    is_ikjt,
+    unique_rows,
+)
+from recd_plugin.transforms.dedup import DedupCollate, DedupLoader, DedupStats, dedup_batch  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply", "remove", "RecDConfig", "ENV_VAR",
+    "FeatureGroup", "DedupSpec", "build_ikjt", "expand", "inverse_index", "unique_rows", "is_ikjt",
+    "DedupLoader", "DedupCollate", "DedupStats", "dedup_batch",
+    "DedupEmbeddingCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",
+    "RecDError", "ConfigError", "DedupSpecError", "MalformedBatchError", "NotDeduplicableError",
+    "PeerRequirementError", "UnsupportedModelError", "check_peer_requirements",
+]

@@ -1,0 +1,195 @@
+"""The plugin's one flag: a ``RecDConfig`` read from a flag string, ``$RECD_PLUGIN`` or TOML.
+
+All three spell the same schema. In TOML (a file of its own, or a ``[recd]`` table in your
+project's config)::
+
+    [recd]
+    verify_batches = 1              # check the first N batches really repeat (0 = off)
+    in_workers = true               # build IKJTs inside DataLoader workers
+
+    [recd.groups.user]              # one feature group: deduplicated together
+    key = "session_id"              # samples with equal key are duplicates (omit: by content)
+    features = ["user_id", "user_age", "history"]
+
+    [recd.towers]                   # module path in the model -> group it reads
+    "user_tower" = "user"
+
+As one flag string, the same keys as dotted paths separated by ``;`` (lists with ``,``)::
+
+    --recd "groups.user.key=session_id; groups.user.features=user_id,user_age,history;
+            towers.user_tower=user"
+    --recd @recd.toml               # or a path to a TOML file
+    --recd off                      # plugin off: model and loader are left untouched
+
+``RecDConfig.load(flag)`` takes the flag if given, else ``$RECD_PLUGIN`` (so a launcher such
+as ``torchx run recd.train`` can switch the plugin on without touching the script), else off.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from recd_plugin.errors import ConfigError, DedupSpecError
+from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ENV_VAR = "RECD_PLUGIN"
+_OFF = {"", "0", "off", "false", "no", "none"}
+_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers"}
+_GROUP_KEYS = {"key", "features"}
+
+
+@dataclass
+class RecDConfig:
+    """Everything the plugin needs; ``RecDConfig()`` is the plugin switched off."""
+
+    enabled: bool = False
+    groups: List[FeatureGroup] = field(default_factory=list)
+    towers: Dict[str, str] = field(default_factory=dict)
+    verify_batches: int = 1
+    in_workers: bool = True
+
+    @property
+    def spec(self) -> DedupSpec:
+        return DedupSpec(tuple(self.groups))
+
+    # -- readers ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, flag: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> "RecDConfig":
+        """From ``flag`` if not None, else from ``$RECD_PLUGIN``, else off."""
+        if flag is None:
+            flag = (os.environ if env is None else env).get(ENV_VAR)
+        return cls() if flag is None else cls.from_string(flag)
+
+    @classmethod
+    def from_string(cls, text: str) -> "RecDConfig":
+        """Parse the flag string (dotted ``key=value`` pairs, ``@file.toml``, or ``off``)."""
+        text = text.strip()
+        if text.lower() in _OFF:
+            return cls()
+        if text.startswith("@") or text.endswith(".toml"):
+            return cls.from_toml(text.lstrip("@"))
+        tree: Dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in text.split(";"))):
+            if "=" not in item:
+                raise ConfigError(
+                    f"recd flag item {item!r} is not key=value; example: "
+                    "'groups.user.key=session_id; groups.user.features=user_id,history'"
+                )
+            path, value = (s.strip() for s in item.split("=", 1))
+            parts = path.split(".")
+            if parts[0] == "towers" and len(parts) > 1:  # module paths contain dots
+                parts = ["towers", ".".join(parts[1:])]
+            node = tree
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"recd flag sets {path!r} below a plain value")
+            node[parts[-1]] = _parse_value(value)
+        return cls.from_dict(tree)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RecDConfig":
+        """Read a TOML file: its ``[recd]`` table if it has one, else the whole file."""
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"recd config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"recd config file {str(path)!r} is not valid TOML: {e}") from None
+        return cls.from_dict(data.get("recd", data))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RecDConfig":
+        """Validate the schema above; every mistake names the key and how to fix it."""
+        _no_unknown(data, _TOP_KEYS, "recd")
+        groups_data = data.get("groups", {})
+        if not isinstance(groups_data, Mapping):
+            raise ConfigError("recd 'groups' must be a table of groups: groups.<name>.features = [...]")
+        groups = []
+        for name, g in groups_data.items():
+            if not isinstance(g, Mapping):
+                raise ConfigError(f"recd group {name!r} must be a table with 'features' and optional 'key'")
+            _no_unknown(g, _GROUP_KEYS, f"recd group {name!r}")
+            features = g.get("features", [])
+            features = [features] if isinstance(features, str) else features
+            key = g.get("key")
+            if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+                raise ConfigError(f"recd group {name!r}: 'features' must be a list of feature names")
+            if key is not None and not isinstance(key, str):
+                raise ConfigError(f"recd group {name!r}: 'key' must be a feature name")
+            try:
+                groups.append(FeatureGroup(str(name), tuple(features), key))
+            except DedupSpecError as e:
+                raise ConfigError(str(e)) from None
+        towers = data.get("towers", {})
+        if not isinstance(towers, Mapping) or not all(isinstance(v, str) for v in towers.values()):
+            raise ConfigError("recd 'towers' must map module paths to group names: towers.user_tower = \"user\"")
+        verify = data.get("verify_batches", 1)
+        if not isinstance(verify, int) or isinstance(verify, bool) or verify < 0:
+            raise ConfigError(f"recd 'verify_batches' must be an integer >= 0, got {verify!r}")
+        in_workers = data.get("in_workers", True)
+        if not isinstance(in_workers, bool):
+            raise ConfigError(f"recd 'in_workers' must be true or false, got {in_workers!r}")
+        config = cls(
+            enabled=bool(data.get("enabled", True)),
+            groups=groups,
+            towers=dict(towers),
+            verify_batches=verify,
+            in_workers=in_workers,
+        )
+        if config.enabled:
+            config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Checks that need no model: groups exist, are disjoint, and towers name them."""
+        if not self.groups:
+            raise ConfigError(
+                "recd is on but names no feature group; add one, e.g. "
+                "'groups.user.key=session_id; groups.user.features=user_id,history'"
+            )
+        try:
+            spec = self.spec
+        except DedupSpecError as e:
+            raise ConfigError(str(e)) from None
+        names = [g.name for g in spec.groups]
+        for module, group in self.towers.items():
+            if group not in names:
+                raise ConfigError(
+                    f"recd tower {module!r} reads group {group!r}, which is not defined"
+                    f"{_suggest(group, names)}; groups are {names}"
+                )
+
+
+def _parse_value(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if value.lstrip("-").isdigit():
+        return int(value)
+    if "," in value:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value.strip("\"'")
+
+
+def _suggest(name: str, options: List[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _no_unknown(data: Mapping[str, Any], allowed: set, where: str) -> None:
+    for k in data:
+        if k not in allowed:
+            raise ConfigError(f"{where}: unknown key {k!r}{_suggest(k, sorted(allowed))}; allowed: {sorted(allowed)}")

@@ -1,0 +1,34 @@
+"""Errors raised by recd-plugin.
+
+Every error names what is wrong and how to fix it, and is raised before any training state
+is touched (at config parsing, at ``apply()``, or when the first batch is built). Catch
+``RecDError`` to handle them all; docs/troubleshooting.md lists each one.
+"""
+
+
+class RecDError(Exception):
+    """Base class of all recd-plugin errors."""
+
+
+class PeerRequirementError(RecDError, ImportError):
+    """torch / torchrec / fbgemm missing or of a version the plugin does not support."""
+
+
+class ConfigError(RecDError, ValueError):
+    """The plugin flag, environment variable or TOML file is malformed."""
+
+
+class DedupSpecError(RecDError, ValueError):
+    """A feature group names an unknown feature, or groups overlap."""
+
+
+class MalformedBatchError(RecDError, ValueError):
+    """A batch is not a well-formed KeyedJaggedTensor / Batch."""
+
+
+class NotDeduplicableError(RecDError, ValueError):
+    """A feature said to be constant within a session differs between its samples."""
+
+
+class UnsupportedModelError(RecDError, ValueError):
+    """The model cannot take the plugin as configured (unknown module, unsupported setup)."""

@@ -1,0 +1,67 @@
+"""Dedup-aware ``EmbeddingCollection`` (sequence features).
+
+TorchRec's ``EmbeddingCollection`` ignores ``inverse_indices``: fed an IKJT it would return
+the unique rows as if they were the batch. ``DedupEmbeddingCollection`` looks up only the
+unique rows and expands the looked-up rows back to one row per sample, so code downstream
+is unchanged; the gradient of a duplicated row is summed over its samples, as in the plain
+path. It shares the original module's parameters, so the state_dict is the same both ways::
+
+    ec = DedupEmbeddingCollection.from_module(ec)   # in place of torchrec's EC
+    out = ec(ikjt)["history"]                       # JaggedTensor with B rows, as before
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from recd_plugin.sparse.ikjt import jagged_index_select
+
+
+class DedupEmbeddingCollection(EmbeddingCollection):
+    """``EmbeddingCollection`` that runs lookups on the unique rows of an IKJT.
+
+    Input: KJT (plain or IKJT) with keys K and batch B. Output: ``Dict[str, JaggedTensor]``
+    with B rows per embedding name, values [sum of lengths, D], exactly as TorchRec's EC.
+    """
+
+    @classmethod
+    def from_module(cls, ec: EmbeddingCollection) -> "DedupEmbeddingCollection":
+        """A dedup EC sharing ``ec``'s tables (no copy): same parameters, same state_dict."""
+        new = cls.__new__(cls)
+        new.__dict__.update(ec.__dict__)
+        return new
+
+    def to_plain(self) -> EmbeddingCollection:
+        """The TorchRec ``EmbeddingCollection`` sharing this module's tables."""
+        plain = EmbeddingCollection.__new__(EmbeddingCollection)
+        plain.__dict__.update(self.__dict__)
+        return plain
+
+    def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
+        inverse = features.inverse_indices_or_none()
+        if inverse is None:
+            return super().forward(features)
+        inverse_of = dict(zip(inverse[0], inverse[1]))
+        jt_dict = features.to_dict()
+        out: Dict[str, JaggedTensor] = {}
+        for i, table in enumerate(self.embeddings.values()):
+            for feature, name in zip(self._feature_names[i], self._embedding_names_by_table[i]):
+                f = jt_dict[feature]
+                lookup = table(input=f.values()).float()  # [sum of unique lengths, D]
+                inv: Optional[torch.Tensor] = inverse_of.get(feature)
+                values, lengths, ids = lookup, f.lengths(), f.values()
+                if inv is not None and not _is_identity(inv):
+                    values, lengths, positions = jagged_index_select(lookup, f.lengths(), inv)
+                    ids = f.values()[positions]
+                out[name] = JaggedTensor(
+                    values=values, lengths=lengths, weights=ids if self._need_indices else None
+                )
+        return out
+
+
+def _is_identity(index: torch.Tensor) -> bool:
+    return bool(torch.equal(index, torch.arange(index.numel(), device=index.device)))

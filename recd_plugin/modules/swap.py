@@ -1,0 +1,135 @@
+"""Model converters: walk a model and apply the config's module changes in place.
+
+Like torchtitan's model converters, each technique registers a named converter; ``convert``
+checks the whole model against the config first (so a bad config changes nothing), then runs
+every registered converter. Each converter returns undo callbacks, so ``unconvert`` puts the
+model back exactly. State-dict keys never change: swapped modules share the originals'
+submodules, and towers are hooks on the user's own modules.
+
+A new technique is one more ``@register_converter("name")`` function.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Dict, List, Set
+
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from recd_plugin.config import RecDConfig
+from recd_plugin.errors import DedupSpecError, UnsupportedModelError
+from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
+from recd_plugin.modules.tower import DedupContext, dedup_tower
+
+Undo = Callable[[], None]
+Converter = Callable[[nn.Module, RecDConfig, DedupContext], List[Undo]]
+CONVERTERS: Dict[str, Converter] = {}
+
+
+def register_converter(name: str) -> Callable[[Converter], Converter]:
+    def register(fn: Converter) -> Converter:
+        CONVERTERS[name] = fn
+        return fn
+    return register
+
+
+def _suggest(name: str, options: List[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def model_features(model: nn.Module) -> Set[str]:
+    """Sparse feature names read by the model's TorchRec embedding modules."""
+    names: Set[str] = set()
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            names.update(f for c in m.embedding_bag_configs() for f in c.feature_names)
+        elif isinstance(m, EmbeddingCollection):
+            names.update(f for c in m.embedding_configs() for f in c.feature_names)
+    return names
+
+
+def check_model(model: nn.Module, config: RecDConfig) -> None:
+    """Every problem a config can have with this model, raised before anything changes."""
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith("torchrec.distributed"):
+            raise UnsupportedModelError(
+                f"module {name or 'model'!r} ({type(m).__name__}) is already sharded; call "
+                "recd_plugin.apply() on the unsharded model (before DistributedModelParallel)"
+            )
+    if isinstance(model, (EmbeddingBagCollection, EmbeddingCollection)):
+        raise UnsupportedModelError(
+            "apply the plugin to the model that contains the embedding module, not to the "
+            "embedding module itself (it is swapped in its parent)"
+        )
+    known = model_features(model)
+    if not known:
+        raise UnsupportedModelError(
+            "the model has no torchrec EmbeddingBagCollection or EmbeddingCollection; "
+            "recd-plugin deduplicates their inputs, so there is nothing to speed up"
+        )
+    for g in config.groups:
+        for f in g.features:
+            if f not in known:
+                raise DedupSpecError(
+                    f"group {g.name!r} names feature {f!r}, which no embedding table of the "
+                    f"model reads{_suggest(f, sorted(known))}; model features: {sorted(known)}"
+                )
+    modules = dict(model.named_modules())
+    for path in config.towers:
+        if path not in modules or path == "":
+            raise UnsupportedModelError(
+                f"recd tower {path!r} is not a submodule of the model"
+                f"{_suggest(path, [p for p in modules if p])}; pass a path from model.named_modules()"
+            )
+        if isinstance(modules[path], (EmbeddingBagCollection, EmbeddingCollection)):
+            raise UnsupportedModelError(
+                f"recd tower {path!r} is an embedding module; towers are dense modules "
+                "(embedding modules are deduplicated automatically)"
+            )
+
+
+@register_converter("dedup_embedding_collection")
+def _swap_embedding_collections(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
+    """Swap every EC that reads a grouped feature (TorchRec's EC would misread an IKJT)."""
+    grouped = set(config.spec.features)
+    undo: List[Undo] = []
+    for path, m in list(model.named_modules()):
+        if type(m) is not EmbeddingCollection:
+            continue
+        if not any(f in grouped for c in m.embedding_configs() for f in c.feature_names):
+            continue
+        new = DedupEmbeddingCollection.from_module(m)
+        _set_submodule(model, path, new)
+        undo.append(lambda path=path, m=m: _set_submodule(model, path, m))
+    return undo
+
+
+@register_converter("dedup_towers")
+def _hook_towers(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
+    handles = [
+        dedup_tower(model.get_submodule(path), ctx, group, path, config.verify_batches)
+        for path, group in config.towers.items()
+    ]
+    return [h.remove for h in handles]
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+def convert(model: nn.Module, config: RecDConfig) -> Callable[[], None]:
+    """Apply every registered converter in place; returns a function that undoes them all."""
+    check_model(model, config)
+    ctx = DedupContext.attach(model, config.spec)
+    undo: List[Undo] = [ctx.handle.remove]
+    for fn in CONVERTERS.values():
+        undo.extend(fn(model, config, ctx))
+
+    def unconvert() -> None:
+        for u in reversed(undo):
+            u()
+
+    return unconvert

@@ -1,0 +1,177 @@
+"""Run a user-side dense submodule on unique rows, expand where it meets per-sample features.
+
+TorchRec's dense towers always see the expanded batch, even when every input row of the tower
+comes from session features that repeat across the samples of a session. ``dedup_tower``
+installs two forward hooks on such a module (a sequence encoder, a user tower): the first
+keeps one row per unique session (``x[first]``), the second expands the result
+(``y[inverse]``). The module object, its type and its state_dict keys stay unchanged, and
+the math is the same: rows of one session are equal, and the gradient reaching the kept
+row is the sum over its samples, as in the plain path.
+
+The inverse index comes from the IKJT the model is called with: ``DedupContext.attach(model)``
+records it at each forward of the root model::
+
+    ctx = DedupContext.attach(model, spec)
+    handle = dedup_tower(model.user_tower, ctx, group="user", name="user_tower")
+    model(batch)            # user_tower runs on U rows instead of B
+    handle.remove()         # back to the plain module
+
+Only wrap modules whose tensor inputs depend on the group's features alone; the first
+``verify_batches`` calls check this and raise ``NotDeduplicableError`` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recd_plugin.errors import NotDeduplicableError, UnsupportedModelError
+from recd_plugin.sparse.ikjt import DedupSpec
+
+
+class DedupContext:
+    """Per-forward inverse indices of each feature group, taken from the model's IKJT input."""
+
+    def __init__(self, spec: DedupSpec) -> None:
+        self.spec = spec
+        self._kjt: Optional[KeyedJaggedTensor] = None
+        self._cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def attach(cls, model: nn.Module, spec: DedupSpec) -> "DedupContext":
+        ctx = cls(spec)
+        ctx.handle = model.register_forward_pre_hook(ctx._capture, with_kwargs=True)
+        return ctx
+
+    def _capture(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        self.set(_find_kjt(list(args) + list(kwargs.values())))
+
+    def set(self, kjt: Optional[KeyedJaggedTensor]) -> None:
+        self._kjt = kjt
+        self._cache = {}
+
+    def rows(self, group: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(first [U], inverse [B]) of ``group`` in the current batch; None if not an IKJT."""
+        if group in self._cache:
+            return self._cache[group]
+        kjt = self._kjt
+        if kjt is None or kjt.inverse_indices_or_none() is None:
+            return None
+        names, inverse = kjt.inverse_indices()
+        feature = self.spec.group(group).all_features[0]
+        inv = inverse[names.index(feature)]
+        num_unique = kjt.stride_per_key()[kjt.keys().index(feature)]
+        first = torch.full((num_unique,), inv.numel(), dtype=torch.long, device=inv.device)
+        first.scatter_reduce_(0, inv, torch.arange(inv.numel(), device=inv.device), reduce="amin")
+        self._cache[group] = (first, inv)
+        return first, inv
+
+
+def _find_kjt(items: List[Any]) -> Optional[KeyedJaggedTensor]:
+    """The first KJT among forward arguments: a KJT, a Batch-like object, or in a tuple/dict."""
+    for item in items:
+        if isinstance(item, KeyedJaggedTensor):
+            return item
+        sparse = getattr(item, "sparse_features", None)
+        if isinstance(sparse, KeyedJaggedTensor):
+            return sparse
+        if isinstance(item, (list, tuple)):
+            found = _find_kjt(list(item))
+        elif isinstance(item, dict):
+            found = _find_kjt(list(item.values()))
+        else:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+class _TowerHooks:
+    def __init__(self, ctx: DedupContext, group: str, name: str, verify_batches: int) -> None:
+        self.ctx, self.group, self.name = ctx, group, name
+        self.verify_left = verify_batches
+        self.active: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def before(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+        rows = self.ctx.rows(self.group)
+        self.active = None
+        if rows is None:
+            return None
+        first, inv = rows
+        if first.numel() == inv.numel():
+            return None  # no repeats in this batch: nothing to save
+        batch = inv.numel()
+        self.active = rows
+        verify = self.verify_left > 0
+        self.verify_left -= int(verify)
+
+        def take(x: Any, where: str) -> Any:
+            if isinstance(x, KeyedJaggedTensor) or hasattr(x, "lengths") and not isinstance(x, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"dedup tower {self.name!r}: {where} is a {type(x).__name__}; a wrapped "
+                    "module must take dense tensors [B, ...] (pad jagged inputs first)"
+                )
+            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
+                return x
+            kept = x.index_select(0, first)
+            if verify and not torch.equal(kept.index_select(0, inv), x):
+                raise NotDeduplicableError(
+                    f"dedup tower {self.name!r}: {where} differs between samples of one "
+                    f"{self.group!r} group; the module reads per-sample data. Wrap only modules "
+                    "whose inputs come from the group's features, or remove it from `towers`."
+                )
+            return kept
+
+        new_args = tuple(take(a, f"input {i}") for i, a in enumerate(args))
+        new_kwargs = {k: take(v, f"input {k!r}") for k, v in kwargs.items()}
+        return new_args, new_kwargs
+
+    def after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        if self.active is None:
+            return None
+        inv = self.active[1]
+        self.active = None
+        return _expand(output, inv)
+
+
+def _expand(output: Any, inv: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.index_select(0, inv) if output.dim() > 0 else output
+    if isinstance(output, tuple):
+        return tuple(_expand(o, inv) for o in output)
+    if isinstance(output, list):
+        return [_expand(o, inv) for o in output]
+    if isinstance(output, dict):
+        return {k: _expand(v, inv) for k, v in output.items()}
+    return output
+
+
+class TowerHandle:
+    """Removes a dedup tower's hooks: the module is then plain again."""
+
+    def __init__(self, handles: List[RemovableHandle]) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def dedup_tower(
+    module: nn.Module, ctx: DedupContext, group: str, name: str = "", verify_batches: int = 1
+) -> TowerHandle:
+    """Make ``module`` run on the unique rows of ``group`` (inputs [B, ...] -> [U, ...]).
+
+    Tensor inputs whose first dimension is the batch size B are reduced to U unique rows;
+    every tensor in the output (nested in tuples, lists, dicts) is expanded back to B rows.
+    """
+    ctx.spec.group(group)  # raises a clear error for an unknown group
+    hooks = _TowerHooks(ctx, group, name or type(module).__name__, verify_batches)
+    return TowerHandle([
+        module.register_forward_pre_hook(hooks.before, with_kwargs=True),
+        module.register_forward_hook(hooks.after, with_kwargs=True),
+    ])

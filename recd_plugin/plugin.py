@@ -1,0 +1,56 @@
+"""``apply``: the one call that switches the plugin on for a (model, dataloader) pair.
+
+In an ordinary TorchRec training script, after building the model and the loader::
+
+    import recd_plugin
+    config = recd_plugin.RecDConfig.load(args.recd)   # flag, else $RECD_PLUGIN, else off
+    model, loader = recd_plugin.apply(config, model, loader)
+
+With the plugin off, both come back untouched (the same objects). With it on, the model's
+embedding modules and the configured towers are converted in place (``recd_plugin.remove``
+undoes that) and the loader is wrapped to yield IKJT batches. Every check runs before the
+model is changed, so a bad config leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Iterable, Optional, Tuple, TypeVar
+
+from torch import nn
+
+from recd_plugin.config import RecDConfig
+from recd_plugin.errors import UnsupportedModelError
+from recd_plugin.modules.swap import check_model, convert
+from recd_plugin.transforms.dedup import DedupLoader
+
+M = TypeVar("M", bound=nn.Module)
+_UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
+
+
+def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) -> Tuple[M, Any]:
+    """Switch the plugin on for ``model`` and ``loader`` as ``config`` says.
+
+    Returns:
+        (model, loader): the same model converted in place, and a ``DedupLoader`` over
+        ``loader`` (``None`` stays ``None``). Unchanged objects when ``config.enabled`` is off.
+    """
+    if not config.enabled:
+        return model, loader
+    if model in _UNDO:
+        raise UnsupportedModelError("recd-plugin is already applied to this model; call remove() first")
+    config.validate()
+    check_model(model, config)
+    # Wrap the loader before converting the model: DedupLoader may refuse the loader, and
+    # nothing may change before every check has passed.
+    wrapped = None if loader is None else DedupLoader(loader, config.spec, config.verify_batches, config.in_workers)
+    _UNDO[model] = convert(model, config)
+    return model, wrapped
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo ``apply`` on ``model``: plain TorchRec modules again, no hooks."""
+    undo = _UNDO.pop(model, None)
+    if undo is not None:
+        undo()
+    return model

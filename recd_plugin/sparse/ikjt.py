@@ -1,0 +1,335 @@
+"""IKJT: RecD's InverseKeyedJaggedTensor, built on TorchRec's variable-batch KJT.
+
+An IKJT keeps, per *feature group*, only the unique rows of a batch plus one inverse index
+per sample. TorchRec 1.8 can already *carry* that (a KJT with ``stride_per_key_per_rank``
+and ``inverse_indices``, "VBE") and its ``EmbeddingBagCollection`` pools the unique rows and
+expands the pooled output, but it has no CPU builder (``fbgemm.jagged_unique_indices`` is
+CUDA-only) and nothing that groups features under one session key. This module fills that
+gap; its output is a plain ``KeyedJaggedTensor`` that TorchRec consumes unchanged::
+
+    spec = DedupSpec([FeatureGroup("user", ["user_id", "history"], key="session_id")])
+    ikjt = build_ikjt(kjt, spec)           # VBE KJT: user features hold unique rows only
+    ikjt.stride_per_key()                  # e.g. [31, 31, 31, 1024, ...]
+    inverse_index(ikjt, "history")         # [B] sample -> unique row
+    unique_rows(ikjt, ["history"])         # KJT of the 31 unique history rows
+    expand(ikjt)                           # == kjt, exactly
+
+Features in no group get the identity inverse, and every batch is emitted as an IKJT even
+when nothing repeats: a sharded TorchRec module must never see a mix of VBE and non-VBE
+batches (see DESIGN.md, VBE restrictions).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recd_plugin.errors import DedupSpecError, MalformedBatchError
+
+
+@dataclass(frozen=True)
+class FeatureGroup:
+    """Features deduplicated together: they share one inverse index.
+
+    Args:
+        name: group name, used by the config to point towers at this group.
+        features: the sparse features of the group.
+        key: a feature holding one id per sample (a session or user id). Samples with the
+            same key are treated as duplicates of each other (RecD's session features). The
+            key is deduplicated with the group. ``None`` compares the rows' content instead.
+    """
+
+    name: str
+    features: Tuple[str, ...]
+    key: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))
+        if not self.name or not isinstance(self.name, str):
+            raise DedupSpecError(f"feature group name must be a non-empty string, got {self.name!r}")
+        if not self.features and self.key is None:
+            raise DedupSpecError(f"feature group {self.name!r} has no features and no key")
+        if len(set(self.features)) != len(self.features):
+            raise DedupSpecError(f"feature group {self.name!r} lists a feature twice: {list(self.features)}")
+
+    @property
+    def all_features(self) -> Tuple[str, ...]:
+        """The group's features with its key first (the key is deduplicated with the group)."""
+        if self.key is None or self.key in self.features:
+            return self.features
+        return (self.key,) + self.features
+
+
+@dataclass(frozen=True)
+class DedupSpec:
+    """A list of disjoint feature groups."""
+
+    groups: Tuple[FeatureGroup, ...]
+    _group_of: Dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(self.groups))
+        group_of: Dict[str, str] = {}
+        for g in self.groups:
+            if any(g.name == other for other in group_of.values()):
+                raise DedupSpecError(f"two feature groups are named {g.name!r}; give each a unique name")
+            for f in g.all_features:
+                if f in group_of:
+                    raise DedupSpecError(
+                        f"feature {f!r} is in groups {group_of[f]!r} and {g.name!r}; "
+                        "a feature can belong to one group only"
+                    )
+                group_of[f] = g.name
+        object.__setattr__(self, "_group_of", group_of)
+
+    @property
+    def features(self) -> List[str]:
+        return list(self._group_of)
+
+    def group(self, name: str) -> FeatureGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise DedupSpecError(f"no feature group named {name!r}{_did_you_mean(name, [g.name for g in self.groups])}")
+
+    def check_keys(self, keys: Sequence[str]) -> None:
+        """Raise if the spec names a feature the batch does not have."""
+        missing = [f for f in self._group_of if f not in keys]
+        if missing:
+            f = missing[0]
+            raise DedupSpecError(
+                f"feature {f!r} of group {self._group_of[f]!r} is not in the batch"
+                f"{_did_you_mean(f, keys)}; batch features are {list(keys)}"
+            )
+
+
+def _did_you_mean(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------
+# Jagged primitives (vectorized, device-agnostic, differentiable through ``values``).
+
+
+def complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
+    """[N] lengths -> [N + 1] int64 offsets starting at 0."""
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=lengths.device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return offsets
+
+
+def jagged_index_select(
+    values: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Select rows of a jagged tensor.
+
+    Args:
+        values: [sum(lengths), *] row contents, concatenated.
+        lengths: [N] row lengths.
+        index: [M] rows to take, in output order (repeats allowed).
+    Returns:
+        (values [sum(lengths[index]), *], lengths [M] int64, positions [sum(lengths[index])]:
+        where each output element was read from in ``values``; apply it to weights too).
+    """
+    lengths = lengths.long()
+    offsets = complete_cumsum(lengths)
+    out_lengths = lengths[index]
+    out_offsets = complete_cumsum(out_lengths)
+    total = int(out_offsets[-1])
+    shift = torch.repeat_interleave(offsets[index] - out_offsets[:-1], out_lengths, output_size=total)
+    positions = torch.arange(total, device=values.device) + shift
+    return values[positions], out_lengths, positions
+
+
+def unique_first(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unique ids in order of first appearance.
+
+    Args:
+        ids: [B] int64, or [B, C] rows compared as a whole.
+    Returns:
+        (first [U]: sample index of each unique row's first appearance, increasing;
+        inverse [B]: unique row of each sample). No repeats -> identity inverse.
+    """
+    n = ids.shape[0]
+    if ids.dim() == 1:
+        _, inverse = torch.unique(ids, return_inverse=True)
+    else:
+        _, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    num_unique = int(inverse.max()) + 1 if n else 0
+    arange = torch.arange(n, device=ids.device)
+    first = torch.full((num_unique,), n, dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, arange, reduce="amin")
+    # torch.unique sorts by value; renumber by first appearance so that a batch without
+    # repeats gets the identity inverse and unique rows keep the batch's (session) order.
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_unique, device=ids.device)
+    return first[order], rank[inverse]
+
+
+# ----------------------------------------------------------------------------------------
+# Build, inspect, expand.
+
+
+def _check_kjt(kjt: KeyedJaggedTensor) -> None:
+    if not isinstance(kjt, KeyedJaggedTensor):
+        raise MalformedBatchError(f"expected a torchrec KeyedJaggedTensor, got {type(kjt).__name__}")
+    if kjt.inverse_indices_or_none() is not None or kjt.variable_stride_per_key():
+        raise MalformedBatchError(
+            "this KJT is already variable-batch (has inverse_indices); deduplicate the plain "
+            "batch once, or call expand() first"
+        )
+    lengths = kjt.lengths()
+    if lengths.numel() != len(kjt.keys()) * kjt.stride():
+        raise MalformedBatchError(
+            f"malformed KJT: {lengths.numel()} lengths for {len(kjt.keys())} keys x batch "
+            f"{kjt.stride()}; lengths must have keys * batch_size entries"
+        )
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise MalformedBatchError("malformed KJT: negative lengths")
+    if int(lengths.sum()) != kjt.values().numel():
+        raise MalformedBatchError(
+            f"malformed KJT: lengths sum to {int(lengths.sum())} but there are "
+            f"{kjt.values().numel()} values"
+        )
+
+
+def _padded(lengths: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
+    """Jagged rows -> [N, width] dense, zero padded (any dtype; fbgemm's op has no int64)."""
+    offsets = complete_cumsum(lengths)
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
+    cols = torch.arange(values.numel(), device=values.device) - offsets[:-1][rows]
+    dense = values.new_zeros((lengths.numel(), width))
+    dense[rows, cols] = values
+    return dense
+
+
+def _content_rows(lengths: torch.Tensor, values: torch.Tensor, weights: Optional[torch.Tensor],
+                  keys_in_group: List[int], batch: int) -> torch.Tensor:
+    """[B, C] int64 matrix whose equal rows are exactly the equal samples of a group."""
+    cols: List[torch.Tensor] = []
+    offsets = complete_cumsum(lengths)
+    for k in keys_in_group:
+        lens = lengths[k * batch:(k + 1) * batch].long()
+        start, end = int(offsets[k * batch]), int(offsets[(k + 1) * batch])
+        width = int(lens.max()) if batch else 0
+        # The length is compared too, so [1] and [1, 0-padding] differ.
+        cols.append(lens.unsqueeze(1))
+        if width:
+            cols.append(_padded(lens, values[start:end].long(), width))
+            if weights is not None:
+                w = weights[start:end].double().view(torch.int64)
+                cols.append(_padded(lens, w, width))
+    return torch.cat(cols, dim=1)
+
+
+def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec) -> KeyedJaggedTensor:
+    """Deduplicate a plain KJT into an IKJT (a TorchRec variable-batch KJT).
+
+    Args:
+        kjt: plain KJT, keys K, batch B (``lengths`` [K * B]).
+        spec: feature groups to deduplicate.
+    Returns:
+        KJT with the same keys in the same order; a grouped key holds U_g unique rows
+        (``stride_per_key_per_rank[k] == [U_g]``), an ungrouped one its B rows;
+        ``inverse_indices == (keys, [K, B] int64)``.
+    """
+    _check_kjt(kjt)
+    keys = kjt.keys()
+    spec.check_keys(keys)
+    batch = kjt.stride()
+    lengths = kjt.lengths()
+    values = kjt.values()
+    weights = kjt.weights_or_none()
+    index_of = {k: i for i, k in enumerate(keys)}
+    arange = torch.arange(batch, device=values.device)
+
+    # Per key: which of its B rows to keep (global row index k * B + sample) and the inverse.
+    row_index: List[Optional[torch.Tensor]] = [None] * len(keys)
+    inverse: List[torch.Tensor] = [arange] * len(keys)
+    for g in spec.groups:
+        if g.key is not None:
+            k = index_of[g.key]
+            key_lengths = lengths[k * batch:(k + 1) * batch]
+            if batch and not bool((key_lengths == 1).all()):
+                bad = int(torch.nonzero(key_lengths != 1)[0])
+                raise MalformedBatchError(
+                    f"key feature {g.key!r} of group {g.name!r} must hold exactly one id per "
+                    f"sample; sample {bad} has {int(key_lengths[bad])}"
+                )
+            start = int(lengths[: k * batch].sum())
+            first, inv = unique_first(values[start:start + batch].long())
+        else:
+            rows = _content_rows(lengths, values, weights, [index_of[f] for f in g.all_features], batch)
+            first, inv = unique_first(rows)
+        for f in g.all_features:
+            k = index_of[f]
+            row_index[k] = first + k * batch
+            inverse[k] = inv
+
+    select = torch.cat([r if r is not None else arange + k * batch for k, r in enumerate(row_index)])
+    new_values, new_lengths, positions = jagged_index_select(values, lengths, select)
+    strides = [[int(r.numel()) if r is not None else batch] for r in row_index]
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=new_values,
+        weights=weights[positions] if weights is not None else None,
+        lengths=new_lengths.to(lengths.dtype),
+        stride_per_key_per_rank=strides,
+        inverse_indices=(list(keys), torch.stack(inverse) if keys else arange.new_empty(0, batch)),
+    )
+
+
+def is_ikjt(kjt: KeyedJaggedTensor) -> bool:
+    return kjt.inverse_indices_or_none() is not None
+
+
+def inverse_index(ikjt: KeyedJaggedTensor, feature: str) -> torch.Tensor:
+    """[B] int64: for each sample, the row of ``feature`` in the IKJT (identity for a plain KJT)."""
+    inv = ikjt.inverse_indices_or_none()
+    if inv is None:
+        return torch.arange(ikjt.stride(), device=ikjt.values().device)
+    names, tensor = inv
+    if feature not in names:
+        raise DedupSpecError(f"feature {feature!r} is not in this IKJT{_did_you_mean(feature, names)}")
+    return tensor[names.index(feature)]
+
+
+def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str]) -> KeyedJaggedTensor:
+    """Plain KJT (batch U) of the unique rows of ``features``, which must share one group."""
+    strides = dict(zip(ikjt.keys(), ikjt.stride_per_key()))
+    sizes = {strides[f] for f in features if f in strides}
+    missing = [f for f in features if f not in strides]
+    if missing:
+        raise DedupSpecError(f"feature {missing[0]!r} is not in this IKJT{_did_you_mean(missing[0], list(strides))}")
+    if len(sizes) > 1:
+        raise DedupSpecError(f"features {list(features)} are in different groups (unique counts {sorted(sizes)})")
+    jts = ikjt.to_dict()
+    return KeyedJaggedTensor.from_jt_dict({f: jts[f] for f in features})
+
+
+def expand(ikjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """IKJT -> the plain KJT (batch B) it was built from. A plain KJT is returned as is."""
+    inv = ikjt.inverse_indices_or_none()
+    if inv is None:
+        return ikjt
+    names, tensor = inv
+    keys = ikjt.keys()
+    strides = ikjt.stride_per_key()
+    base = complete_cumsum(torch.tensor(strides, dtype=torch.long))
+    order = [names.index(k) for k in keys]
+    select = (tensor[order] + base[:-1].to(tensor.device).unsqueeze(1)).reshape(-1)
+    values, lengths, positions = jagged_index_select(ikjt.values(), ikjt.lengths(), select)
+    weights = ikjt.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=values,
+        weights=weights[positions] if weights is not None else None,
+        lengths=lengths.to(ikjt.lengths().dtype),
+        stride=tensor.shape[1],
+    )

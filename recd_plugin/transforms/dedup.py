@@ -1,0 +1,141 @@
+"""Dataloader transform: plain ``Batch`` in, ``Batch`` with an IKJT out.
+
+Wraps any iterable of ``torchrec.datasets.utils.Batch`` (or any dataclass with a
+``sparse_features`` KJT); dense features and labels pass through untouched::
+
+    loader = DedupLoader(loader, spec)          # deduplicate in the training process
+    for batch in loader: ...                    # batch.sparse_features is an IKJT
+    loader.stats.unique_fraction("user")        # e.g. 0.03
+
+With a ``torch.utils.data.DataLoader`` that has workers, ``DedupLoader.wrap`` moves the work
+into them (``collate_fn`` becomes ``DedupCollate(collate_fn, spec)``), so building IKJTs
+costs the training loop nothing. The first ``verify_batches`` batches are expanded back and
+compared with the input, so a feature that is *not* constant within a session is reported
+(``NotDeduplicableError``) before the model has taken a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recd_plugin.errors import MalformedBatchError, NotDeduplicableError
+from recd_plugin.sparse.ikjt import DedupSpec, build_ikjt, expand
+
+
+@dataclass
+class DedupStats:
+    """Counts over everything the transform produced: samples and rows per group."""
+
+    batches: int = 0
+    samples_in: int = 0
+    samples_out: int = 0
+    rows: Dict[str, int] = field(default_factory=dict)
+    unique_rows: Dict[str, int] = field(default_factory=dict)
+
+    def unique_fraction(self, group: str) -> float:
+        return self.unique_rows.get(group, 0) / max(self.rows.get(group, 0), 1)
+
+    def add(self, spec: DedupSpec, batch_in: int, ikjt: KeyedJaggedTensor) -> None:
+        self.batches += 1
+        self.samples_in += batch_in
+        self.samples_out += ikjt.stride()
+        strides = dict(zip(ikjt.keys(), ikjt.stride_per_key()))
+        for g in spec.groups:
+            self.rows[g.name] = self.rows.get(g.name, 0) + ikjt.stride()
+            self.unique_rows[g.name] = self.unique_rows.get(g.name, 0) + strides[g.all_features[0]]
+
+
+def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False) -> Any:
+    """Same batch with ``sparse_features`` replaced by its IKJT.
+
+    Args:
+        batch: ``Batch`` (dense_features [B, D], sparse_features KJT batch B, labels [B]).
+        verify: expand the IKJT and check it equals the input (raises NotDeduplicableError).
+    """
+    kjt = getattr(batch, "sparse_features", None)
+    if not dataclasses.is_dataclass(batch) or not isinstance(kjt, KeyedJaggedTensor):
+        raise MalformedBatchError(
+            f"expected a torchrec Batch (a dataclass with a KeyedJaggedTensor sparse_features), "
+            f"got {type(batch).__name__}; wrap a loader that yields torchrec.datasets.utils.Batch"
+        )
+    labels = getattr(batch, "labels", None)
+    if isinstance(labels, torch.Tensor) and labels.shape[0] != kjt.stride():
+        raise MalformedBatchError(
+            f"batch has {labels.shape[0]} labels but its KJT has batch size {kjt.stride()}"
+        )
+    ikjt = build_ikjt(kjt, spec)
+    if verify:
+        check_roundtrip(kjt, ikjt, spec)
+    return dataclasses.replace(batch, sparse_features=ikjt)
+
+
+def check_roundtrip(kjt: KeyedJaggedTensor, ikjt: KeyedJaggedTensor, spec: DedupSpec) -> None:
+    """Raise NotDeduplicableError naming the first feature that expand() does not restore."""
+    back = expand(ikjt).to_dict()
+    for name, jt in kjt.to_dict().items():
+        if torch.equal(jt.lengths(), back[name].lengths()) and torch.equal(jt.values(), back[name].values()):
+            continue
+        group = next(g for g in spec.groups if name in g.all_features)
+        how = f"keyed by {group.key!r}" if group.key else "keyed by content"
+        raise NotDeduplicableError(
+            f"feature {name!r} is not constant within group {group.name!r} ({how}): two samples "
+            f"with the same key have different {name!r} rows. Remove {name!r} from the group, "
+            "or key the group by content (omit 'key')."
+        )
+
+
+class DedupCollate:
+    """Picklable ``collate_fn``: the user's collate, then ``dedup_batch`` (runs in workers)."""
+
+    def __init__(self, collate_fn: Optional[Callable[[Any], Any]], spec: DedupSpec, verify_batches: int = 1) -> None:
+        self.collate_fn = collate_fn
+        self.spec = spec
+        self.verify_left = verify_batches  # per worker process: each checks its first batches
+
+    def __call__(self, samples: Any) -> Any:
+        batch = self.collate_fn(samples) if self.collate_fn is not None else samples
+        verify = self.verify_left > 0
+        self.verify_left -= int(verify)
+        return dedup_batch(batch, self.spec, verify)
+
+
+class DedupLoader:
+    """Iterable wrapper that yields IKJT batches and counts what passes through.
+
+    Re-iterable when the wrapped loader is (one pass per epoch); ``len()`` is the wrapped
+    loader's. ``stats`` accumulates over all epochs.
+    """
+
+    def __init__(self, loader: Iterable[Any], spec: DedupSpec, verify_batches: int = 1, in_workers: bool = True) -> None:
+        self.loader = loader
+        self.spec = spec
+        self.stats = DedupStats()
+        self._verify_left = verify_batches
+        self.in_workers = False
+        if in_workers and isinstance(loader, DataLoader) and loader.num_workers > 0:
+            collate = loader.collate_fn
+            if isinstance(collate, DedupCollate):
+                raise MalformedBatchError("this DataLoader is already deduplicated by recd-plugin")
+            loader.collate_fn = DedupCollate(collate, spec, verify_batches)
+            self.in_workers = True
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if self.in_workers:
+                out, batch_in = batch, batch.sparse_features.stride()
+            else:
+                verify = self._verify_left > 0
+                self._verify_left -= int(verify)
+                out = dedup_batch(batch, self.spec, verify)
+                batch_in = batch.sparse_features.stride()
+            self.stats.add(self.spec, batch_in, out.sparse_features)
+            yield out
