@@ -25,6 +25,7 @@ from recd_plugin.errors import (  # noqa: E402
     RecDError,
     UnsupportedModelError,
 )
+from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection  # noqa: E402
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection  # noqa: E402
 from recd_plugin.modules.swap import CONVERTERS, register_converter  # noqa: E402
 from recd_plugin.modules.tower import DedupContext, dedup_tower  # noqa: E402
@@ -46,7 +47,7 @@ __all__ = [
     "apply", "remove", "RecDConfig", "ENV_VAR",
     "FeatureGroup", "DedupSpec", "build_ikjt", "expand", "inverse_index", "unique_rows", "is_ikjt",
     "DedupLoader", "DedupCollate", "DedupStats", "dedup_batch",
-    "DedupEmbeddingCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",
+    "DedupEmbeddingCollection", "DedupEmbeddingBagCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",
     "RecDError", "ConfigError", "DedupSpecError", "MalformedBatchError", "NotDeduplicableError",
     "PeerRequirementError", "UnsupportedModelError", "check_peer_requirements",
 ]

@@ -18,28 +18,29 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recd_plugin.sparse.ikjt import jagged_index_select
+from recd_plugin.sparse.ikjt import is_identity, jagged_index_select
 
 
-class DedupEmbeddingCollection(EmbeddingCollection):
+class SharesTables:
+    """Mixin: build the dedup module from a TorchRec one, sharing its tables (no copy).
+
+    Parameters, buffers and submodules are the same objects, so the state_dict keys and
+    values are identical both ways and the optimizer's parameter references stay valid.
+    """
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module):  # type: ignore[no-untyped-def]
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        return new
+
+
+class DedupEmbeddingCollection(SharesTables, EmbeddingCollection):
     """``EmbeddingCollection`` that runs lookups on the unique rows of an IKJT.
 
     Input: KJT (plain or IKJT) with keys K and batch B. Output: ``Dict[str, JaggedTensor]``
     with B rows per embedding name, values [sum of lengths, D], exactly as TorchRec's EC.
     """
-
-    @classmethod
-    def from_module(cls, ec: EmbeddingCollection) -> "DedupEmbeddingCollection":
-        """A dedup EC sharing ``ec``'s tables (no copy): same parameters, same state_dict."""
-        new = cls.__new__(cls)
-        new.__dict__.update(ec.__dict__)
-        return new
-
-    def to_plain(self) -> EmbeddingCollection:
-        """The TorchRec ``EmbeddingCollection`` sharing this module's tables."""
-        plain = EmbeddingCollection.__new__(EmbeddingCollection)
-        plain.__dict__.update(self.__dict__)
-        return plain
 
     def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
         inverse = features.inverse_indices_or_none()
@@ -54,7 +55,7 @@ class DedupEmbeddingCollection(EmbeddingCollection):
                 lookup = table(input=f.values()).float()  # [sum of unique lengths, D]
                 inv: Optional[torch.Tensor] = inverse_of.get(feature)
                 values, lengths, ids = lookup, f.lengths(), f.values()
-                if inv is not None and not _is_identity(inv):
+                if inv is not None and not is_identity(inv):
                     values, lengths, positions = jagged_index_select(lookup, f.lengths(), inv)
                     ids = f.values()[positions]
                 out[name] = JaggedTensor(
@@ -62,6 +63,3 @@ class DedupEmbeddingCollection(EmbeddingCollection):
                 )
         return out
 
-
-def _is_identity(index: torch.Tensor) -> bool:
-    return bool(torch.equal(index, torch.arange(index.numel(), device=index.device)))

@@ -19,6 +19,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from recd_plugin.config import RecDConfig
 from recd_plugin.errors import DedupSpecError, UnsupportedModelError
+from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
 from recd_plugin.modules.tower import DedupContext, dedup_tower
 
@@ -39,15 +40,29 @@ def _suggest(name: str, options: List[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+#: TorchRec module -> its dedup-aware replacement. TorchRec's EC would misread an IKJT; its EBC
+#: reads it correctly but expands slowly on CPU (see dedup_ebc.py).
+DEDUP_MODULES: Dict[type, type] = {
+    EmbeddingCollection: DedupEmbeddingCollection,
+    EmbeddingBagCollection: DedupEmbeddingBagCollection,
+}
+
+
+def _configs(module: nn.Module) -> list:
+    if isinstance(module, EmbeddingBagCollection):
+        return module.embedding_bag_configs()
+    return module.embedding_configs()
+
+
 def model_features(model: nn.Module) -> Set[str]:
     """Sparse feature names read by the model's TorchRec embedding modules."""
-    names: Set[str] = set()
-    for m in model.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            names.update(f for c in m.embedding_bag_configs() for f in c.feature_names)
-        elif isinstance(m, EmbeddingCollection):
-            names.update(f for c in m.embedding_configs() for f in c.feature_names)
-    return names
+    return {
+        f
+        for m in model.modules()
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+        for c in _configs(m)
+        for f in c.feature_names
+    }
 
 
 def check_model(model: nn.Module, config: RecDConfig) -> None:
@@ -90,18 +105,16 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
             )
 
 
-@register_converter("dedup_embedding_collection")
-def _swap_embedding_collections(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
-    """Swap every EC that reads a grouped feature (TorchRec's EC would misread an IKJT)."""
+@register_converter("dedup_embeddings")
+def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
+    """Swap every EC / EBC that reads a grouped feature for its dedup-aware version."""
     grouped = set(config.spec.features)
     undo: List[Undo] = []
     for path, m in list(model.named_modules()):
-        if type(m) is not EmbeddingCollection:
+        dedup_cls = DEDUP_MODULES.get(type(m))
+        if dedup_cls is None or not any(f in grouped for c in _configs(m) for f in c.feature_names):
             continue
-        if not any(f in grouped for c in m.embedding_configs() for f in c.feature_names):
-            continue
-        new = DedupEmbeddingCollection.from_module(m)
-        _set_submodule(model, path, new)
+        _set_submodule(model, path, dedup_cls.from_module(m))
         undo.append(lambda path=path, m=m: _set_submodule(model, path, m))
     return undo
 

@@ -172,6 +172,18 @@ def unique_first(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return first[order], rank[inverse]
 
 
+def is_identity(index: torch.Tensor) -> bool:
+    """True if ``index`` [N] is 0, 1, ..., N-1 (a batch with no repeats)."""
+    return bool(torch.equal(index, torch.arange(index.numel(), device=index.device)))
+
+
+def expand_rows(rows: torch.Tensor, inverse: Optional[torch.Tensor]) -> torch.Tensor:
+    """[U, *] unique rows -> [B, *] one per sample (``rows[inverse]``); no copy if identity."""
+    if inverse is None or (rows.shape[0] == inverse.numel() and is_identity(inverse)):
+        return rows
+    return rows.index_select(0, inverse)
+
+
 # ----------------------------------------------------------------------------------------
 # Build, inspect, expand.
 
