@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 import warnings
 from importlib import metadata
 from importlib.util import find_spec
@@ -68,22 +69,27 @@ CPU_STACK_PINS: Dict[str, str] = {
     "torchrec": "1.8.0",
 }
 
-CPU_INSTALL_HINT = (
-    "CPU (the tested, pinned stack; torchrec goes in with --no-deps because its metadata asks\n"
-    "for the CUDA fbgemm-gpu):\n"
-    f"    python -m pip install torch=={CPU_STACK_PINS['torch']} "
-    "--extra-index-url https://download.pytorch.org/whl/cpu\n"
-    f"    python -m pip install fbgemm-gpu-cpu=={CPU_STACK_PINS['fbgemm-gpu-cpu']} "
-    f"tensordict=={CPU_STACK_PINS['tensordict']} "
-    f"torchmetrics=={CPU_STACK_PINS['torchmetrics']} tqdm pyre-extensions iopath\n"
-    f"    python -m pip install --no-deps torchrec=={CPU_STACK_PINS['torchrec']}\n"
-    "  (from a recd-plugin checkout, `make venv` does all of this in .venv)"
+CPU_INSTALL_HINT = "\n".join(
+    [
+        "CPU, the tested pinned stack (torchrec goes in with --no-deps: its metadata asks for",
+        "the CUDA fbgemm-gpu):",
+        f"    python -m pip install torch=={CPU_STACK_PINS['torch']} "
+        "--extra-index-url https://download.pytorch.org/whl/cpu",
+        f"    python -m pip install fbgemm-gpu-cpu=={CPU_STACK_PINS['fbgemm-gpu-cpu']} "
+        f"tensordict=={CPU_STACK_PINS['tensordict']} "
+        f"torchmetrics=={CPU_STACK_PINS['torchmetrics']} tqdm pyre-extensions iopath",
+        f"    python -m pip install --no-deps torchrec=={CPU_STACK_PINS['torchrec']}",
+        "    (from a recd-plugin checkout, `make venv` does all of this in .venv)",
+    ]
 )
-GPU_INSTALL_HINT = (
-    "GPU: install the torchrec and fbgemm-gpu builds that match your CUDA torch, following\n"
-    "https://pytorch.org/torchrec (e.g. `python -m pip install torchrec fbgemm-gpu --index-url\n"
-    "https://download.pytorch.org/whl/cu<XY>` with the cu<XY> of your torch). recd-plugin never\n"
-    "installs or replaces torch/torchrec/fbgemm itself."
+GPU_INSTALL_HINT = "\n".join(
+    [
+        "GPU: install the torchrec and fbgemm-gpu builds that match your CUDA torch, as",
+        "https://pytorch.org/torchrec describes, e.g.",
+        "    python -m pip install torchrec fbgemm-gpu "
+        "--index-url https://download.pytorch.org/whl/cu<XY>",
+        "with cu<XY> the CUDA version of your torch (torch.version.cuda).",
+    ]
 )
 SKIP_HINT = f"(Set {SKIP_ENV_VAR}=1 to skip this check at your own risk.)"
 
@@ -131,7 +137,7 @@ def _at_least(found: str, minimum: str) -> bool:
     return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
 
 
-def _first_installed(distributions: Sequence[str]) -> List[Tuple[str, str]]:
+def _installed_dists(distributions: Sequence[str]) -> List[Tuple[str, str]]:
     out = []
     for dist in distributions:
         version = _installed_version(dist)
@@ -148,10 +154,10 @@ def _message(package: str, found: Optional[str], needed: str, tested: str, extra
     if extra:
         lines.append(extra)
     lines += [
-        "recd-plugin does not install torch/torchrec/fbgemm for you (they are peer requirements, "
-        "so that installing the plugin never changes your GPU stack). Install them with:",
-        "  " + CPU_INSTALL_HINT,
-        "  " + GPU_INSTALL_HINT,
+        "recd-plugin never installs torch/torchrec/fbgemm itself (they are peer requirements, so",
+        "that installing the plugin cannot change your GPU stack). Install them with:",
+        textwrap.indent(CPU_INSTALL_HINT, "  "),
+        textwrap.indent(GPU_INSTALL_HINT, "  "),
         SKIP_HINT,
     ]
     return "\n".join(lines)
@@ -174,7 +180,7 @@ def _check_one(
     tested: str,
     extra_if_missing: str = "",
 ) -> List[Tuple[str, str]]:
-    installed = _first_installed(distributions)
+    installed = _installed_dists(distributions)
     needed = f">={minimum}"
     if not installed:
         if _module_present(module):
