@@ -1,0 +1,201 @@
+"""``python -m recd_plugin.bench dedup``: RecD dedup speedup on MovieLens-100k, measured.
+
+Trains the example two-tower model (examples/movielens/model.py; ``transformer`` variant and
+``light``) on session-ordered MovieLens-100k, plain TorchRec vs the plugin, in one process:
+same initial weights, same batches, SGD, the two sides alternating step by step. Reports
+samples/s of each side and their ratio (median step times after warm-up), the unique
+fraction of the deduplicated group, the fraction f of the plain step spent in deduplicable
+work, the Amdahl bound 1/((1-f)+f*u), the IKJT build time as % of the plugin's step, and the
+largest per-step loss difference.
+
+f is measured, not estimated: the plugin model is timed on two counterfactual versions of
+the same batch, one where every session is unique (U = B) and one where every sample carries
+the batch's longest-history session (U = 1, same padding length). Their difference is the
+cost of B - 1 rows of deduplicable work; f = that cost scaled to B rows / plain step time.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+import recd_plugin
+from recd_plugin.bench.report import machine, median, timed, write_json, write_section
+from recd_plugin.data import TableBatches, cardinalities, load_movielens_100k
+from recd_plugin.sparse.ikjt import build_ikjt, jagged_index_select
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "movielens" / "model.py"
+
+
+def _example() -> Any:
+    if not EXAMPLE.exists():
+        raise FileNotFoundError(f"{EXAMPLE} not found: run the benchmark from a source checkout of recd-plugin")
+    spec = importlib.util.spec_from_file_location("recd_example_model", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _replicate(kjt: KeyedJaggedTensor, features: List[str], sample: int) -> KeyedJaggedTensor:
+    """Same KJT, but every sample carries ``sample``'s rows of ``features``."""
+    b = kjt.stride()
+    rows = [torch.full((b,), k * b + sample) if key in features else torch.arange(b) + k * b
+            for k, key in enumerate(kjt.keys())]
+    values, lengths, _ = jagged_index_select(kjt.values(), kjt.lengths(), torch.cat(rows))
+    return KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=lengths.to(kjt.lengths().dtype), stride=b)
+
+
+def _with_key(kjt: KeyedJaggedTensor, key: str, ids: torch.Tensor) -> KeyedJaggedTensor:
+    """Same KJT with the one-id-per-sample ``key`` feature replaced by ``ids`` [B]."""
+    jts = dict(kjt.to_dict())  # to_dict() is cached on the KJT: never mutate it
+    jts[key] = type(jts[key])(values=ids, lengths=jts[key].lengths())
+    return KeyedJaggedTensor.from_jt_dict({k: jts[k] for k in kjt.keys()})
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        model(batch.sparse_features, batch.dense_features), batch.labels)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def run_variant(light: bool, batches: List[Any], card: Dict[str, int], warmup: int, steps: int, seed: int) -> Dict[str, Any]:
+    example = _example()
+    torch.manual_seed(seed)
+    plain = example.TwoTower(card, light=light)
+    plugin = copy.deepcopy(plain)
+    config = recd_plugin.RecDConfig.from_string(example.RECD_FLAG_LIGHT if light else example.RECD_FLAG)
+    plugin, loader = recd_plugin.apply(config, plugin, batches)
+    spec, group = config.spec, config.spec.group("user")
+    ikjt_batches = list(loader)
+    build = [timed(lambda b=b: build_ikjt(b.sparse_features, spec)) for b in batches for _ in range(3)]
+
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.05)
+    opt_plugin = torch.optim.SGD(plugin.parameters(), lr=0.05)
+    t_plain: List[float] = []
+    t_plugin: List[float] = []
+    loss_diff = 0.0
+    for i in range(warmup + steps):
+        b, ib = batches[i % len(batches)], ikjt_batches[i % len(batches)]
+        losses: List[float] = []
+        tp = timed(lambda: losses.append(_step(plain, opt_plain, b)))
+        tq = timed(lambda: losses.append(_step(plugin, opt_plugin, ib)))
+        loss_diff = max(loss_diff, abs(losses[0] - losses[1]))
+        if i >= warmup:
+            t_plain.append(tp)
+            t_plugin.append(tq)
+
+    # Counterfactual batches for f (timed on a frozen copy: no optimizer step, same work).
+    probe = copy.deepcopy(plain)
+    probe, _ = recd_plugin.apply(config, probe, None)
+    t_all_unique: List[float] = []
+    t_one_unique: List[float] = []
+    history_len = [int(b.sparse_features["history"].lengths().max()) for b in batches]
+    for i in range(max(steps // 2, 3)):
+        b = batches[i % len(batches)]
+        kjt, bsz = b.sparse_features, b.labels.numel()
+        longest = int(torch.argmax(kjt["history"].lengths()))
+        unique = build_ikjt(_with_key(kjt, group.key, torch.arange(bsz)), spec)
+        one = build_ikjt(_replicate(kjt, list(group.all_features), longest), spec)
+        for target, sparse in ((t_all_unique, unique), (t_one_unique, one)):
+            probe.zero_grad(set_to_none=True)
+            target.append(timed(lambda s=sparse: torch.nn.functional.binary_cross_entropy_with_logits(
+                probe(s, b.dense_features), b.labels).backward()))
+
+    bsz = batches[0].labels.numel()
+    step_plain, step_plugin = median(t_plain), median(t_plugin)
+    u = loader.stats.unique_fraction("user")
+    f = min(max((median(t_all_unique) - median(t_one_unique)) * bsz / (bsz - 1) / step_plain, 0.0), 1.0)
+    bound = 1.0 / ((1.0 - f) + f * u)
+    ratio = step_plain / step_plugin
+    lengths = torch.cat([b.sparse_features["history"].lengths() for b in batches]).float()
+    padding = 1.0 - float(lengths.sum()) / (bsz * sum(history_len))
+    return {
+        "ratio": ratio,
+        "bound": bound,
+        "ratio_of_bound": ratio / bound,
+        "unique_fraction": u,
+        "f": f,
+        "build_pct": 100.0 * median(build) / step_plugin,
+        "max_loss_diff": loss_diff,
+        "samples_per_s_plain": bsz / step_plain,
+        "samples_per_s_plugin": bsz / step_plugin,
+        "step_ms_plain": 1e3 * step_plain,
+        "step_ms_plugin": 1e3 * step_plugin,
+        "build_ms": 1e3 * median(build),
+        "padding_share": padding,
+    }
+
+
+def run(quick: bool = False, json_path: str | None = None, batch_size: int = 1024, seed: int = 0,
+        write_docs: bool = True) -> Dict[str, Any]:
+    table = load_movielens_100k()
+    card = cardinalities(table)
+    ds = TableBatches(table, batch_size, drop_last=True)
+    count = 6 if quick else 16
+    # Batches spread over the whole (user-ordered) data set, not only its first users.
+    batches = [ds[i] for i in torch.linspace(0, len(ds) - 1, count).long().tolist()]
+    warmup, steps = (2, 6) if quick else (3, 16)
+    result: Dict[str, Any] = {
+        "batch_size": batch_size, "steps": steps, "machine": machine(), "quick": quick,
+        "variants": {
+            "transformer": run_variant(False, batches, card, warmup, steps, seed),
+            "light": run_variant(True, batches, card, warmup, steps, seed),
+        },
+    }
+    _print(result)
+    write_json(json_path, result)
+    if write_docs:
+        write_section("dedup", _markdown(result))
+    return result
+
+
+def _rows(result: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+    return list(result["variants"].items())
+
+
+def _print(result: Dict[str, Any]) -> None:
+    print(f"RecD dedup, MovieLens-100k, batch {result['batch_size']}, {result['machine']}")
+    print(f"{'variant':12}{'plain/s':>10}{'plugin/s':>10}{'ratio':>8}{'bound':>8}{'of bound':>9}"
+          f"{'unique':>8}{'f':>7}{'build%':>8}{'max dloss':>11}")
+    for name, v in _rows(result):
+        print(f"{name:12}{v['samples_per_s_plain']:10.0f}{v['samples_per_s_plugin']:10.0f}{v['ratio']:8.2f}"
+              f"{v['bound']:8.2f}{100 * v['ratio_of_bound']:8.0f}%{v['unique_fraction']:8.3f}{v['f']:7.3f}"
+              f"{v['build_pct']:8.2f}{v['max_loss_diff']:11.1e}")
+
+
+def _markdown(result: Dict[str, Any]) -> str:
+    lines = [
+        "## RecD dedup (`python -m recd_plugin.bench dedup" + (" --quick" if result["quick"] else "") + "`)",
+        "",
+        f"MovieLens-100k in session order, batch {result['batch_size']}, example two-tower model, "
+        f"SGD, plain TorchRec and the plugin alternating on the same batches, median of "
+        f"{result['steps']} steps after warm-up. Machine: {result['machine']}. Both sides run in "
+        "one process with `MALLOC_TRIM_THRESHOLD_` and `MALLOC_MMAP_THRESHOLD_` set to 1 GiB.",
+        "",
+        "| variant | plain samples/s | plugin samples/s | ratio | Amdahl bound | ratio / bound | "
+        "unique fraction u | dedup fraction f | IKJT build % of step | max loss diff | padding share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in _rows(result):
+        lines.append(
+            f"| {name} | {v['samples_per_s_plain']:.0f} | {v['samples_per_s_plugin']:.0f} | "
+            f"{v['ratio']:.2f} | {v['bound']:.2f} | {100 * v['ratio_of_bound']:.0f}% | "
+            f"{v['unique_fraction']:.3f} | {v['f']:.3f} | {v['build_pct']:.2f} | "
+            f"{v['max_loss_diff']:.1e} | {v['padding_share']:.2f} |")
+    lines += [
+        "",
+        "`transformer`: history through a 2-layer transformer encoder, padded to the batch's longest "
+        "history (the padding share is the fraction of padded positions). `light`: history "
+        "mean-pooled, no encoder. f is measured from counterfactual batches (see the module "
+        "docstring of `recd_plugin/bench/dedup.py`); the IKJT build runs in the training process "
+        "here, and in DataLoader workers in real training.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Shared benchmark plumbing: timing, allocator settings, and the docs/benchmarks.md writer.
+
+Every benchmark regenerates only its own section of docs/benchmarks.md, between
+``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``; the rest of the file is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+#: glibc returning freed memory to the OS can double the step time of the side with large
+#: activations (DESIGN.md); both sides run in one process with these settings.
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(1 << 30)}
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+
+
+def ensure_allocator_env(argv: List[str]) -> None:
+    """Re-exec this process once with MALLOC_ENV set (glibc reads it only at start-up)."""
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    env = dict(os.environ, **MALLOC_ENV)
+    os.execve(sys.executable, [sys.executable, "-m", "recd_plugin.bench", *argv], env)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def write_section(name: str, markdown: str, path: Optional[Path] = None) -> Path:
+    """Replace the ``name`` section of docs/benchmarks.md (append it if absent)."""
+    path = path or DOCS
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    text = path.read_text() if path.exists() else (
+        "# Benchmarks\n\nEvery number below is written by the benchmark command named in its "
+        "section, never by hand. Re-run the command to regenerate the section.\n"
+    )
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
