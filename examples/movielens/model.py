@@ -65,20 +65,22 @@ class TwoTower(nn.Module):
             return EmbeddingBagConfig(name=f"t_{name}", embedding_dim=d, num_embeddings=cardinalities[name],
                                       feature_names=[name], pooling=pooling)
 
-        bags = [bag("user_id", dim)] + [bag(f, small) for f in USER_FEATURES[1:]]
-        bags += [bag("item_id", dim), bag("item_genres", small, PoolingType.MEAN), bag("item_year", small)]
+        user_bags = [bag("user_id", dim)] + [bag(f, small) for f in USER_FEATURES[1:]]
         if light:
-            bags.append(bag("history", dim, PoolingType.MEAN))
+            user_bags.append(bag("history", dim, PoolingType.MEAN))
         else:
             self.sequence = EmbeddingCollection(tables=[EmbeddingConfig(
                 name="t_history", embedding_dim=dim, num_embeddings=cardinalities["history"], feature_names=["history"])])
             self.history_encoder = HistoryEncoder(dim)
-        self.embeddings = EmbeddingBagCollection(tables=bags)
+        self.user_embeddings = EmbeddingBagCollection(tables=user_bags)
+        self.item_embeddings = EmbeddingBagCollection(tables=[
+            bag("item_id", dim), bag("item_genres", small, PoolingType.MEAN), bag("item_year", small)])
         self.user_tower = _mlp((dim + 4 * small + dim, 256, dim))
         self.item_tower = _mlp((dim + 2 * small + 2, 256, dim))
 
-    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        pooled = self.embeddings(sparse).to_dict()
+    def user(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """User vector [B, dim] from the session features only."""
+        pooled = self.user_embeddings(sparse).to_dict()
         if self.light:
             history = pooled["history"]
         else:
@@ -86,9 +88,15 @@ class TwoTower(nn.Module):
             x = seq.to_padded_dense()  # [B, longest history in batch, D]
             mask = torch.arange(x.shape[1]).unsqueeze(0) >= seq.lengths().unsqueeze(1)
             history = self.history_encoder(x, mask)
-        user = self.user_tower(torch.cat([pooled[f] for f in USER_FEATURES] + [history], dim=1))
-        item = self.item_tower(torch.cat([pooled[f] for f in ITEM_FEATURES] + [dense], dim=1))
-        return (user * item).sum(dim=1)
+        return self.user_tower(torch.cat([pooled[f] for f in USER_FEATURES] + [history], dim=1))
+
+    def item(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """Item vector [B, dim] from the item features and the dense features [B, 2]."""
+        pooled = self.item_embeddings(sparse).to_dict()
+        return self.item_tower(torch.cat([pooled[f] for f in ITEM_FEATURES] + [dense], dim=1))
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        return (self.user(sparse) * self.item(sparse, dense)).sum(dim=1)
 
 
 #: The plugin flag for this model: user features deduplicated per session; the encoder and the

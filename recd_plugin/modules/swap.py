@@ -107,12 +107,12 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
 
 @register_converter("dedup_embeddings")
 def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
-    """Swap every EC / EBC that reads a grouped feature for its dedup-aware version."""
-    grouped = set(config.spec.features)
+    """Swap every EC / EBC for its dedup-aware version: each one sees the IKJT, even those
+    that read no grouped feature (TorchRec's EBC would still run its slow CPU expansion)."""
     undo: List[Undo] = []
     for path, m in list(model.named_modules()):
         dedup_cls = DEDUP_MODULES.get(type(m))
-        if dedup_cls is None or not any(f in grouped for c in _configs(m) for f in c.feature_names):
+        if dedup_cls is None:
             continue
         _set_submodule(model, path, dedup_cls.from_module(m))
         undo.append(lambda path=path, m=m: _set_submodule(model, path, m))
