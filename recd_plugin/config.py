@@ -142,8 +142,11 @@ class RecDConfig:
         in_workers = data.get("in_workers", True)
         if not isinstance(in_workers, bool):
             raise ConfigError(f"recd 'in_workers' must be true or false, got {in_workers!r}")
+        enabled = data.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"recd 'enabled' must be true or false, got {enabled!r}")
         config = cls(
-            enabled=bool(data.get("enabled", True)),
+            enabled=enabled,
             groups=groups,
             towers=dict(towers),
             verify_batches=verify,

@@ -57,7 +57,7 @@ class DedupEmbeddingCollection(SharesTables, EmbeddingCollection):
                 values, lengths, ids = lookup, f.lengths(), f.values()
                 if inv is not None and not is_identity(inv):
                     values, lengths, positions = jagged_index_select(lookup, f.lengths(), inv)
-                    ids = f.values()[positions]
+                    ids = f.values().index_select(0, positions)
                 out[name] = JaggedTensor(
                     values=values, lengths=lengths, weights=ids if self._need_indices else None
                 )

@@ -136,14 +136,24 @@ def jagged_index_select(
         (values [sum(lengths[index]), *], lengths [M] int64, positions [sum(lengths[index])]:
         where each output element was read from in ``values``; apply it to weights too).
     """
+    # index_select / index_add / cumsum only: on CPU, advanced indexing and repeat_interleave
+    # go through parallel kernels that wake torch's second thread, which costs milliseconds
+    # on an idle core (measured: 8 ms median vs 4 us for index_select at batch 1024).
     lengths = lengths.long()
     offsets = complete_cumsum(lengths)
-    out_lengths = lengths[index]
+    out_lengths = lengths.index_select(0, index)
     out_offsets = complete_cumsum(out_lengths)
     total = int(out_offsets[-1])
-    shift = torch.repeat_interleave(offsets[index] - out_offsets[:-1], out_lengths, output_size=total)
-    positions = torch.arange(total, device=values.device) + shift
-    return values[positions], out_lengths, positions
+    # Each output element reads values[position]; position - output position is constant per
+    # row (shift_i). Put shift_i - shift_{i-1} at each row start and cumsum (empty rows add up).
+    shift = offsets.index_select(0, index) - out_offsets[:-1]
+    step = torch.empty_like(shift)
+    step[:1] = shift[:1]
+    torch.sub(shift[1:], shift[:-1], out=step[1:])
+    starts = torch.zeros(total + 1, dtype=torch.long, device=values.device)
+    starts.index_add_(0, out_offsets[:-1], step)
+    positions = torch.arange(total, device=values.device) + torch.cumsum(starts[:total], 0)
+    return values.index_select(0, positions), out_lengths, positions
 
 
 def unique_first(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -170,9 +180,8 @@ def unique_first(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     # torch.unique sorts by value; renumber by first appearance so that a batch without
     # repeats gets the identity inverse and unique rows keep the batch's (session) order.
     order = torch.argsort(first)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(num_unique, device=ids.device)
-    return first[order], rank[inverse]
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(num_unique, device=ids.device))
+    return first.index_select(0, order), rank.index_select(0, inverse)
 
 
 def is_identity(index: torch.Tensor) -> bool:
@@ -200,7 +209,7 @@ def _unique_runs(ids: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor
     head = torch.ones(n, dtype=torch.bool, device=ids.device)
     torch.ne(ids[1:], ids[:-1], out=head[1:])
     first = torch.nonzero(head).squeeze(1)
-    if torch.unique(ids[first]).numel() != first.numel():
+    if torch.unique(ids.index_select(0, first)).numel() != first.numel():
         return None  # an id appears in two separate runs: use the general path
     return first, torch.cumsum(head, 0) - 1
 
@@ -311,7 +320,7 @@ def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(
         keys=keys,
         values=new_values,
-        weights=weights[positions] if weights is not None else None,
+        weights=weights.index_select(0, positions) if weights is not None else None,
         lengths=new_lengths.to(lengths.dtype),
         stride_per_key_per_rank=strides,
         inverse_indices=(list(keys), torch.stack(inverse) if keys else arange.new_empty(0, batch)),
@@ -340,8 +349,8 @@ def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str]) -> KeyedJagged
     missing = [f for f in features if f not in strides]
     if missing:
         raise DedupSpecError(f"feature {missing[0]!r} is not in this IKJT{_did_you_mean(missing[0], list(strides))}")
-    if len(sizes) > 1:
-        raise DedupSpecError(f"features {list(features)} are in different groups (unique counts {sorted(sizes)})")
+    if len(sizes) > 1 or not all(torch.equal(inverse_index(ikjt, f), inverse_index(ikjt, features[0])) for f in features):
+        raise DedupSpecError(f"features {list(features)} are in different groups (their inverse indices differ)")
     jts = ikjt.to_dict()
     return KeyedJaggedTensor.from_jt_dict({f: jts[f] for f in features})
 
@@ -362,7 +371,7 @@ def expand(ikjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(
         keys=keys,
         values=values,
-        weights=weights[positions] if weights is not None else None,
+        weights=weights.index_select(0, positions) if weights is not None else None,
         lengths=lengths.to(ikjt.lengths().dtype),
         stride=tensor.shape[1],
     )

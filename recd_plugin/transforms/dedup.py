@@ -77,15 +77,22 @@ def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False) -> Any:
 
 def check_roundtrip(kjt: KeyedJaggedTensor, ikjt: KeyedJaggedTensor, spec: DedupSpec) -> None:
     """Raise NotDeduplicableError naming the first feature that expand() does not restore."""
+    if kjt.stride() == 0:
+        return  # nothing to compare (and TorchRec's to_dict fails on an empty batch)
     back = expand(ikjt).to_dict()
     for name, jt in kjt.to_dict().items():
-        if torch.equal(jt.lengths(), back[name].lengths()) and torch.equal(jt.values(), back[name].values()):
+        restored = back[name]
+        if (
+            torch.equal(jt.lengths(), restored.lengths())
+            and torch.equal(jt.values(), restored.values())
+            and (jt.weights_or_none() is None or torch.equal(jt.weights(), restored.weights()))
+        ):
             continue
         group = next(g for g in spec.groups if name in g.all_features)
         how = f"keyed by {group.key!r}" if group.key else "keyed by content"
         raise NotDeduplicableError(
             f"feature {name!r} is not constant within group {group.name!r} ({how}): two samples "
-            f"with the same key have different {name!r} rows. Remove {name!r} from the group, "
+            f"with the same key have different {name!r} rows (ids or weights). Remove {name!r} from the group, "
             "or key the group by content (omit 'key')."
         )
 

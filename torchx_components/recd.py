@@ -1,0 +1,76 @@
+"""TorchX component: launch your unchanged TorchRec training script with recd-plugin on.
+
+``train`` is TorchX's ``dist.ddp`` plus one argument, ``--recd``: the plugin flag, passed to
+every rank through the ``RECD_PLUGIN`` environment variable. A script that calls
+``recd_plugin.RecDConfig.load(None)`` (or ``load(args.recd)`` with no ``--recd`` given)
+picks it up; the script's own command line stays as it was::
+
+    torchx run -s local_cwd torchx_components/recd.py:train \\
+        --script examples/movielens/train.py --recd @examples/movielens/recd.toml -j 1x1
+
+    # same, dry run: print the AppDef (image, resources, env) without launching
+    torchx run --dryrun -s local_cwd torchx_components/recd.py:train \\
+        --script examples/movielens/train.py --recd @examples/movielens/recd.toml
+
+Registration as ``recd.train`` under the ``torchx.components`` entry point, the sharded
+(multi-rank) path and GPU schedulers come with the distributed-training issue; this
+component already forwards everything ``dist.ddp`` takes.
+"""
+
+
+from typing import Dict, List, Optional
+
+import torchx
+from torchx import specs
+from torchx.components import dist
+
+ENV_VAR = "RECD_PLUGIN"  # the same name as recd_plugin.ENV_VAR, without importing torch here
+
+
+def train(
+    *script_args: str,
+    script: Optional[str] = None,
+    m: Optional[str] = None,
+    recd: str = "",
+    image: str = torchx.IMAGE,
+    name: str = "/",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    j: str = "1x1",
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    debug: bool = False,
+) -> specs.AppDef:
+    """Run ``script`` (or module ``m``) with torchrun on ``j`` = nodes x procs, plugin on.
+
+    Args:
+        script_args: arguments for the script, passed through unchanged
+        script: the training script to run
+        m: a Python module to run instead of a script
+        recd: the recd-plugin flag (``key=value; ...``, ``@file.toml`` or ``off``); empty
+            leaves ``$RECD_PLUGIN`` unset, so the plugin stays off unless the script enables it
+        image: container image (ignored by local_cwd)
+        name: job name override, as in dist.ddp
+        h: a named resource (overrides cpu/gpu/memMB)
+        cpu: CPUs per replica
+        gpu: GPUs per replica (> 0 selects the nccl backend in your script as usual)
+        memMB: memory per replica in MB
+        j: nodes x processes per node, e.g. 1x2
+        env: extra environment variables
+        max_retries: restarts of the whole job on failure
+        rdzv_port: rendezvous port
+        mounts: volume mounts, as in dist.ddp
+        debug: torchrun debug logging
+    """
+    env = dict(env or {})
+    if recd:
+        env[ENV_VAR] = recd
+    return dist.ddp(
+        *script_args, script=script, m=m, image=image, name=name, h=h, cpu=cpu, gpu=gpu,
+        memMB=memMB, j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port,
+        mounts=mounts, debug=debug,
+    )
