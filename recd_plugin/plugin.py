@@ -44,12 +44,20 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
     # Wrap the loader before converting the model: DedupLoader may refuse the loader, and
     # nothing may change before every check has passed.
     wrapped = None if loader is None else DedupLoader(loader, config.spec, config.verify_batches, config.in_workers)
-    _UNDO[model] = convert(model, config)
+    unconvert = convert(model, config)
+
+    def undo() -> None:
+        unconvert()
+        if wrapped is not None:
+            wrapped.unwrap()
+
+    _UNDO[model] = undo
     return model, wrapped
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo ``apply`` on ``model``: plain TorchRec modules again, no hooks."""
+    """Undo ``apply`` on ``model``: plain TorchRec modules again, no hooks, and the loader
+    given to ``apply`` gets its own ``collate_fn`` back."""
     undo = _UNDO.pop(model, None)
     if undo is not None:
         undo()

@@ -98,6 +98,12 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
                 f"recd tower {path!r} is not a submodule of the model"
                 f"{_suggest(path, [p for p in modules if p])}; pass a path from model.named_modules()"
             )
+        inner = [other for other in config.towers if other != path and other.startswith(path + ".")]
+        if inner:
+            raise UnsupportedModelError(
+                f"recd towers {path!r} and {inner[0]!r} are nested; name only the outer one "
+                "(its submodules then run on unique rows too)"
+            )
         if isinstance(modules[path], (EmbeddingBagCollection, EmbeddingCollection)):
             raise UnsupportedModelError(
                 f"recd tower {path!r} is an embedding module; towers are dense modules "
@@ -114,8 +120,14 @@ def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupCont
         dedup_cls = DEDUP_MODULES.get(type(m))
         if dedup_cls is None:
             continue
-        _set_submodule(model, path, dedup_cls.from_module(m))
-        undo.append(lambda path=path, m=m: _set_submodule(model, path, m))
+        new = dedup_cls.from_module(m)
+        _set_submodule(model, path, new)
+
+        def restore(path: str = path, m: nn.Module = m, new: nn.Module = new) -> None:
+            m.train(new.training)  # model.train()/eval() after apply() reached only `new`
+            _set_submodule(model, path, m)
+
+        undo.append(restore)
     return undo
 
 
@@ -137,7 +149,7 @@ def convert(model: nn.Module, config: RecDConfig) -> Callable[[], None]:
     """Apply every registered converter in place; returns a function that undoes them all."""
     check_model(model, config)
     ctx = DedupContext.attach(model, config.spec)
-    undo: List[Undo] = [ctx.handle.remove]
+    undo: List[Undo] = [ctx.detach]
     for fn in CONVERTERS.values():
         undo.extend(fn(model, config, ctx))
 

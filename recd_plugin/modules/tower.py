@@ -43,9 +43,19 @@ class DedupContext:
 
     @classmethod
     def attach(cls, model: nn.Module, spec: DedupSpec) -> "DedupContext":
+        """Record the IKJT at each forward of ``model``; forget it when the forward ends, so a
+        tower called directly afterwards never reuses a stale inverse index."""
         ctx = cls(spec)
-        ctx.handle = model.register_forward_pre_hook(ctx._capture, with_kwargs=True)
+        ctx.handles = [
+            model.register_forward_pre_hook(ctx._capture, with_kwargs=True),
+            model.register_forward_hook(lambda *_: ctx.set(None), always_call=True),
+        ]
         return ctx
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.set(None)
 
     def _capture(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         self.set(_find_kjt(list(args) + list(kwargs.values())))
@@ -128,25 +138,31 @@ class _TowerHooks:
 
         new_args = tuple(take(a, f"input {i}") for i, a in enumerate(args))
         new_kwargs = {k: take(v, f"input {k!r}") for k, v in kwargs.items()}
+        reduced = [x for x in list(new_args) + list(new_kwargs.values()) if isinstance(x, torch.Tensor)
+                   and x.dim() > 0 and x.shape[0] == first.numel()]
+        if not reduced:
+            self.active = None  # no input has the batch as first dimension: run as is
+            return None
         return new_args, new_kwargs
 
     def after(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         if self.active is None:
             return None
-        inv = self.active[1]
+        first, inv = self.active
         self.active = None
-        return _expand(output, inv)
+        return _expand(output, inv, first.numel())
 
 
-def _expand(output: Any, inv: torch.Tensor) -> Any:
+def _expand(output: Any, inv: torch.Tensor, num_unique: int) -> Any:
+    """Expand every tensor of ``output`` with ``num_unique`` rows back to one row per sample."""
     if isinstance(output, torch.Tensor):
-        return output.index_select(0, inv) if output.dim() > 0 else output
+        return output.index_select(0, inv) if output.dim() > 0 and output.shape[0] == num_unique else output
     if isinstance(output, tuple):
-        return tuple(_expand(o, inv) for o in output)
+        return tuple(_expand(o, inv, num_unique) for o in output)
     if isinstance(output, list):
-        return [_expand(o, inv) for o in output]
+        return [_expand(o, inv, num_unique) for o in output]
     if isinstance(output, dict):
-        return {k: _expand(v, inv) for k, v in output.items()}
+        return {k: _expand(v, inv, num_unique) for k, v in output.items()}
     return output
 
 
@@ -167,7 +183,8 @@ def dedup_tower(
     """Make ``module`` run on the unique rows of ``group`` (inputs [B, ...] -> [U, ...]).
 
     Tensor inputs whose first dimension is the batch size B are reduced to U unique rows;
-    every tensor in the output (nested in tuples, lists, dicts) is expanded back to B rows.
+    every output tensor (nested in tuples, lists, dicts) with U rows is expanded back to B.
+    Inputs must be batch-first: a call where no input has B rows runs unchanged.
     """
     ctx.spec.group(group)  # raises a clear error for an unknown group
     hooks = _TowerHooks(ctx, group, name or type(module).__name__, verify_batches)

@@ -48,6 +48,11 @@ class FeatureGroup:
     key: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.features, str):
+            raise DedupSpecError(
+                f"feature group {self.name!r}: features must be a list of names, got the string "
+                f"{self.features!r}; write [{self.features!r}]"
+            )
         object.__setattr__(self, "features", tuple(self.features))
         if not self.name or not isinstance(self.name, str):
             raise DedupSpecError(f"feature group name must be a non-empty string, got {self.name!r}")

@@ -131,15 +131,26 @@ class DedupLoader:
                 raise MalformedBatchError("this DataLoader is already deduplicated by recd-plugin")
             loader.collate_fn = DedupCollate(collate, spec, verify_batches)
             self.in_workers = True
+            self._original_collate = collate
+
+    def unwrap(self) -> Iterable[Any]:
+        """The wrapped loader, with its own ``collate_fn`` back."""
+        if self.in_workers:
+            self.loader.collate_fn = self._original_collate  # type: ignore[attr-defined]
+            self.in_workers = False
+        return self.loader
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            if self.in_workers:
-                out, batch_in = batch, batch.sparse_features.stride()
+            sparse = getattr(batch, "sparse_features", None)
+            if self.in_workers and isinstance(sparse, KeyedJaggedTensor) and sparse.inverse_indices_or_none() is not None:
+                out, batch_in = batch, sparse.stride()
             else:
+                # Also taken when workers were started before the wrap (persistent_workers
+                # keeps the old collate_fn): deduplicate here rather than pass plain batches.
                 verify = self._verify_left > 0
                 self._verify_left -= int(verify)
                 out = dedup_batch(batch, self.spec, verify)
