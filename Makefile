@@ -25,8 +25,10 @@ $(STAMP): $(SETUP_INPUTS)
 	$(PIP) install --no-deps -e .
 	touch $@
 
+# Both runs share one process and allocator settings (see docs/benchmarks.md for why).
 demo: venv
-	$(VPY) examples/movielens/train.py --compare
+	MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=1073741824 \
+		$(VPY) examples/movielens/train.py --compare --epochs 1
 
 test: venv
 	$(VPY) -m pytest -q tests integration_tests

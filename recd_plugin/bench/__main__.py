@@ -26,13 +26,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--verbose", action="store_true", help="print every timed step")
     args = parser.parse_args(argv)
     ensure_allocator_env(argv)
     if args.name == "dedup":
         from recd_plugin.bench import dedup
 
         dedup.run(quick=args.quick, json_path=args.json, batch_size=args.batch_size, seed=args.seed,
-                  write_docs=not args.no_docs)
+                  write_docs=not args.no_docs, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ class DedupEmbeddingBagCollection(SharesTables, EmbeddingBagCollection):
             return super().forward(features)
         inverse_of = dict(zip(inverse[0], inverse[1]))
         jt_dict = features.to_dict()
-        pooled: List[torch.Tensor] = []
+        # Pool each feature on its unique rows, then expand once per distinct inverse index
+        # (a feature group shares one): one index_select and one backward index_add per group.
+        blocks: List[List[torch.Tensor]] = []  # pooled [U, D] tensors sharing an inverse
+        block_inverse: List[torch.Tensor] = []
+        where: List[tuple] = []  # (block, position in block) of each output, in output order
         for i, bag in enumerate(self.embedding_bags.values()):
             for feature in self._feature_names[i]:
                 f = jt_dict[feature]
@@ -43,9 +47,21 @@ class DedupEmbeddingBagCollection(SharesTables, EmbeddingBagCollection):
                     offsets=f.offsets(),
                     per_sample_weights=f.weights() if self._is_weighted else None,
                 ).float()  # [U, D]
-                pooled.append(expand_rows(unique, inverse_of.get(feature)))
+                inv = inverse_of[feature]
+                j = next((j for j, other in enumerate(block_inverse)
+                          if blocks[j][0].shape[0] == unique.shape[0] and torch.equal(other, inv)), None)
+                if j is None:
+                    j = len(blocks)
+                    blocks.append([])
+                    block_inverse.append(inv)
+                where.append((j, len(blocks[j])))
+                blocks[j].append(unique)
+        expanded = [
+            expand_rows(torch.cat(b, dim=1) if len(b) > 1 else b[0], inv).split([t.shape[1] for t in b], dim=1)
+            for b, inv in zip(blocks, block_inverse)
+        ]
         return KeyedTensor(
             keys=self._embedding_names,
-            values=torch.cat(pooled, dim=1),
+            values=torch.cat([expanded[j][k] for j, k in where], dim=1),
             length_per_key=self._lengths_per_embedding,
         )
