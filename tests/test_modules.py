@@ -15,6 +15,7 @@ from typing import Dict, List
 
 import pytest
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -361,8 +362,14 @@ def test_dedup_tower_refuses_jagged_input_and_unknown_group() -> None:
     handle = dedup_tower(holder.inner, ctx, group="user", name="inner")
     ikjt = build_ikjt(session_batch(0).sparse_features, spec)
     ctx.set(ikjt)
-    with pytest.raises(UnsupportedModelError, match="'inner'.*KeyedJaggedTensor.*dense tensors"):
-        holder.inner(ikjt)
+    history = ikjt.to_dict()["history"]
+    with pytest.raises(UnsupportedModelError, match="'inner'.*JaggedTensor.*dense tensors"):
+        holder.inner(history)
+    # The batch's IKJT reaches the module as a plain KJT of the group's unique rows.
+    seen = holder.inner(ikjt)
+    assert isinstance(seen, KeyedJaggedTensor) and seen.inverse_indices_or_none() is None
+    assert seen.keys() == list(USER_GROUP.all_features)
+    assert seen.stride() == ikjt.stride_per_key()[ikjt.keys().index("history")]
     # A dense [B, D] session-constant input runs on U rows and comes back with B rows.
     first, inv = ctx.rows("user")
     x = torch.randn(int(first.numel()), 4)[inv]
@@ -414,3 +421,61 @@ def test_nested_towers_match_plugin_off_or_are_refused() -> None:
     except UnsupportedModelError:
         return  # refusing nested towers is fine too
     torch.testing.assert_close(model(next(iter(loader))), ref(batch), rtol=1e-5, atol=1e-5)
+
+
+class _UserSide(nn.Module):
+    """A whole user side taking the batch's KJT: user EBC + history EC + MLP -> [B, D]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bags = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t_user", embedding_dim=4, num_embeddings=20, feature_names=["user_id"])])
+        self.seq = EmbeddingCollection(tables=[EmbeddingConfig(
+            name="t_hist", embedding_dim=4, num_embeddings=30, feature_names=["history"])])
+        self.mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        user = self.bags(sparse)["user_id"]
+        hist = self.seq(sparse)["history"]
+        pooled = hist.to_padded_dense().sum(dim=1)  # [B, 4]: works for empty histories too
+        return self.mlp(torch.cat([user, pooled], dim=1))
+
+
+class _KJTTowerModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.user_side = _UserSide()
+        self.items = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t_item", embedding_dim=4, num_embeddings=30, feature_names=["item_id"])])
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return (self.user_side(batch.sparse_features) * self.items(batch.sparse_features)["item_id"]).sum(1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tower_taking_the_kjt_runs_the_user_side_on_unique_rows_and_matches(seed: int) -> None:
+    torch.manual_seed(seed)
+    model, ref = _KJTTowerModel(), _KJTTowerModel()
+    ref.load_state_dict(model.state_dict(), strict=True)
+    batch = session_batch(seed, batch=24, sessions=4)
+    flag = "groups.user.key=session_id; groups.user.features=user_id,history; towers.user_side=user"
+    model, loader = recd_plugin.apply(RecDConfig.from_string(flag), model, [batch])
+    seen: List[int] = []
+    model.user_side.mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    ibatch = next(iter(loader))
+    out, want = model(ibatch), ref(batch)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert seen == [ibatch.sparse_features.stride_per_key()[0]] and seen[0] < 24  # U rows, not B
+    _loss(out, batch.labels).backward()
+    _loss(want, batch.labels).backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tower_reading_a_feature_outside_its_group_is_refused() -> None:
+    model = _KJTTowerModel()
+    flag = "groups.user.key=session_id; groups.user.features=history; towers.user_side=user"
+    with pytest.raises(UnsupportedModelError, match="'user_side' reads feature 'user_id'.*not in group 'user'"):
+        recd_plugin.apply(RecDConfig.from_string(flag), model)
+    assert has_hooks(model) == [] and type(model.user_side.seq) is EmbeddingCollection

@@ -7,8 +7,8 @@ Item side: item id, genres and year embeddings plus two dense features, into an 
 Score: dot product of the two towers; loss: binary cross-entropy on rating >= 4.
 
 ``light=True`` mean-pools the history in the ``EmbeddingBagCollection`` instead (no encoder).
-Nothing here knows about recd-plugin: the plugin's config names ``history_encoder`` and
-``user_tower`` as towers that read only session features.
+Nothing here knows about recd-plugin: the plugin's config names ``user_tower`` as a tower
+that reads only session features.
 """
 
 from __future__ import annotations
@@ -53,34 +53,29 @@ class HistoryEncoder(nn.Module):
         return self.encoder(x, src_key_padding_mask=mask)[:, 0]
 
 
-class TwoTower(nn.Module):
-    """forward(sparse KJT batch B, dense [B, 2]) -> logits [B]."""
+def _bag(cardinalities: Dict[str, int], name: str, dim: int, pooling: PoolingType = PoolingType.SUM) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(name=f"t_{name}", embedding_dim=dim, num_embeddings=cardinalities[name],
+                              feature_names=[name], pooling=pooling)
 
-    def __init__(self, cardinalities: Dict[str, int], dim: int = 64, light: bool = False) -> None:
+
+class UserTower(nn.Module):
+    """forward(sparse KJT batch B) -> user vectors [B, dim], from the session features only."""
+
+    def __init__(self, cardinalities: Dict[str, int], dim: int, small: int, light: bool) -> None:
         super().__init__()
         self.light = light
-        small = 16
-
-        def bag(name: str, d: int, pooling: PoolingType = PoolingType.SUM) -> EmbeddingBagConfig:
-            return EmbeddingBagConfig(name=f"t_{name}", embedding_dim=d, num_embeddings=cardinalities[name],
-                                      feature_names=[name], pooling=pooling)
-
-        user_bags = [bag("user_id", dim)] + [bag(f, small) for f in USER_FEATURES[1:]]
+        bags = [_bag(cardinalities, "user_id", dim)] + [_bag(cardinalities, f, small) for f in USER_FEATURES[1:]]
         if light:
-            user_bags.append(bag("history", dim, PoolingType.MEAN))
+            bags.append(_bag(cardinalities, "history", dim, PoolingType.MEAN))
         else:
             self.sequence = EmbeddingCollection(tables=[EmbeddingConfig(
                 name="t_history", embedding_dim=dim, num_embeddings=cardinalities["history"], feature_names=["history"])])
             self.history_encoder = HistoryEncoder(dim)
-        self.user_embeddings = EmbeddingBagCollection(tables=user_bags)
-        self.item_embeddings = EmbeddingBagCollection(tables=[
-            bag("item_id", dim), bag("item_genres", small, PoolingType.MEAN), bag("item_year", small)])
-        self.user_tower = _mlp((dim + 4 * small + dim, 256, dim))
-        self.item_tower = _mlp((dim + 2 * small + 2, 256, dim))
+        self.embeddings = EmbeddingBagCollection(tables=bags)
+        self.mlp = _mlp((dim + 4 * small + dim, 256, dim))
 
-    def user(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """User vector [B, dim] from the session features only."""
-        pooled = self.user_embeddings(sparse).to_dict()
+    def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.embeddings(sparse).to_dict()
         if self.light:
             history = pooled["history"]
         else:
@@ -88,22 +83,40 @@ class TwoTower(nn.Module):
             x = seq.to_padded_dense()  # [B, longest history in batch, D]
             mask = torch.arange(x.shape[1]).unsqueeze(0) >= seq.lengths().unsqueeze(1)
             history = self.history_encoder(x, mask)
-        return self.user_tower(torch.cat([pooled[f] for f in USER_FEATURES] + [history], dim=1))
+        return self.mlp(torch.cat([pooled[f] for f in USER_FEATURES] + [history], dim=1))
 
-    def item(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        """Item vector [B, dim] from the item features and the dense features [B, 2]."""
-        pooled = self.item_embeddings(sparse).to_dict()
-        return self.item_tower(torch.cat([pooled[f] for f in ITEM_FEATURES] + [dense], dim=1))
+
+class ItemTower(nn.Module):
+    """forward(sparse KJT batch B, dense [B, 2]) -> item vectors [B, dim]."""
+
+    def __init__(self, cardinalities: Dict[str, int], dim: int, small: int) -> None:
+        super().__init__()
+        self.embeddings = EmbeddingBagCollection(tables=[
+            _bag(cardinalities, "item_id", dim), _bag(cardinalities, "item_genres", small, PoolingType.MEAN),
+            _bag(cardinalities, "item_year", small)])
+        self.mlp = _mlp((dim + 2 * small + 2, 256, dim))
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        return (self.user(sparse) * self.item(sparse, dense)).sum(dim=1)
+        pooled = self.embeddings(sparse).to_dict()
+        return self.mlp(torch.cat([pooled[f] for f in ITEM_FEATURES] + [dense], dim=1))
 
 
-#: The plugin flag for this model: user features deduplicated per session; the encoder and the
-#: user tower read only those features, so they run on one row per session.
+class TwoTower(nn.Module):
+    """forward(sparse KJT batch B, dense [B, 2]) -> logits [B]: dot product of the towers."""
+
+    def __init__(self, cardinalities: Dict[str, int], dim: int = 64, light: bool = False) -> None:
+        super().__init__()
+        self.user_tower = UserTower(cardinalities, dim, small=16, light=light)
+        self.item_tower = ItemTower(cardinalities, dim, small=16)
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        return (self.user_tower(sparse) * self.item_tower(sparse, dense)).sum(dim=1)
+
+
+#: The plugin flag for this model: user features deduplicated per session; the user tower
+#: reads only those, so all of it (embeddings, history encoder, MLP) runs once per session.
 RECD_FLAG = (
     "groups.user.key=session_id; "
     "groups.user.features=user_id,user_age,user_gender,user_occupation,user_zip,history; "
-    "towers.history_encoder=user; towers.user_tower=user"
+    "towers.user_tower=user"
 )
-RECD_FLAG_LIGHT = RECD_FLAG.replace("towers.history_encoder=user; ", "")

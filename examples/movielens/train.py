@@ -28,7 +28,7 @@ from torchmetrics.classification import BinaryAUROC
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model import RECD_FLAG, RECD_FLAG_LIGHT, TwoTower  # noqa: E402
+from model import RECD_FLAG, TwoTower  # noqa: E402
 
 import recd_plugin  # noqa: E402  # recd-plugin
 from recd_plugin.data import TableBatches, cardinalities, generate_sessions, load_movielens_100k, split_by_time  # noqa: E402
@@ -110,7 +110,7 @@ def main(argv: Optional[list] = None) -> None:
     if not args.compare:
         train(args, model, data, recd_plugin.RecDConfig.load(args.recd))  # recd-plugin
         return
-    flag = args.recd or (RECD_FLAG_LIGHT if args.light else RECD_FLAG)
+    flag = args.recd or RECD_FLAG
     runs = {}
     for name, config in [("plain TorchRec", recd_plugin.RecDConfig()), ("recd-plugin", recd_plugin.RecDConfig.from_string(flag))]:
         print(f"== {name}")

@@ -55,8 +55,8 @@ def _sample(kjt: KeyedJaggedTensor, sample: int) -> KeyedJaggedTensor:
 def _fixed_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any, single: KeyedJaggedTensor) -> None:
     """The example's training step with the user side run on one sample, broadcast to B."""
     opt.zero_grad(set_to_none=True)
-    user = model.user(single).expand(batch.labels.numel(), -1)
-    logits = (user * model.item(batch.sparse_features, batch.dense_features)).sum(dim=1)
+    user = model.user_tower(single).expand(batch.labels.numel(), -1)
+    logits = (user * model.item_tower(batch.sparse_features, batch.dense_features)).sum(dim=1)
     torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
     opt.step()
 
@@ -76,7 +76,7 @@ def run_variant(light: bool, batches: List[Any], card: Dict[str, int], rounds: i
     torch.manual_seed(seed)
     plain = example.TwoTower(card, light=light)
     plugin = copy.deepcopy(plain)
-    config = recd_plugin.RecDConfig.from_string(example.RECD_FLAG_LIGHT if light else example.RECD_FLAG)
+    config = recd_plugin.RecDConfig.from_string(example.RECD_FLAG)
     plugin, loader = recd_plugin.apply(config, plugin, batches)
     spec = config.spec
     ikjt_batches = list(loader)

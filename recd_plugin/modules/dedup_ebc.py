@@ -18,7 +18,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recd_plugin.modules.dedup_ec import SharesTables
-from recd_plugin.sparse.ikjt import expand_rows
+from recd_plugin.sparse.ikjt import expand_rows, is_identity
 
 
 class DedupEmbeddingBagCollection(SharesTables, EmbeddingBagCollection):
@@ -57,7 +57,8 @@ class DedupEmbeddingBagCollection(SharesTables, EmbeddingBagCollection):
                 where.append((j, len(blocks[j])))
                 blocks[j].append(unique)
         expanded = [
-            expand_rows(torch.cat(b, dim=1) if len(b) > 1 else b[0], inv).split([t.shape[1] for t in b], dim=1)
+            b if b[0].shape[0] == inv.numel() and is_identity(inv)  # nothing repeats: no copy
+            else expand_rows(torch.cat(b, dim=1) if len(b) > 1 else b[0], inv).split([t.shape[1] for t in b], dim=1)
             for b, inv in zip(blocks, block_inverse)
         ]
         return KeyedTensor(

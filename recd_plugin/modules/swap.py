@@ -109,6 +109,14 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
                 f"recd tower {path!r} is an embedding module; towers are dense modules "
                 "(embedding modules are deduplicated automatically)"
             )
+        group = config.spec.group(config.towers[path])
+        outside = sorted(model_features(modules[path]) - set(group.all_features))
+        if outside:
+            raise UnsupportedModelError(
+                f"recd tower {path!r} reads feature {outside[0]!r}, which is not in group "
+                f"{group.name!r}: a tower runs once per unique {group.name!r} row, so it may only "
+                f"read that group's features {list(group.all_features)}"
+            )
 
 
 @register_converter("dedup_embeddings")

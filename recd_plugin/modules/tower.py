@@ -16,8 +16,13 @@ records it at each forward of the root model::
     model(batch)            # user_tower runs on U rows instead of B
     handle.remove()         # back to the plain module
 
-Only wrap modules whose tensor inputs depend on the group's features alone; the first
-``verify_batches`` calls check this and raise ``NotDeduplicableError`` otherwise.
+A tower may also take the batch's KJT: it then receives a plain KJT of the group's unique
+rows (batch U), and everything inside it, embedding lookups included, runs once per session.
+This is the fastest form (RecD's: expand only where user meets item), e.g. a ``UserTower``
+module holding the user embeddings, the sequence encoder and the MLP.
+
+Only wrap modules whose inputs depend on the group's features alone; the first
+``verify_batches`` calls check dense inputs and raise ``NotDeduplicableError`` otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.errors import NotDeduplicableError, UnsupportedModelError
-from recd_plugin.sparse.ikjt import DedupSpec
+from recd_plugin.sparse.ikjt import DedupSpec, unique_rows
 
 
 class DedupContext:
@@ -119,11 +124,21 @@ class _TowerHooks:
         verify = self.verify_left > 0
         self.verify_left -= int(verify)
 
+        features = self.ctx.spec.group(self.group).all_features
+        reduced: List[Any] = []
+
         def take(x: Any, where: str) -> Any:
-            if isinstance(x, KeyedJaggedTensor) or hasattr(x, "lengths") and not isinstance(x, torch.Tensor):
+            if isinstance(x, KeyedJaggedTensor):
+                if x.inverse_indices_or_none() is None:
+                    return x
+                # The whole sub-model reads the batch: hand it the group's unique rows as a
+                # plain KJT of batch U, so its embedding lookups run on U rows, unexpanded.
+                reduced.append(unique_rows(x, features, check=False))  # one group: same inverse
+                return reduced[-1]
+            if hasattr(x, "lengths") and not isinstance(x, torch.Tensor):
                 raise UnsupportedModelError(
                     f"dedup tower {self.name!r}: {where} is a {type(x).__name__}; a wrapped "
-                    "module must take dense tensors [B, ...] (pad jagged inputs first)"
+                    "module takes the batch's KJT or dense tensors [B, ...] (pad jagged inputs first)"
                 )
             if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
                 return x
@@ -134,12 +149,11 @@ class _TowerHooks:
                     f"{self.group!r} group; the module reads per-sample data. Wrap only modules "
                     "whose inputs come from the group's features, or remove it from `towers`."
                 )
+            reduced.append(kept)
             return kept
 
         new_args = tuple(take(a, f"input {i}") for i, a in enumerate(args))
         new_kwargs = {k: take(v, f"input {k!r}") for k, v in kwargs.items()}
-        reduced = [x for x in list(new_args) + list(new_kwargs.values()) if isinstance(x, torch.Tensor)
-                   and x.dim() > 0 and x.shape[0] == first.numel()]
         if not reduced:
             self.active = None  # no input has the batch as first dimension: run as is
             return None
@@ -182,6 +196,9 @@ def dedup_tower(
 ) -> TowerHandle:
     """Make ``module`` run on the unique rows of ``group`` (inputs [B, ...] -> [U, ...]).
 
+    An IKJT input (the batch's sparse features) becomes a plain KJT of the group's U unique
+    rows, so a whole user-side sub-model, embedding lookups included, runs at batch U; its
+    embedding modules must read only the group's features (``apply`` checks this).
     Tensor inputs whose first dimension is the batch size B are reduced to U unique rows;
     every output tensor (nested in tuples, lists, dicts) with U rows is expanded back to B.
     Inputs must be batch-first: a call where no input has B rows runs unchanged.

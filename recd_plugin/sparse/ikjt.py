@@ -354,17 +354,28 @@ def inverse_index(ikjt: KeyedJaggedTensor, feature: str) -> torch.Tensor:
     return tensor[names.index(feature)]
 
 
-def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str]) -> KeyedJaggedTensor:
-    """Plain KJT (batch U) of the unique rows of ``features``, which must share one group."""
+def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str], check: bool = True) -> KeyedJaggedTensor:
+    """Plain KJT (batch U) of the unique rows of ``features``, which must share one group.
+
+    ``check=False`` skips verifying that the features share one inverse index (for callers
+    that take ``features`` from one ``FeatureGroup`` of the spec the IKJT was built with).
+    """
     strides = dict(zip(ikjt.keys(), ikjt.stride_per_key()))
-    sizes = {strides[f] for f in features if f in strides}
     missing = [f for f in features if f not in strides]
     if missing:
         raise DedupSpecError(f"feature {missing[0]!r} is not in this IKJT{_did_you_mean(missing[0], list(strides))}")
-    if len(sizes) > 1 or not all(torch.equal(inverse_index(ikjt, f), inverse_index(ikjt, features[0])) for f in features):
+    if check and (len({strides[f] for f in features}) > 1 or not all(
+            torch.equal(inverse_index(ikjt, f), inverse_index(ikjt, features[0])) for f in features)):
         raise DedupSpecError(f"features {list(features)} are in different groups (their inverse indices differ)")
     jts = ikjt.to_dict()
-    return KeyedJaggedTensor.from_jt_dict({f: jts[f] for f in features})
+    weights = [jts[f].weights_or_none() for f in features]
+    return KeyedJaggedTensor(
+        keys=list(features),
+        values=torch.cat([jts[f].values() for f in features]),
+        lengths=torch.cat([jts[f].lengths() for f in features]),
+        weights=torch.cat(weights) if all(w is not None for w in weights) else None,  # type: ignore[arg-type]
+        stride=strides[features[0]],
+    )
 
 
 def expand(ikjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
