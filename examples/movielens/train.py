@@ -5,10 +5,13 @@ enable the plugin. The flag comes from ``--recd``, else from ``$RECD_PLUGIN`` (s
 launcher can turn it on without touching the script), else the plugin stays off::
 
     python examples/movielens/train.py                              # plain TorchRec
-    python examples/movielens/train.py --recd "$(python -c 'from model import RECD_FLAG; print(RECD_FLAG)')"
     python examples/movielens/train.py --recd @examples/movielens/recd.toml
+    RECD_PLUGIN=@examples/movielens/recd.toml python examples/movielens/train.py
+    python examples/movielens/train.py --recd "groups.user.key=session_id; \\
+        groups.user.features=user_id,user_age,user_gender,user_occupation,user_zip,history; \\
+        towers.user_tower=user"                                     # the same, inline
     python examples/movielens/train.py --compare                    # off, then on: a table
-    python examples/movielens/train.py --data synthetic --light
+    python examples/movielens/train.py --data synthetic --light --compare
 
 Prints a progress bar per epoch and the epoch's mean loss and test AUC (torchmetrics).
 """

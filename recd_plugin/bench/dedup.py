@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import torch
+from tqdm import tqdm
 
 import recd_plugin
 from recd_plugin.bench.report import machine, median, timed, write_json, write_section
@@ -96,7 +97,7 @@ def run_variant(light: bool, batches: List[Any], card: Dict[str, int], rounds: i
     opt_fixed = torch.optim.SGD(fixed.parameters(), lr=0.05)
     losses_plain: List[float] = []
     losses_plugin: List[float] = []
-    for r in range(rounds):
+    for r in tqdm(range(rounds), desc=f"dedup bench, {'light' if light else 'transformer'} (rounds)", leave=False):
         keep = r >= warmup_rounds
         for b in batches:
             t = timed(lambda: losses_plain.append(_step(plain, opt_plain, b)))
