@@ -25,10 +25,12 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.errors import DedupSpecError, MalformedBatchError
+from recd_plugin.sparse import plan
 
 
 @dataclass(frozen=True)
@@ -171,23 +173,8 @@ def unique_first(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         (first [U]: sample index of each unique row's first appearance, increasing;
         inverse [B]: unique row of each sample). No repeats -> identity inverse.
     """
-    n = ids.shape[0]
-    if ids.dim() == 1:
-        runs = _unique_runs(ids)
-        if runs is not None:
-            return runs
-        _, inverse = torch.unique(ids, return_inverse=True)
-    else:
-        _, inverse = torch.unique(ids, dim=0, return_inverse=True)
-    num_unique = int(inverse.max()) + 1 if n else 0
-    arange = torch.arange(n, device=ids.device)
-    first = torch.full((num_unique,), n, dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, inverse, arange, reduce="amin")
-    # torch.unique sorts by value; renumber by first appearance so that a batch without
-    # repeats gets the identity inverse and unique rows keep the batch's (session) order.
-    order = torch.argsort(first)
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(num_unique, device=ids.device))
-    return first.index_select(0, order), rank.index_select(0, inverse)
+    first, inverse = plan.unique_first(ids.detach().cpu().numpy())
+    return torch.from_numpy(first).to(ids.device), torch.from_numpy(inverse).to(ids.device)
 
 
 def is_identity(index: torch.Tensor) -> bool:
@@ -202,30 +189,17 @@ def expand_rows(rows: torch.Tensor, inverse: Optional[torch.Tensor]) -> torch.Te
     return rows.index_select(0, inverse)
 
 
-def _unique_runs(ids: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """Fast path of ``unique_first`` for session-clustered batches (RecD's data layout).
-
-    When equal ids form contiguous runs and no id starts two runs, the run starts are the
-    first appearances and the run number is the inverse: no sort of the whole batch needed.
-    Returns None when the batch is not laid out that way.
-    """
-    n = ids.numel()
-    if n == 0:
-        return None
-    head = torch.ones(n, dtype=torch.bool, device=ids.device)
-    torch.ne(ids[1:], ids[:-1], out=head[1:])
-    first = torch.nonzero(head).squeeze(1)
-    if torch.unique(ids.index_select(0, first)).numel() != first.numel():
-        return None  # an id appears in two separate runs: use the general path
-    return first, torch.cumsum(head, 0) - 1
-
-
 # ----------------------------------------------------------------------------------------
 # Build, inspect, expand.
 
 
-def _check_kjt(kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Raise on a KJT the builder cannot take; return its int64 lengths and offsets."""
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's numpy view (no copy); other devices are copied to the host."""
+    return t.detach().cpu().numpy()
+
+
+def _check_kjt(kjt: KeyedJaggedTensor) -> Tuple[np.ndarray, np.ndarray]:
+    """Raise on a KJT the builder cannot take; return its lengths and offsets (int64, host)."""
     if not isinstance(kjt, KeyedJaggedTensor):
         raise MalformedBatchError(f"expected a torchrec KeyedJaggedTensor, got {type(kjt).__name__}")
     if kjt.inverse_indices_or_none() is not None or kjt.variable_stride_per_key():
@@ -233,50 +207,21 @@ def _check_kjt(kjt: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
             "this KJT is already variable-batch (has inverse_indices); deduplicate the plain "
             "batch once, or call expand() first"
         )
-    lengths = kjt.lengths().long()
-    if lengths.numel() != len(kjt.keys()) * kjt.stride():
+    lengths = _host(kjt.lengths()).astype(np.int64, copy=False)
+    if lengths.size != len(kjt.keys()) * kjt.stride():
         raise MalformedBatchError(
-            f"malformed KJT: {lengths.numel()} lengths for {len(kjt.keys())} keys x batch "
+            f"malformed KJT: {lengths.size} lengths for {len(kjt.keys())} keys x batch "
             f"{kjt.stride()}; lengths must have keys * batch_size entries"
         )
-    if lengths.numel() and int(lengths.min()) < 0:
+    if lengths.size and int(lengths.min()) < 0:
         raise MalformedBatchError("malformed KJT: negative lengths")
-    offsets = complete_cumsum(lengths)
+    offsets = plan.offsets_of(lengths)
     if int(offsets[-1]) != kjt.values().numel():
         raise MalformedBatchError(
             f"malformed KJT: lengths sum to {int(offsets[-1])} but there are "
             f"{kjt.values().numel()} values"
         )
     return lengths, offsets
-
-
-def _padded(lengths: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
-    """Jagged rows -> [N, width] dense, zero padded (any dtype; fbgemm's op has no int64)."""
-    offsets = complete_cumsum(lengths)
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
-    cols = torch.arange(values.numel(), device=values.device) - offsets[:-1][rows]
-    dense = values.new_zeros((lengths.numel(), width))
-    dense[rows, cols] = values
-    return dense
-
-
-def _content_rows(lengths: torch.Tensor, values: torch.Tensor, weights: Optional[torch.Tensor],
-                  keys_in_group: List[int], batch: int) -> torch.Tensor:
-    """[B, C] int64 matrix whose equal rows are exactly the equal samples of a group."""
-    cols: List[torch.Tensor] = []
-    offsets = complete_cumsum(lengths)
-    for k in keys_in_group:
-        lens = lengths[k * batch:(k + 1) * batch].long()
-        start, end = int(offsets[k * batch]), int(offsets[(k + 1) * batch])
-        width = int(lens.max()) if batch else 0
-        # The length is compared too, so [1] and [1, 0-padding] differ.
-        cols.append(lens.unsqueeze(1))
-        if width:
-            cols.append(_padded(lens, values[start:end].long(), width))
-            if weights is not None:
-                w = weights[start:end].double().view(torch.int64)
-                cols.append(_padded(lens, w, width))
-    return torch.cat(cols, dim=1)
 
 
 def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec) -> KeyedJaggedTensor:
@@ -294,48 +239,49 @@ def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec) -> KeyedJaggedTensor:
     keys = kjt.keys()
     spec.check_keys(keys)
     batch = kjt.stride()
-    values = kjt.values()
-    weights = kjt.weights_or_none()
+    values, weights = kjt.values(), kjt.weights_or_none()
     index_of = {k: i for i, k in enumerate(keys)}
-    device = values.device
-    all_rows = torch.ones(batch, dtype=torch.bool, device=device)
-    arange = torch.arange(batch, device=device)
 
-    # Per key: a mask of the rows to keep (its first appearances) and the inverse index.
-    keep: List[torch.Tensor] = [all_rows] * len(keys)
-    inverse: List[torch.Tensor] = [arange] * len(keys)
+    # The plan (host, numpy): per key, which rows to keep (first appearances) and the inverse.
+    keep = np.ones((len(keys), batch), dtype=bool)
+    inverse = np.empty((len(keys), batch), dtype=np.int64)
+    inverse[:] = np.arange(batch)
     strides = [[batch] for _ in keys]
+    host_values = _host(values)
     for g in spec.groups:
         if g.key is not None:
             k = index_of[g.key]
-            start, end = int(offsets[k * batch]), int(offsets[(k + 1) * batch])
-            # lengths >= 1 summing to B means exactly one id per sample.
-            if end - start != batch or (batch and int(lengths[k * batch:(k + 1) * batch].min()) < 1):
-                key_lengths = lengths[k * batch:(k + 1) * batch]
-                bad = int(torch.nonzero(key_lengths != 1)[0])
+            start, end = offsets[k * batch], offsets[(k + 1) * batch]
+            key_lengths = lengths[k * batch:(k + 1) * batch]
+            if batch and (end - start != batch or int(key_lengths.min()) < 1):  # one id per sample
+                bad = int(np.flatnonzero(key_lengths != 1)[0])
                 raise MalformedBatchError(
                     f"key feature {g.key!r} of group {g.name!r} must hold exactly one id per "
                     f"sample; sample {bad} has {int(key_lengths[bad])}"
                 )
-            first, inv = unique_first(values[start:end].long())
+            first, inv = plan.unique_first(host_values[start:end].astype(np.int64, copy=False))
         else:
-            rows = _content_rows(lengths, values, weights, [index_of[f] for f in g.all_features], batch)
-            first, inv = unique_first(rows)
-        mask = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, first, True)
+            host_weights = _host(weights) if weights is not None else None
+            rows = plan.content_rows(lengths, offsets, host_values, host_weights,
+                                     [index_of[f] for f in g.all_features], batch)
+            first, inv = plan.unique_first(rows)
         for f in g.all_features:
             k = index_of[f]
-            keep[k], inverse[k], strides[k] = mask, inv, [int(first.numel())]
+            keep[k] = False
+            keep[k, first] = True
+            inverse[k] = inv
+            strides[k] = [int(first.size)]
 
-    # Kept rows in key order, increasing: one jagged select for all keys.
-    select = torch.nonzero(torch.cat(keep)).squeeze(1) if keys else arange[:0]
-    new_values, new_lengths, positions = jagged_index_select(values, lengths, select, offsets)
+    # Kept rows in key order, increasing; then one gather of the values on their device.
+    out_lengths, positions = plan.jagged_positions(lengths, offsets, np.flatnonzero(keep))
+    at = torch.from_numpy(positions).to(values.device)
     return KeyedJaggedTensor(
         keys=keys,
-        values=new_values,
-        weights=weights.index_select(0, positions) if weights is not None else None,
-        lengths=new_lengths.to(kjt.lengths().dtype),
+        values=values.index_select(0, at),
+        weights=weights.index_select(0, at) if weights is not None else None,
+        lengths=torch.from_numpy(out_lengths).to(device=values.device, dtype=kjt.lengths().dtype),
         stride_per_key_per_rank=strides,
-        inverse_indices=(list(keys), torch.stack(inverse) if keys else arange.new_empty(0, batch)),
+        inverse_indices=(list(keys), torch.from_numpy(inverse).to(values.device)),
     )
 
 
