@@ -4,7 +4,7 @@ All three spell the same schema. In TOML (a file of its own, or a ``[recd]`` tab
 project's config)::
 
     [recd]
-    verify_batches = 1              # check the first N batches really repeat (0 = off)
+    verify_batches = 1              # compare the first N batches' ids exactly (0 off, -1 all)
     in_workers = true               # build IKJTs inside DataLoader workers
 
     [recd.groups.user]              # one feature group: deduplicated together
@@ -27,13 +27,12 @@ as ``torchx run recd.train`` can switch the plugin on without touching the scrip
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from recd_plugin.errors import ConfigError, DedupSpecError
+from recd_plugin.errors import ConfigError, DedupSpecError, did_you_mean
 from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup
 
 try:
@@ -137,8 +136,8 @@ class RecDConfig:
         if not isinstance(towers, Mapping) or not all(isinstance(v, str) for v in towers.values()):
             raise ConfigError("recd 'towers' must map module paths to group names: towers.user_tower = \"user\"")
         verify = data.get("verify_batches", 1)
-        if not isinstance(verify, int) or isinstance(verify, bool) or verify < 0:
-            raise ConfigError(f"recd 'verify_batches' must be an integer >= 0, got {verify!r}")
+        if not isinstance(verify, int) or isinstance(verify, bool) or verify < -1:
+            raise ConfigError(f"recd 'verify_batches' must be an integer >= 0, or -1 for every batch; got {verify!r}")
         in_workers = data.get("in_workers", True)
         if not isinstance(in_workers, bool):
             raise ConfigError(f"recd 'in_workers' must be true or false, got {in_workers!r}")
@@ -172,8 +171,13 @@ class RecDConfig:
             if group not in names:
                 raise ConfigError(
                     f"recd tower {module!r} reads group {group!r}, which is not defined"
-                    f"{_suggest(group, names)}; groups are {names}"
+                    f"{did_you_mean(group, names)}; groups are {names}"
                 )
+
+
+def verify_step(left: int) -> Tuple[bool, int]:
+    """(verify this batch?, budget left) for ``verify_batches``: the first N batches, -1 all."""
+    return left != 0, left - 1 if left > 0 else left
 
 
 def _parse_value(value: str) -> Any:
@@ -187,12 +191,7 @@ def _parse_value(value: str) -> Any:
     return value.strip("\"'")
 
 
-def _suggest(name: str, options: List[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _no_unknown(data: Mapping[str, Any], allowed: set, where: str) -> None:
     for k in data:
         if k not in allowed:
-            raise ConfigError(f"{where}: unknown key {k!r}{_suggest(k, sorted(allowed))}; allowed: {sorted(allowed)}")
+            raise ConfigError(f"{where}: unknown key {k!r}{did_you_mean(k, sorted(allowed))}; allowed: {sorted(allowed)}")

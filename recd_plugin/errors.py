@@ -5,6 +5,15 @@ is touched (at config parsing, at ``apply()``, or when the first batch is built)
 ``RecDError`` to handle them all; docs/troubleshooting.md lists each one.
 """
 
+import difflib
+from typing import Sequence
+
+
+def did_you_mean(name: str, options: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options``, or ``""``: for error messages."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 class RecDError(Exception):
     """Base class of all recd-plugin errors."""

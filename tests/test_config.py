@@ -145,8 +145,8 @@ def test_malformed_flag_items(text: str, pattern: str) -> None:
 
 
 @pytest.mark.parametrize("text, pattern", [
-    ("groups.u.features=a; verify_batches=-1", r"'verify_batches' must be an integer >= 0, got -1"),
-    ("groups.u.features=a; verify_batches=many", r"'verify_batches' must be an integer >= 0, got 'many'"),
+    ("groups.u.features=a; verify_batches=-2", r"'verify_batches' must be an integer >= 0, or -1 for every batch; got -2"),
+    ("groups.u.features=a; verify_batches=many", r"'verify_batches' must be an integer >= 0, or -1 .*got 'many'"),
     ("groups.u.features=a; verify_batches=true", r"'verify_batches' must be an integer"),
     ("groups.u.features=a; in_workers=1", r"'in_workers' must be true or false, got 1"),
     ("groups.u.features=a; in_workers=yes", r"'in_workers' must be true or false"),

@@ -352,10 +352,20 @@ def test_tower_reading_per_sample_input_raises_before_any_step() -> None:
         assert torch.equal(model.state_dict()[k], v), k
 
 
+class _Recorder(nn.Module):
+    """Identity on tensors; remembers a KJT input and returns its per-row lengths [N, K]."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        if isinstance(x, KeyedJaggedTensor):
+            self.seen = x
+            return x.lengths().view(len(x.keys()), -1).t().float()
+        return x
+
+
 def test_dedup_tower_refuses_jagged_input_and_unknown_group() -> None:
     spec = DedupSpec([USER_GROUP])
     holder = nn.Module()
-    holder.inner = nn.Identity()
+    holder.inner = _Recorder()
     ctx = DedupContext.attach(holder, spec)
     with pytest.raises(DedupSpecError, match="did you mean 'user'"):
         dedup_tower(holder.inner, ctx, group="usr")
@@ -366,7 +376,8 @@ def test_dedup_tower_refuses_jagged_input_and_unknown_group() -> None:
     with pytest.raises(UnsupportedModelError, match="'inner'.*JaggedTensor.*dense tensors"):
         holder.inner(history)
     # The batch's IKJT reaches the module as a plain KJT of the group's unique rows.
-    seen = holder.inner(ikjt)
+    holder.inner(ikjt)
+    seen = holder.inner.seen
     assert isinstance(seen, KeyedJaggedTensor) and seen.inverse_indices_or_none() is None
     assert seen.keys() == list(USER_GROUP.all_features)
     assert seen.stride() == ikjt.stride_per_key()[ikjt.keys().index("history")]

@@ -308,3 +308,37 @@ def test_plain_batches_from_stale_workers_are_deduplicated_in_process() -> None:
     outputs = list(loader)
     assert all(recd_plugin.is_ikjt(b.sparse_features) for b in outputs)
     check_epoch(outputs, inputs)
+
+
+def _with_rows(batch: Batch, feature: str, rows: dict) -> Batch:
+    """``batch`` with sample i's ``feature`` row replaced by ``rows[i]`` (a list of ids)."""
+    k = batch.sparse_features
+    jts = dict(k.to_dict())  # to_dict() is cached on the KJT: never mutate it
+    old = [v.tolist() for v in torch.split(jts[feature].values(), jts[feature].lengths().tolist())]
+    new = [rows.get(i, r) for i, r in enumerate(old)]
+    jts[feature] = type(jts[feature])(values=torch.tensor([x for r in new for x in r], dtype=torch.long),
+                                      lengths=torch.tensor([len(r) for r in new]))
+    return Batch(batch.dense_features, KeyedJaggedTensor.from_jt_dict({key: jts[key] for key in k.keys()}),
+                 batch.labels)
+
+
+def test_varying_row_lengths_within_a_session_are_caught_on_every_batch() -> None:
+    # verify_batches=0 turns the exact check off, yet a history that grows within a session
+    # (a per-sample feature declared session-level) is still refused by the length check.
+    good = session_batch(3, batch=24, sessions=4)
+    assert int(good.sparse_features["session_id"].values()[0]) == int(good.sparse_features["session_id"].values()[1])
+    first = good.sparse_features["history"].values()[: int(good.sparse_features["history"].lengths()[0])].tolist()
+    bad = _with_rows(good, "history", {1: first + [7]})
+    with pytest.raises(NotDeduplicableError, match="'history' is not constant within group 'user'"):
+        list(DedupLoader([good, bad], SPEC, verify_batches=0))
+
+
+def test_verify_every_batch_with_minus_one() -> None:
+    good = [session_batch(i, batch=24, sessions=4) for i in range(3)]
+    ids = good[2].sparse_features["user_id"].values()
+    assert int(good[2].sparse_features["session_id"].values()[0]) == int(good[2].sparse_features["session_id"].values()[1])
+    # Same lengths, a different id within a session: only the exact comparison sees it.
+    good[2] = _with_rows(good[2], "user_id", {1: [(int(ids[0]) + 1) % 20]})
+    assert len(list(DedupLoader(good, SPEC, verify_batches=1))) == 3  # only batch 0 is compared
+    with pytest.raises(NotDeduplicableError, match="'user_id' is not constant"):
+        list(DedupLoader(good, SPEC, verify_batches=-1))

@@ -15,9 +15,10 @@ from typing import List
 
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recd_plugin.modules.dedup_ec import SharesTables
+from recd_plugin.modules.dedup_ec import SharesTables, _inverse_or_none
 from recd_plugin.sparse.ikjt import expand_rows, is_identity
 
 
@@ -29,7 +30,8 @@ class DedupEmbeddingBagCollection(SharesTables, EmbeddingBagCollection):
     """
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        inverse = features.inverse_indices_or_none()
+        features = maybe_td_to_kjt(features, None)
+        inverse = _inverse_or_none(features)
         if inverse is None:
             return super().forward(features)
         inverse_of = dict(zip(inverse[0], inverse[1]))

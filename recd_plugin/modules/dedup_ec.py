@@ -12,13 +12,30 @@ path. It shares the original module's parameters, so the state_dict is the same 
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple, Type, TypeVar
 
 import torch
 from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from recd_plugin.errors import UnsupportedModelError
 from recd_plugin.sparse.ikjt import is_identity, jagged_index_select
+
+T = TypeVar("T")
+
+
+def _inverse_or_none(features: KeyedJaggedTensor) -> Optional[Tuple[List[str], torch.Tensor]]:
+    """The IKJT's inverse indices; raise if a variable-batch KJT lost them on the way."""
+    inverse = features.inverse_indices_or_none()
+    if inverse is None and features.variable_stride_per_key():
+        raise UnsupportedModelError(
+            "an embedding module got a variable-batch KJT without inverse_indices: code between "
+            "the batch and this module dropped them (KeyedJaggedTensor.permute/split do, and so "
+            "do feature processors). Pass the batch's KJT to the module as is, or call "
+            "recd_plugin.expand(kjt) before such code."
+        )
+    return inverse
 
 
 class SharesTables:
@@ -29,7 +46,7 @@ class SharesTables:
     """
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module):  # type: ignore[no-untyped-def]
+    def from_module(cls: Type[T], module: torch.nn.Module) -> T:
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         return new
@@ -43,7 +60,8 @@ class DedupEmbeddingCollection(SharesTables, EmbeddingCollection):
     """
 
     def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
-        inverse = features.inverse_indices_or_none()
+        features = maybe_td_to_kjt(features, None)
+        inverse = _inverse_or_none(features)
         if inverse is None:
             return super().forward(features)
         inverse_of = dict(zip(inverse[0], inverse[1]))
@@ -57,6 +75,7 @@ class DedupEmbeddingCollection(SharesTables, EmbeddingCollection):
                 values, lengths, ids = lookup, f.lengths(), f.values()
                 if inv is not None and not is_identity(inv):
                     values, lengths, positions = jagged_index_select(lookup, f.lengths(), inv)
+                    lengths = lengths.to(f.lengths().dtype)
                     ids = f.values().index_select(0, positions)
                 out[name] = JaggedTensor(
                     values=values, lengths=lengths, weights=ids if self._need_indices else None

@@ -11,14 +11,13 @@ A new technique is one more ``@register_converter("name")`` function.
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Dict, List, Set
 
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recd_plugin.config import RecDConfig
-from recd_plugin.errors import DedupSpecError, UnsupportedModelError
+from recd_plugin.errors import DedupSpecError, UnsupportedModelError, did_you_mean
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
 from recd_plugin.modules.tower import DedupContext, dedup_tower
@@ -33,11 +32,6 @@ def register_converter(name: str) -> Callable[[Converter], Converter]:
         CONVERTERS[name] = fn
         return fn
     return register
-
-
-def _suggest(name: str, options: List[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 #: TorchRec module -> its dedup-aware replacement. TorchRec's EC would misread an IKJT; its EBC
@@ -89,14 +83,14 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
             if f not in known:
                 raise DedupSpecError(
                     f"group {g.name!r} names feature {f!r}, which no embedding table of the "
-                    f"model reads{_suggest(f, sorted(known))}; model features: {sorted(known)}"
+                    f"model reads{did_you_mean(f, sorted(known))}; model features: {sorted(known)}"
                 )
     modules = dict(model.named_modules())
     for path in config.towers:
         if path not in modules or path == "":
             raise UnsupportedModelError(
                 f"recd tower {path!r} is not a submodule of the model"
-                f"{_suggest(path, [p for p in modules if p])}; pass a path from model.named_modules()"
+                f"{did_you_mean(path, [p for p in modules if p])}; pass a path from model.named_modules()"
             )
         inner = [other for other in config.towers if other != path and other.startswith(path + ".")]
         if inner:
@@ -124,11 +118,12 @@ def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupCont
     """Swap every EC / EBC for its dedup-aware version: each one sees the IKJT, even those
     that read no grouped feature (TorchRec's EBC would still run its slow CPU expansion)."""
     undo: List[Undo] = []
-    for path, m in list(model.named_modules()):
+    replaced: Dict[int, nn.Module] = {}  # one replacement per module object, at every name
+    for path, m in list(model.named_modules(remove_duplicate=False)):
         dedup_cls = DEDUP_MODULES.get(type(m))
         if dedup_cls is None:
             continue
-        new = dedup_cls.from_module(m)
+        new = replaced.setdefault(id(m), dedup_cls.from_module(m))
         _set_submodule(model, path, new)
 
         def restore(path: str = path, m: nn.Module = m, new: nn.Module = new) -> None:
@@ -154,8 +149,10 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def convert(model: nn.Module, config: RecDConfig) -> Callable[[], None]:
-    """Apply every registered converter in place; returns a function that undoes them all."""
-    check_model(model, config)
+    """Apply every registered converter in place; returns a function that undoes them all.
+
+    Call ``check_model(model, config)`` first (``recd_plugin.apply`` does).
+    """
     ctx = DedupContext.attach(model, config.spec)
     undo: List[Undo] = [ctx.detach]
     for fn in CONVERTERS.values():

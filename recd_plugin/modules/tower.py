@@ -32,10 +32,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from recd_plugin.config import verify_step
 from recd_plugin.errors import NotDeduplicableError, UnsupportedModelError
-from recd_plugin.sparse.ikjt import DedupSpec, unique_rows
+from recd_plugin.sparse.ikjt import DedupSpec, jagged_index_select, unique_rows
 
 
 class DedupContext:
@@ -45,6 +46,7 @@ class DedupContext:
         self.spec = spec
         self._kjt: Optional[KeyedJaggedTensor] = None
         self._cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles: List[RemovableHandle] = []
 
     @classmethod
     def attach(cls, model: nn.Module, spec: DedupSpec) -> "DedupContext":
@@ -53,7 +55,7 @@ class DedupContext:
         ctx = cls(spec)
         ctx.handles = [
             model.register_forward_pre_hook(ctx._capture, with_kwargs=True),
-            model.register_forward_hook(lambda *_: ctx.set(None), always_call=True),
+            model.register_forward_hook(ctx._forget, always_call=True),
         ]
         return ctx
 
@@ -64,6 +66,9 @@ class DedupContext:
 
     def _capture(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         self.set(_find_kjt(list(args) + list(kwargs.values())))
+
+    def _forget(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.set(None)
 
     def set(self, kjt: Optional[KeyedJaggedTensor]) -> None:
         self._kjt = kjt
@@ -121,8 +126,7 @@ class _TowerHooks:
             return None  # no repeats in this batch: nothing to save
         batch = inv.numel()
         self.active = rows
-        verify = self.verify_left > 0
-        self.verify_left -= int(verify)
+        verify, self.verify_left = verify_step(self.verify_left)
 
         features = self.ctx.spec.group(self.group).all_features
         reduced: List[Any] = []
@@ -171,6 +175,19 @@ def _expand(output: Any, inv: torch.Tensor, num_unique: int) -> Any:
     """Expand every tensor of ``output`` with ``num_unique`` rows back to one row per sample."""
     if isinstance(output, torch.Tensor):
         return output.index_select(0, inv) if output.dim() > 0 and output.shape[0] == num_unique else output
+    if isinstance(output, KeyedTensor):
+        return KeyedTensor(keys=output.keys(), length_per_key=output.length_per_key(),
+                           values=_expand(output.values(), inv, num_unique), key_dim=output.key_dim())
+    if isinstance(output, JaggedTensor):
+        if output.lengths().numel() != num_unique:
+            return output
+        values, lengths, positions = jagged_index_select(output.values(), output.lengths(), inv)
+        weights = output.weights_or_none()
+        return JaggedTensor(values=values, lengths=lengths.to(output.lengths().dtype),
+                            weights=weights.index_select(0, positions) if weights is not None else None)
+    if isinstance(output, KeyedJaggedTensor):
+        raise UnsupportedModelError("a dedup tower returned a KeyedJaggedTensor; towers return tensors, "
+                                    "KeyedTensors or JaggedTensors (one row per unique session)")
     if isinstance(output, tuple):
         return tuple(_expand(o, inv, num_unique) for o in output)
     if isinstance(output, list):

@@ -21,7 +21,6 @@ batches (see DESIGN.md, VBE restrictions).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recd_plugin.errors import DedupSpecError, MalformedBatchError
+from recd_plugin.errors import DedupSpecError, MalformedBatchError, NotDeduplicableError, did_you_mean
 from recd_plugin.sparse import plan
 
 
@@ -101,7 +100,7 @@ class DedupSpec:
         for g in self.groups:
             if g.name == name:
                 return g
-        raise DedupSpecError(f"no feature group named {name!r}{_did_you_mean(name, [g.name for g in self.groups])}")
+        raise DedupSpecError(f"no feature group named {name!r}{did_you_mean(name, [g.name for g in self.groups])}")
 
     def check_keys(self, keys: Sequence[str]) -> None:
         """Raise if the spec names a feature the batch does not have."""
@@ -110,13 +109,8 @@ class DedupSpec:
             f = missing[0]
             raise DedupSpecError(
                 f"feature {f!r} of group {self._group_of[f]!r} is not in the batch"
-                f"{_did_you_mean(f, keys)}; batch features are {list(keys)}"
+                f"{did_you_mean(f, keys)}; batch features are {list(keys)}"
             )
-
-
-def _did_you_mean(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,6 +218,32 @@ def _check_kjt(kjt: KeyedJaggedTensor) -> Tuple[np.ndarray, np.ndarray]:
     return lengths, offsets
 
 
+def not_constant(feature: str, group: FeatureGroup) -> NotDeduplicableError:
+    """The error for a feature whose rows differ between samples of one group key."""
+    how = f"keyed by {group.key!r}" if group.key else "keyed by content"
+    return NotDeduplicableError(
+        f"feature {feature!r} is not constant within group {group.name!r} ({how}): two samples "
+        f"with the same key have different {feature!r} rows (ids or weights). Remove {feature!r} "
+        "from the group, or key the group by content (omit 'key')."
+    )
+
+
+def _check_constant_lengths(lengths: np.ndarray, group: FeatureGroup, index_of: Dict[str, int],
+                            first: np.ndarray, inverse: np.ndarray) -> None:
+    """Every batch, almost free: each grouped feature's row lengths [K, B] are constant per key.
+
+    Catches most features wrongly declared session-level (a row that grows within a session);
+    ``verify_batches`` compares the ids too, on the first batches (or every batch with -1).
+    """
+    if group.key is None:
+        return  # keyed by content: equal rows by construction
+    ks = [index_of[f] for f in group.all_features]
+    rows = lengths[ks]
+    bad = np.flatnonzero((rows[:, first][:, inverse] != rows).any(axis=1))
+    if bad.size:
+        raise not_constant(group.all_features[int(bad[0])], group)
+
+
 def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec) -> KeyedJaggedTensor:
     """Deduplicate a plain KJT into an IKJT (a TorchRec variable-batch KJT).
 
@@ -265,6 +285,7 @@ def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec) -> KeyedJaggedTensor:
             rows = plan.content_rows(lengths, offsets, host_values, host_weights,
                                      [index_of[f] for f in g.all_features], batch)
             first, inv = plan.unique_first(rows)
+        _check_constant_lengths(lengths.reshape(len(keys), batch), g, index_of, first, inv)
         for f in g.all_features:
             k = index_of[f]
             keep[k] = False
@@ -296,7 +317,7 @@ def inverse_index(ikjt: KeyedJaggedTensor, feature: str) -> torch.Tensor:
         return torch.arange(ikjt.stride(), device=ikjt.values().device)
     names, tensor = inv
     if feature not in names:
-        raise DedupSpecError(f"feature {feature!r} is not in this IKJT{_did_you_mean(feature, names)}")
+        raise DedupSpecError(f"feature {feature!r} is not in this IKJT{did_you_mean(feature, names)}")
     return tensor[names.index(feature)]
 
 
@@ -309,7 +330,7 @@ def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str], check: bool = 
     strides = dict(zip(ikjt.keys(), ikjt.stride_per_key()))
     missing = [f for f in features if f not in strides]
     if missing:
-        raise DedupSpecError(f"feature {missing[0]!r} is not in this IKJT{_did_you_mean(missing[0], list(strides))}")
+        raise DedupSpecError(f"feature {missing[0]!r} is not in this IKJT{did_you_mean(missing[0], list(strides))}")
     if check and (len({strides[f] for f in features}) > 1 or not all(
             torch.equal(inverse_index(ikjt, f), inverse_index(ikjt, features[0])) for f in features)):
         raise DedupSpecError(f"features {list(features)} are in different groups (their inverse indices differ)")

@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recd_plugin.errors import MalformedBatchError, NotDeduplicableError
-from recd_plugin.sparse.ikjt import DedupSpec, build_ikjt, expand
+from recd_plugin.config import verify_step
+from recd_plugin.errors import MalformedBatchError
+from recd_plugin.sparse.ikjt import DedupSpec, build_ikjt, expand, not_constant
 
 
 @dataclass
@@ -88,13 +89,7 @@ def check_roundtrip(kjt: KeyedJaggedTensor, ikjt: KeyedJaggedTensor, spec: Dedup
             and (jt.weights_or_none() is None or torch.equal(jt.weights(), restored.weights()))
         ):
             continue
-        group = next(g for g in spec.groups if name in g.all_features)
-        how = f"keyed by {group.key!r}" if group.key else "keyed by content"
-        raise NotDeduplicableError(
-            f"feature {name!r} is not constant within group {group.name!r} ({how}): two samples "
-            f"with the same key have different {name!r} rows (ids or weights). Remove {name!r} from the group, "
-            "or key the group by content (omit 'key')."
-        )
+        raise not_constant(name, next(g for g in spec.groups if name in g.all_features))
 
 
 class DedupCollate:
@@ -107,8 +102,7 @@ class DedupCollate:
 
     def __call__(self, samples: Any) -> Any:
         batch = self.collate_fn(samples) if self.collate_fn is not None else samples
-        verify = self.verify_left > 0
-        self.verify_left -= int(verify)
+        verify, self.verify_left = verify_step(self.verify_left)
         return dedup_batch(batch, self.spec, verify)
 
 
@@ -137,6 +131,12 @@ class DedupLoader:
         """The wrapped loader, with its own ``collate_fn`` back."""
         if self.in_workers:
             self.loader.collate_fn = self._original_collate  # type: ignore[attr-defined]
+            # Persistent workers hold a copy of DedupCollate: stop them, so the next epoch
+            # starts workers with the user's collate_fn again.
+            iterator = getattr(self.loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+                self.loader._iterator = None  # type: ignore[attr-defined]
             self.in_workers = False
         return self.loader
 
@@ -151,8 +151,7 @@ class DedupLoader:
             else:
                 # Also taken when workers were started before the wrap (persistent_workers
                 # keeps the old collate_fn): deduplicate here rather than pass plain batches.
-                verify = self._verify_left > 0
-                self._verify_left -= int(verify)
+                verify, self._verify_left = verify_step(self._verify_left)
                 out = dedup_batch(batch, self.spec, verify)
                 batch_in = batch.sparse_features.stride()
             self.stats.add(self.spec, batch_in, out.sparse_features)
