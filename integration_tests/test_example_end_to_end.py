@@ -50,7 +50,7 @@ def test_plugin_switched_on_without_changing_the_command(how: str) -> None:
         out = _run(args, env={"RECD_PLUGIN": light_flag})
     else:
         toml = ROOT / "examples" / "movielens" / "recd.toml"
-        out = _run(args[:-1] + ["--recd", f"@{toml}"])  # transformer model: the TOML names its encoder
+        out = _run(args[:-1] + ["--recd", f"@{toml}"])  # the TOML's tower is the transformer model's user_tower
     assert "recd-plugin:" in out and "unique user rows" in out, out
 
 
@@ -63,4 +63,5 @@ def test_dedup_benchmark_quick_json(tmp_path: Path) -> None:
         for key in ("ratio", "bound", "unique_fraction", "build_pct", "max_loss_diff"):
             assert isinstance(v[key], float), (name, key)
         assert v["max_loss_diff"] <= 1e-5, (name, v["max_loss_diff"])
+        assert v["max_weight_diff"] <= 1e-4, (name, v["max_weight_diff"])
         assert 0.0 < v["unique_fraction"] < 0.1, (name, v["unique_fraction"])

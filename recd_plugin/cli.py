@@ -28,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[:1] == ["bench"]:
         from recd_plugin.bench.__main__ import main as bench_main
 
-        bench_main(argv[1:])
+        bench_main(argv[1:], reexec=True)
         return 0
     args = parser.parse_args(argv)
 

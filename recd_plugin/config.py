@@ -93,6 +93,10 @@ class RecDConfig:
                 node = node.setdefault(p, {})
                 if not isinstance(node, dict):
                     raise ConfigError(f"recd flag sets {path!r} below a plain value")
+            if not all(parts) or not value:
+                raise ConfigError(f"recd flag item {item!r} has an empty name or value")
+            if parts[-1] in node:
+                raise ConfigError(f"recd flag sets {path!r} twice; give each key once (lists: a,b,c)")
             node[parts[-1]] = _parse_value(value)
         return cls.from_dict(tree)
 
@@ -105,6 +109,9 @@ class RecDConfig:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"recd config file {str(path)!r} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"recd config file {str(path)!r} cannot be read ({e.strerror}); "
+                              "pass a TOML file: --recd @path/to/recd.toml") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"recd config file {str(path)!r} is not valid TOML: {e}") from None
         return cls.from_dict(data.get("recd", data))

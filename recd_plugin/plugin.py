@@ -21,6 +21,8 @@ from torch import nn
 
 from recd_plugin.config import RecDConfig
 from recd_plugin.errors import UnsupportedModelError
+from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
+from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
 from recd_plugin.modules.swap import check_model, convert
 from recd_plugin.transforms.dedup import DedupLoader
 
@@ -61,4 +63,9 @@ def remove(model: nn.Module) -> nn.Module:
     undo = _UNDO.pop(model, None)
     if undo is not None:
         undo()
+    elif any(isinstance(m, (DedupEmbeddingBagCollection, DedupEmbeddingCollection)) for m in model.modules()):
+        raise UnsupportedModelError(
+            "this model holds recd-plugin modules but was not converted by apply() itself (a copy "
+            "of a converted model?); call remove() on the original before copying it"
+        )
     return model

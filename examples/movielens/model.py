@@ -81,7 +81,7 @@ class UserTower(nn.Module):
         else:
             seq = self.sequence(sparse)["history"]
             x = seq.to_padded_dense()  # [B, longest history in batch, D]
-            mask = torch.arange(x.shape[1]).unsqueeze(0) >= seq.lengths().unsqueeze(1)
+            mask = torch.arange(x.shape[1], device=x.device).unsqueeze(0) >= seq.lengths().unsqueeze(1)
             history = self.history_encoder(x, mask)
         return self.mlp(torch.cat([pooled[f] for f in USER_FEATURES] + [history], dim=1))
 

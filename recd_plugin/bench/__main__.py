@@ -17,7 +17,8 @@ from typing import List, Optional
 from recd_plugin.bench.report import ensure_allocator_env
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
+    """Run a benchmark; ``reexec`` (command line only) restarts the process with MALLOC_ENV."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m recd_plugin.bench", description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=["dedup"], help="which benchmark")
@@ -28,7 +29,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--verbose", action="store_true", help="print every timed step")
     args = parser.parse_args(argv)
-    ensure_allocator_env(argv)
+    if reexec:
+        ensure_allocator_env(argv)
     if args.name == "dedup":
         from recd_plugin.bench import dedup
 
@@ -37,4 +39,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(reexec=True)

@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+
+from recd_plugin.errors import RecDError
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
@@ -57,11 +59,11 @@ NUM_ZIP = 101  # "00".."99" plus one bucket for non-numeric (foreign) codes
 _FIX = "re-download it with fetch_movielens_100k(<dir>) or point root at a clean copy"
 
 
-class MovieLensNotFoundError(FileNotFoundError):
+class MovieLensNotFoundError(RecDError, FileNotFoundError):
     """The MovieLens files are missing (and could not be fetched)."""
 
 
-class MovieLensFormatError(ValueError):
+class MovieLensFormatError(RecDError, ValueError):
     """A MovieLens file has a malformed row or a missing/invalid column."""
 
 
