@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -490,3 +490,91 @@ def test_tower_reading_a_feature_outside_its_group_is_refused() -> None:
     with pytest.raises(UnsupportedModelError, match="'user_side' reads feature 'user_id'.*not in group 'user'"):
         recd_plugin.apply(RecDConfig.from_string(flag), model)
     assert has_hooks(model) == [] and type(model.user_side.seq) is EmbeddingCollection
+
+
+class _SharedEC(nn.Module):
+    """One EmbeddingCollection reachable under two names (e.g. shared by two towers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ec = EmbeddingCollection(tables=[EmbeddingConfig(
+            name="t_hist", embedding_dim=4, num_embeddings=30, feature_names=["history"])])
+        self.alias = self.ec
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        a = self.ec(batch.sparse_features)["history"].to_padded_dense().sum(1)
+        b = self.alias(batch.sparse_features)["history"].to_padded_dense().sum(1)
+        return (a * b).sum(1)
+
+
+def test_a_module_under_two_names_is_converted_at_both() -> None:
+    model, ref = _SharedEC(), _SharedEC()
+    ref.load_state_dict(model.state_dict())
+    batch = session_batch(0, batch=24, sessions=4)
+    flag = "groups.user.key=session_id; groups.user.features=history"
+    model, loader = recd_plugin.apply(RecDConfig.from_string(flag), model, [batch])
+    assert model.ec is model.alias and type(model.alias) is DedupEmbeddingCollection
+    torch.testing.assert_close(model(next(iter(loader))), ref(batch))
+    recd_plugin.remove(model)
+    assert model.ec is model.alias and type(model.alias) is EmbeddingCollection
+
+
+class _KTTower(nn.Module):
+    def forward(self, x: torch.Tensor) -> Dict[str, object]:
+        kt = KeyedTensor(keys=["a", "b"], length_per_key=[2, 2], values=x[:, :4])
+        jt = JaggedTensor(values=x[:, :1].reshape(-1).repeat_interleave(2), lengths=torch.full((x.shape[0],), 2))
+        return {"kt": kt, "jt": jt}
+
+
+def test_tower_outputs_keyed_and_jagged_tensors_are_expanded() -> None:
+    spec = DedupSpec([USER_GROUP])
+    holder = nn.Module()
+    holder.tower = _KTTower()
+    ctx = DedupContext.attach(holder, spec)
+    dedup_tower(holder.tower, ctx, group="user", name="tower")
+    ctx.set(build_ikjt(session_batch(0, batch=24, sessions=4).sparse_features, spec))
+    first, inv = ctx.rows("user")
+    x = torch.randn(int(first.numel()), 6)[inv]  # session-constant [B, 6]
+    out = holder.tower(x)
+    want = _KTTower()(x)
+    torch.testing.assert_close(out["kt"].values(), want["kt"].values())
+    assert out["kt"].keys() == ["a", "b"]
+    torch.testing.assert_close(out["jt"].values(), want["jt"].values())
+    assert torch.equal(out["jt"].lengths(), want["jt"].lengths())
+
+
+def test_tensordict_input_is_accepted_like_torchrec() -> None:
+    from tensordict import TensorDict
+
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        name="t_user", embedding_dim=4, num_embeddings=10, feature_names=["user_id"])])
+    td = TensorDict({"user_id": torch.nested.nested_tensor(
+        [torch.tensor([1]), torch.tensor([2, 3])], layout=torch.jagged)}, batch_size=[2])
+    want = ebc(td).values()
+    got = DedupEmbeddingBagCollection.from_module(ebc)(td).values()
+    torch.testing.assert_close(got, want)
+
+
+def test_dedup_ec_keeps_int32_lengths() -> None:
+    ec = EmbeddingCollection(tables=[EmbeddingConfig(
+        name="t_hist", embedding_dim=4, num_embeddings=30, feature_names=["history"])])
+    kjt = session_batch(0, batch=24, sessions=4).sparse_features
+    k32 = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().int(), lengths=kjt.lengths().int())
+    want = ec(k32)["history"]
+    got = DedupEmbeddingCollection.from_module(ec)(build_ikjt(k32, DedupSpec([USER_GROUP])))["history"]
+    assert got.lengths().dtype == want.lengths().dtype == torch.int32
+    assert torch.equal(got.lengths(), want.lengths())
+    torch.testing.assert_close(got.values(), want.values())
+
+
+def test_converted_model_pickles_and_a_copy_cannot_be_removed() -> None:
+    model, _ = _pair()
+    recd_plugin.apply(RecDConfig.from_string(FULL_FLAG), model)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # no local lambdas in the plugin's hooks
+    buf.seek(0)
+    assert type(torch.load(buf, weights_only=False)) is type(model)
+    with pytest.raises(UnsupportedModelError, match="not converted by apply"):
+        recd_plugin.remove(copy.deepcopy(model))
+    recd_plugin.remove(model)  # the original still can
+    assert has_hooks(model) == []

@@ -342,3 +342,12 @@ def test_verify_every_batch_with_minus_one() -> None:
     assert len(list(DedupLoader(good, SPEC, verify_batches=1))) == 3  # only batch 0 is compared
     with pytest.raises(NotDeduplicableError, match="'user_id' is not constant"):
         list(DedupLoader(good, SPEC, verify_batches=-1))
+
+
+def test_remove_stops_persistent_workers_that_hold_the_plugins_collate() -> None:
+    dl = DataLoader(SessionBatches(SIZES[:2]), batch_size=None, num_workers=1, persistent_workers=True)
+    flag = "groups.user.key=session_id; groups.user.features=user_id,history; groups.item.features=item_id"
+    model, loader = recd_plugin.apply(RecDConfig.from_string(flag), RecModel(), dl)
+    assert all(recd_plugin.is_ikjt(b.sparse_features) for b in loader)  # workers run DedupCollate
+    recd_plugin.remove(model)
+    assert not any(recd_plugin.is_ikjt(b.sparse_features) for b in dl)  # new workers, user's collate
