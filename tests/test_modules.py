@@ -15,6 +15,7 @@ from typing import Dict, List
 
 import pytest
 import torch
+from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -15,14 +15,13 @@ from typing import List
 
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recd_plugin.modules.dedup_ec import SharesTables, _inverse_or_none
+from recd_plugin.modules.base import DedupModule
 from recd_plugin.sparse.ikjt import expand_rows, is_identity
 
 
-class DedupEmbeddingBagCollection(SharesTables, EmbeddingBagCollection):
+class DedupEmbeddingBagCollection(DedupModule, EmbeddingBagCollection):
     """EBC whose IKJT path expands pooled rows with ``index_select``.
 
     Input: KJT (plain or IKJT), batch B. Output: ``KeyedTensor`` values [B, sum of dims],
@@ -30,11 +29,9 @@ class DedupEmbeddingBagCollection(SharesTables, EmbeddingBagCollection):
     """
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = maybe_td_to_kjt(features, None)
-        inverse = _inverse_or_none(features)
-        if inverse is None:
+        features, inverse_of = self.inverse_of(features)
+        if inverse_of is None:
             return super().forward(features)
-        inverse_of = dict(zip(inverse[0], inverse[1]))
         jt_dict = features.to_dict()
         # Pool each feature on its unique rows, then expand once per distinct inverse index
         # (a feature group shares one): one index_select and one backward index_add per group.

@@ -12,47 +12,17 @@ path. It shares the original module's parameters, so the state_dict is the same 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Dict, Optional
 
 import torch
 from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recd_plugin.errors import UnsupportedModelError
+from recd_plugin.modules.base import DedupModule
 from recd_plugin.sparse.ikjt import is_identity, jagged_index_select
 
-T = TypeVar("T")
 
-
-def _inverse_or_none(features: KeyedJaggedTensor) -> Optional[Tuple[List[str], torch.Tensor]]:
-    """The IKJT's inverse indices; raise if a variable-batch KJT lost them on the way."""
-    inverse = features.inverse_indices_or_none()
-    if inverse is None and features.variable_stride_per_key():
-        raise UnsupportedModelError(
-            "an embedding module got a variable-batch KJT without inverse_indices: code between "
-            "the batch and this module dropped them (KeyedJaggedTensor.permute/split do, and so "
-            "do feature processors). Pass the batch's KJT to the module as is, or call "
-            "recd_plugin.expand(kjt) before such code."
-        )
-    return inverse
-
-
-class SharesTables:
-    """Mixin: build the dedup module from a TorchRec one, sharing its tables (no copy).
-
-    Parameters, buffers and submodules are the same objects, so the state_dict keys and
-    values are identical both ways and the optimizer's parameter references stay valid.
-    """
-
-    @classmethod
-    def from_module(cls: Type[T], module: torch.nn.Module) -> T:
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        return new
-
-
-class DedupEmbeddingCollection(SharesTables, EmbeddingCollection):
+class DedupEmbeddingCollection(DedupModule, EmbeddingCollection):
     """``EmbeddingCollection`` that runs lookups on the unique rows of an IKJT.
 
     Input: KJT (plain or IKJT) with keys K and batch B. Output: ``Dict[str, JaggedTensor]``
@@ -60,11 +30,9 @@ class DedupEmbeddingCollection(SharesTables, EmbeddingCollection):
     """
 
     def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
-        features = maybe_td_to_kjt(features, None)
-        inverse = _inverse_or_none(features)
-        if inverse is None:
+        features, inverse_of = self.inverse_of(features)
+        if inverse_of is None:
             return super().forward(features)
-        inverse_of = dict(zip(inverse[0], inverse[1]))
         jt_dict = features.to_dict()
         out: Dict[str, JaggedTensor] = {}
         for i, table in enumerate(self.embeddings.values()):
