@@ -230,3 +230,20 @@ def test_hint_pins_match_requirements_files() -> None:
     assert _peer.TORCH_TESTED == pins["torch"].split("+")[0]
     assert _peer.TORCHREC_TESTED == pins["torchrec"]
     assert _peer.FBGEMM_TESTED == pins["fbgemm-gpu-cpu"]
+
+
+def test_pyproject_never_pulls_the_users_torch_stack() -> None:
+    """Installing the plugin must not add or replace torch, fbgemm, torchrec or CUDA packages."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    declared = list(project.get("dependencies", []))
+    for extra in project.get("optional-dependencies", {}).values():
+        declared += extra
+    names = [re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower() for d in declared]
+    forbidden = ("torch", "torchrec", "fbgemm", "nvidia", "torchmetrics", "tensordict", "torchx", "triton")
+    assert names and not [n for n in names if n.startswith(forbidden)], names
