@@ -5,6 +5,8 @@
     recd-plugin check-flag "groups.user.key=session_id; groups.user.features=user_id,history"
     recd-plugin check-flag @recd.toml            # parse a flag / TOML file and print the config
     recd-plugin fetch-movielens [--dest DIR]     # download MovieLens-100k into the cache
+    recd-plugin preprocess EVENTS OUT [--strict] # flat events Parquet -> deduplicated layout
+    recd-plugin preprocess movielens-100k OUT    # the built-in sources work too (synthetic)
     recd-plugin bench dedup --quick              # same as python -m recd_plugin.bench
 """
 
@@ -24,6 +26,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     check.add_argument("flag", nargs="?", default=None, help="default: $RECD_PLUGIN")
     fetch = sub.add_parser("fetch-movielens", help="download MovieLens-100k (GroupLens, else the RecBole wheel)")
     fetch.add_argument("--dest", type=Path, default=None)
+    prep = sub.add_parser("preprocess", help="write the session-clustered, deduplicated layout of flat events")
+    prep.add_argument("source", help="Parquet file or directory (one row per sample), or movielens-100k / synthetic")
+    prep.add_argument("out", type=Path, help="output directory (written atomically, with a manifest)")
+    prep.add_argument("--rows-per-file", type=int, default=1 << 20)
+    prep.add_argument("--strict", action="store_true", help="refuse session/item columns that are not constant")
+    prep.add_argument("--overwrite", action="store_true")
     sub.add_parser("bench", help="run a benchmark (python -m recd_plugin.bench --help)", add_help=False)
     if argv[:1] == ["bench"]:
         from recd_plugin.bench.__main__ import main as bench_main
@@ -44,6 +52,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"  group {g.name}: key={g.key or '(row content)'} features={list(g.features)}")
             for module, group in config.towers.items():
                 print(f"  tower {module} -> group {group}")
+        elif args.command == "preprocess":
+            from recd_plugin.storage import StorageSpec, preprocess
+
+            source = args.source
+            if source in ("movielens-100k", "synthetic"):
+                from recd_plugin.data import generate_sessions, load_movielens_100k
+
+                source = load_movielens_100k() if source == "movielens-100k" else generate_sessions()
+            print(preprocess(source, args.out, StorageSpec.movielens(), rows_per_file=args.rows_per_file,
+                             strict=args.strict, overwrite=args.overwrite))
         elif args.command == "fetch-movielens":
             from recd_plugin.data import default_root, fetch_movielens_100k
 

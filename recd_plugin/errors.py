@@ -41,3 +41,7 @@ class NotDeduplicableError(RecDError, ValueError):
 
 class UnsupportedModelError(RecDError, ValueError):
     """The model cannot take the plugin as configured (unknown module, unsupported setup)."""
+
+
+class StorageError(RecDError, ValueError):
+    """Input to preprocessing or a stored RecD dataset is missing, malformed or incomplete."""

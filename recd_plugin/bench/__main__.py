@@ -21,7 +21,7 @@ def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
     """Run a benchmark; ``reexec`` (command line only) restarts the process with MALLOC_ENV."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m recd_plugin.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=["dedup"], help="which benchmark")
+    parser.add_argument("name", choices=["dedup", "storage"], help="which benchmark")
     parser.add_argument("--quick", action="store_true", help="fewer steps, for a fast check")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -36,6 +36,11 @@ def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
 
         dedup.run(quick=args.quick, json_path=args.json, batch_size=args.batch_size, seed=args.seed,
                   write_docs=not args.no_docs, verbose=args.verbose)
+    elif args.name == "storage":
+        from recd_plugin.bench import storage
+
+        storage.run(quick=args.quick, json_path=args.json, batch_size=args.batch_size,
+                    write_docs=not args.no_docs, verbose=args.verbose)
 
 
 if __name__ == "__main__":

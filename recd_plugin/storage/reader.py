@@ -1,0 +1,263 @@
+"""Readers: the deduplicated layout -> IKJT batches, and the flat baseline -> plain KJT batches.
+
+:class:`DedupReader` builds each batch's IKJT straight from the layout: the unique session
+rows are the batch's sessions (their rows are read once from the sessions table) and the
+session inverse is the run number of each sample; the unique item rows come from the events'
+``item_row`` references. Nothing is hashed or compared at read time. The IKJT is the
+format of :func:`recd_plugin.sparse.ikjt.build_ikjt` with groups ``session`` (keyed by the
+session key) and ``item`` (keyed by the item key), so ``expand(batch.sparse_features)`` is
+exactly the plain KJT of the same samples.
+
+Example::
+
+    from torch.utils.data import DataLoader
+    reader = DedupReader("/data/ml100k-recd", batch_size=1024, rank=r, world_size=w,
+                         shuffle=True, seed=0)
+    for epoch in range(3):
+        reader.set_epoch(epoch)
+        for batch in DataLoader(reader, batch_size=None, num_workers=2):
+            batch.sparse_features       # IKJT (torchrec KJT with inverse_indices)
+
+Sharding: events files are dealt round-robin to the ``world_size * num_workers`` readers (so
+use at least that many files: ``preprocess(rows_per_file=...)``). Batches never cross files
+and never split a session shorter than the batch, so a batch may hold fewer than
+``batch_size`` samples (sessions are packed greedily in order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recd_plugin.data.batches import TableBatches
+from recd_plugin.data.sessions import DENSE_FEATURES, SPARSE_FEATURES
+from recd_plugin.errors import StorageError
+from recd_plugin.storage.columns import JaggedColumn, dense_column
+from recd_plugin.storage.layout import (
+    DEFAULT_ROW_GROUP_ROWS, ITEM_REF, SESSION_REF, PathLike, read_manifest, write_table,
+)
+
+
+def _shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """(this reader's index, number of readers) over ranks x DataLoader workers."""
+    if not 0 <= rank < world_size:
+        raise StorageError(f"rank {rank} is not in [0, world_size={world_size})")
+    info = get_worker_info()
+    workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+    return rank * workers + wid, world_size * workers
+
+
+class _Table:
+    """Sparse (jagged) and dense columns of one stored table, as numpy."""
+
+    def __init__(self, table: pa.Table, sparse: Sequence[str], dense: Sequence[str]) -> None:
+        self.sparse = {f: JaggedColumn.from_arrow(table.column(f), f) for f in sparse}
+        self.dense = {f: dense_column(table.column(f), f) for f in dense}
+
+
+def pack_sessions(lengths: np.ndarray, batch_size: int) -> List[List[Tuple[int, int, int]]]:
+    """Greedy packing of sessions (in the given order) into batches of <= ``batch_size``.
+
+    Returns per batch a list of segments (session position, start inside it, length). A
+    session is split only when it is longer than the batch: it then fills whole batches and
+    its tail opens a batch that later sessions may join.
+    """
+    batches: List[List[Tuple[int, int, int]]] = []
+    current: List[Tuple[int, int, int]] = []
+    room = batch_size
+    for s, n in enumerate(lengths.tolist()):
+        if n <= room:
+            current.append((s, 0, n))
+            room -= n
+            continue
+        if current:
+            batches.append(current)
+        current, room, start = [], batch_size, 0
+        while n - start > batch_size:  # longer than a batch: split, whole batches first
+            batches.append([(s, start, batch_size)])
+            start += batch_size
+        current.append((s, start, n - start))
+        room = batch_size - (n - start)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class DedupReader(IterableDataset):
+    """IKJT batches from a preprocessed directory (see the module docstring).
+
+    Args:
+        path: directory written by :func:`recd_plugin.storage.preprocess`.
+        batch_size: maximum samples per batch.
+        rank, world_size: this trainer's share of the files.
+        shuffle: shuffle file order and session order (per ``seed`` and epoch); samples of a
+            session stay together and in order.
+    """
+
+    def __init__(self, path: PathLike, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = False, seed: int = 0, epoch: int = 0) -> None:
+        if batch_size < 1:
+            raise StorageError(f"batch_size must be >= 1, got {batch_size}")
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
+        spec = self.manifest.spec
+        self.spec = spec
+        self.keys = list(spec.sparse_features)
+        where = {c: "sessions" for c in spec.session_level}
+        where.update({c: "items" for c in spec.item_level})
+        self._where = {f: where.get(f, "events") for f in self.keys + list(spec.dense_features)}
+        self._items: Optional[_Table] = None
+        self._scratch: Optional[np.ndarray] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (same seed + epoch -> same batches)."""
+        self.epoch = epoch
+
+    def _cols(self, table: str) -> Tuple[List[str], List[str]]:
+        pick = lambda names: [f for f in names if self._where[f] == table]  # noqa: E731
+        return pick(self.keys), pick(self.spec.dense_features)
+
+    def _read(self, rel: str, columns: List[str]) -> pa.Table:
+        try:
+            return pq.read_table(self.path / rel, columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(f"{self.path / rel}: cannot read ({e}); re-run preprocess") from e
+
+    def _load_items(self) -> _Table:
+        if self._items is None:
+            sparse, dense = self._cols("items")
+            files = self.manifest.files["items"]
+            table = pa.concat_tables([self._read(f["path"], sparse + dense) for f in files])
+            self._items = _Table(table, sparse, dense)
+            # Scratch for the first-appearance numbering of item references (see _relabel).
+            self._scratch = np.full(max(table.num_rows, 1), np.iinfo(np.int64).max, dtype=np.int64)
+        return self._items
+
+    def files(self) -> List[int]:
+        """Indices of the event files this reader (rank, DataLoader worker) reads this epoch."""
+        n = len(self.manifest.files["events"])
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        me, readers = _shard(n, self.rank, self.world_size)
+        return [int(i) for i in order[me::readers]]
+
+    def __iter__(self) -> Iterator[Batch]:
+        items = self._load_items()
+        for fi in self.files():
+            yield from self._file_batches(fi, items)
+
+    def _file_batches(self, fi: int, items: _Table) -> Iterator[Batch]:
+        s_meta = self.manifest.files["sessions"][fi]
+        s_sparse, s_dense = self._cols("sessions")
+        e_sparse, e_dense = self._cols("events")
+        sessions = _Table(self._read(s_meta["path"], s_sparse + s_dense), s_sparse, s_dense)
+        events = self._read(self.manifest.files["events"][fi]["path"],
+                            [SESSION_REF, ITEM_REF] + e_sparse + e_dense + [self.spec.label])
+        ev = _Table(events, e_sparse, e_dense)
+        session_local = events.column(SESSION_REF).to_numpy() - s_meta["first_row"]
+        item_ref = events.column(ITEM_REF).to_numpy()
+        labels = dense_column(events.column(self.spec.label), self.spec.label)
+        # Events are stored session by session: session s owns rows [start[s], start[s + 1]).
+        counts = np.bincount(session_local, minlength=s_meta["rows"])
+        start = np.concatenate([[0], np.cumsum(counts)])
+        order = np.arange(s_meta["rows"])
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch, fi]).permutation(order)
+        for segments in pack_sessions(counts[order], self.batch_size):
+            seg = np.asarray(segments, dtype=np.int64)
+            sess = order[seg[:, 0]]  # unique session rows of this batch, in batch order
+            seg_len = seg[:, 2]
+            run = np.repeat(np.arange(len(segments)), seg_len)  # session inverse, from the layout
+            rows = np.repeat(start[sess] + seg[:, 1] - np.cumsum(seg_len) + seg_len, seg_len) + np.arange(run.size)
+            yield self._batch(sessions, sess, run, ev, rows, items, item_ref[rows], labels[rows])
+
+    def _relabel(self, refs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(unique refs in order of first appearance, inverse): the IKJT numbering of unique
+        rows. O(B) with a scratch table indexed by item row: no sort, no hashing of contents."""
+        scratch = self._scratch
+        assert scratch is not None
+        pos = np.arange(refs.size, dtype=np.int64)
+        np.minimum.at(scratch, refs, pos)  # scratch[r] = first position of item r in the batch
+        first = pos[scratch[refs] == pos]
+        uniq = refs[first]
+        scratch[uniq] = np.arange(uniq.size)
+        inverse = scratch[refs]
+        scratch[uniq] = np.iinfo(np.int64).max  # reset only what was touched
+        return uniq, inverse
+
+    def _batch(self, sessions: _Table, sess: np.ndarray, sess_inv: np.ndarray, ev: _Table, rows: np.ndarray,
+               items: _Table, item_refs: np.ndarray, labels: np.ndarray) -> Batch:
+        b = rows.size
+        item_uniq, item_inv = self._relabel(item_refs)
+        identity = np.arange(b, dtype=np.int64)
+        values, lengths, strides, inverse = [], [], [], []
+        for f in self.keys:
+            place = self._where[f]
+            table, idx, inv = ((sessions, sess, sess_inv) if place == "sessions" else
+                               (items, item_uniq, item_inv) if place == "items" else (ev, rows, identity))
+            v, n = table.sparse[f].gather(idx)
+            values.append(v)
+            lengths.append(n)
+            strides.append([int(idx.size)])
+            inverse.append(inv)
+        dense = [sessions.dense[f][sess[sess_inv]] if self._where[f] == "sessions" else
+                 items.dense[f][item_refs] if self._where[f] == "items" else ev.dense[f][rows]
+                 for f in self.spec.dense_features]
+        kjt = KeyedJaggedTensor(
+            keys=list(self.keys), values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)), stride_per_key_per_rank=strides,
+            inverse_indices=(list(self.keys), torch.from_numpy(np.stack(inverse).astype(np.int64))))
+        dense_np = np.stack(dense, axis=1) if dense else np.zeros((b, 0), np.float32)
+        return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(dense_np, dtype=np.float32)),
+                     sparse_features=kjt, labels=torch.from_numpy(np.ascontiguousarray(labels)))
+
+
+def write_flat(table: pa.Table, path: PathLike, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> int:
+    """The flat baseline file (one row per sample) with the layout's codec; returns its bytes."""
+    return write_table(table, path, row_group_rows)
+
+
+class FlatReader(IterableDataset):
+    """Plain KJT batches from a flat one-row-per-sample Parquet file (the honest baseline).
+
+    Reads ``batch_size`` rows at a time in stored order and builds each KJT with
+    :class:`recd_plugin.data.TableBatches`; row groups are dealt round-robin to ranks and
+    DataLoader workers.
+    """
+
+    def __init__(self, path: PathLike, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 sparse_features: Sequence[str] = SPARSE_FEATURES,
+                 dense_features: Sequence[str] = DENSE_FEATURES, label: str = "label") -> None:
+        self.path, self.batch_size, self.rank, self.world_size = Path(path), batch_size, rank, world_size
+        self.sparse_features, self.dense_features, self.label = list(sparse_features), list(dense_features), label
+        if not self.path.is_file():
+            raise StorageError(f"{self.path}: no such flat Parquet file; write it with write_flat(table, path)")
+
+    def __iter__(self) -> Iterator[Batch]:
+        pf = pq.ParquetFile(str(self.path))
+        me, readers = _shard(pf.num_row_groups, self.rank, self.world_size)
+        groups = list(range(pf.num_row_groups))[me::readers]
+        if not groups:
+            return
+        columns = self.sparse_features + [c for c in self.dense_features if c not in self.sparse_features] + [self.label]
+        for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=groups, columns=columns):
+            table = pa.Table.from_batches([rb])
+            yield TableBatches(table, rb.num_rows, self.sparse_features, self.dense_features, self.label)[0]
+
+
+def manifest_cardinalities(path: PathLike) -> Dict[str, int]:
+    """``{sparse feature: num_embeddings}`` recorded from the preprocessed input's metadata."""
+    import json
+    meta = read_manifest(path, check_files=False).metadata
+    if "recd.cardinalities" not in meta:
+        raise StorageError(f"{path}: the input had no recd.cardinalities metadata")
+    return {k: int(v) for k, v in json.loads(meta["recd.cardinalities"]).items()}
