@@ -1,20 +1,20 @@
 """TorchX component: launch your unchanged TorchRec training script with recd-plugin on.
 
-``train`` is TorchX's ``dist.ddp`` plus one argument, ``--recd``: the plugin flag, passed to
-every rank through the ``RECD_PLUGIN`` environment variable. A script that calls
-``recd_plugin.RecDConfig.load(None)`` (or ``load(args.recd)`` with no ``--recd`` given)
-picks it up; the script's own command line stays as it was::
+``recd.train`` is TorchX's ``dist.ddp`` plus one argument, ``--recd``: the plugin flag, passed
+to every rank through the ``RECD_PLUGIN`` environment variable. A script that calls
+``recd_plugin.RecDConfig.load(args.recd)`` with no ``--recd`` of its own picks it up; the
+script's command line stays as it was. Installing recd-plugin registers it (entry point
+``torchx.components``, beside TorchX's own builtins)::
 
-    torchx run -s local_cwd torchx_components/recd.py:train \\
-        --script examples/movielens/train.py --recd @examples/movielens/recd.toml -j 1x1
+    torchx builtins                                   # lists recd.train, dist.ddp, utils.*, ...
+    cd examples/movielens                             # its .torchxconfig selects local_cwd
+    torchx run recd.train --script train.py --recd @recd.toml -j 1x1 -- --epochs 1
 
-    # same, dry run: print the AppDef (image, resources, env) without launching
-    torchx run --dryrun -s local_cwd torchx_components/recd.py:train \\
-        --script examples/movielens/train.py --recd @examples/movielens/recd.toml
+    # any scheduler, dry run: print the AppDef (image, resources, env) without launching
+    torchx run --dryrun -s local_cwd recd.train --script train.py --recd @recd.toml
 
-Registration as ``recd.train`` under the ``torchx.components`` entry point, the sharded
-(multi-rank) path and GPU schedulers come with the distributed-training issue; this
-component already forwards everything ``dist.ddp`` takes.
+Multi-rank sharded training (DistributedModelParallel) with the plugin is not supported yet:
+``apply`` refuses an already-sharded model. Single-process training launched by TorchX works.
 """
 
 
