@@ -267,3 +267,119 @@ def test_cli_preprocess_writes_a_layout_and_reports_errors(tmp_path, capsys) -> 
     assert (out / "manifest.json").exists() and "sessions" in capsys.readouterr().out
     assert main(["preprocess", str(tmp_path / "missing.parquet"), str(tmp_path / "x")]) == 2
     assert "missing.parquet" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ---- history stored by reference ----------------------------------------------------------
+
+def pc_list_lengths(col) -> np.ndarray:
+    import pyarrow.compute as pc
+    return pc.list_value_length(col).to_numpy(zero_copy_only=False)
+
+
+def _sessions_schema(out: Path) -> List[str]:
+    return [c for c, _ in read_manifest(out).schema["sessions"]]
+
+
+def test_manifest_records_reference_mode_and_files_hold_whole_users(table: pa.Table, stored: Path) -> None:
+    manifest = read_manifest(stored)
+    assert manifest.history_mode == "reference"
+    assert json.loads((stored / "manifest.json").read_text())["history_mode"] == "reference"
+    assert "history" not in _sessions_schema(stored)
+    assert {"history_start", "history_len"} <= set(_sessions_schema(stored))
+    # Every user's sessions (hence events) live in exactly one file.
+    file_of: Dict[int, int] = {}
+    for i, f in enumerate(manifest.files["sessions"]):
+        for u in pq.read_table(stored / f["path"], columns=["user_id"]).column(0).to_pylist():
+            assert file_of.setdefault(u, i) == i
+    assert sorted(file_of) == sorted(set(table.column("user_id").to_pylist()))
+
+
+def test_list_mode_round_trip_when_disabled(table: pa.Table, tmp_path: Path) -> None:
+    spec = StorageSpec(history=None)
+    summary = preprocess(table, tmp_path / "ds", spec, rows_per_file=700, progress=False)
+    assert summary.history_mode == "list" and "history stored by list" in str(summary)
+    assert read_manifest(tmp_path / "ds").history_mode == "list"
+    assert "history" in _sessions_schema(tmp_path / "ds")
+    _check_batches(table, list(DedupReader(tmp_path / "ds", 64, shuffle=True, seed=3)))
+
+
+def _movielens_like(seed: int = 0, users: int = 25, events: int = 3000) -> pa.Table:
+    """Raw events with heavy users (histories truncated at HISTORY_LENGTH), timestamp ties
+    and repeated items, through the same builder as MovieLens."""
+    from recd_plugin.data.sessions import build_session_table
+
+    rng = np.random.default_rng(seed)
+    n_items = 60
+    user = rng.integers(0, users, events)
+    ts = rng.integers(0, 40, events) * 3600 * rng.integers(1, 4, events)  # many ties, gaps
+    return build_session_table(
+        user, rng.integers(0, n_items, events), ts, rng.integers(0, 2, events).astype(np.float32),
+        users={f: rng.integers(0, 5, users) for f in ("user_age", "user_gender", "user_occupation", "user_zip")},
+        item_genres=pa.array([[int(g)] for g in rng.integers(0, 19, n_items)], pa.list_(pa.int64())),
+        item_year=rng.integers(0, 10, n_items), item_dense_year=rng.random(n_items).astype(np.float32),
+        cardinalities={"user_id": users, "user_age": 5, "user_gender": 5, "user_occupation": 5, "user_zip": 5,
+                       "item_id": n_items, "item_genres": 19, "item_year": 10},
+        source="movielens-like")
+
+
+@pytest.mark.parametrize("rows_per_file", [1, 400, 1 << 20])
+def test_reference_round_trip_movielens_like(tmp_path: Path, rows_per_file: int) -> None:
+    table = _movielens_like()
+    lens = pc_list_lengths(table.column("history"))
+    assert lens.max() == 50  # some histories are truncated at HISTORY_LENGTH
+    out = tmp_path / "ds"
+    summary = preprocess(table, out, SPEC, rows_per_file=rows_per_file, read_batch_rows=97, progress=False)
+    assert summary.history_mode == "reference" and not summary.violations
+    batches = list(DedupReader(out, 37, shuffle=True, seed=1))
+    assert np.array_equal(np.sort(np.concatenate(_source_rows(table, batches))), np.arange(table.num_rows))
+    _check_batches(table, batches)
+
+
+def test_reference_round_trip_movielens(tmp_path: Path) -> None:
+    from recd_plugin.data import MovieLensNotFoundError, load_movielens_100k
+
+    try:
+        table = load_movielens_100k(download=False)
+    except (MovieLensNotFoundError, OSError) as e:
+        pytest.skip(f"MovieLens-100k not available: {e}")
+    table = table.slice(0, 6000)
+    summary = preprocess(table, tmp_path / "ds", SPEC, rows_per_file=1500, progress=False)
+    assert summary.history_mode == "reference"
+    _check_batches(table, list(DedupReader(tmp_path / "ds", 256, shuffle=True, seed=0)))
+
+
+def _set_history(table: pa.Table, rows: np.ndarray, history: List[int]) -> pa.Table:
+    hist = table.column("history").to_pylist()
+    for r in rows:
+        hist[int(r)] = list(history)
+    return table.set_column(table.schema.get_field_index("history"), "history",
+                            pa.array(hist, table.schema.field("history").type))
+
+
+@pytest.mark.parametrize("how", ["altered", "too_long", "null"])
+def test_fallback_to_list_mode_when_a_history_is_not_derivable(table: pa.Table, tmp_path: Path, how: str) -> None:
+    rows_of = _session_rows(table)
+    lens = pc_list_lengths(table.column("history"))
+    sid = table.column("session_id").to_numpy()
+    if how == "altered":  # a later session: one history item replaced (whole session, so still constant)
+        cand = np.flatnonzero(lens > 3)
+        s = int(sid[cand[cand.size // 2]])
+        old = table.column("history")[int(rows_of[s][0])].as_py()
+        bad = _set_history(table, rows_of[s], old[:-1] + [old[-1] + 1])
+    elif how == "too_long":  # the user's first session claims a history
+        s = int(sid[np.flatnonzero(lens == 0)[0]])
+        bad = _set_history(table, rows_of[s], [1, 2])
+    else:
+        s = int(sid[0])
+        hist = table.column("history").to_pylist()
+        for r in rows_of[s]:
+            hist[int(r)] = None
+        bad = table.set_column(table.schema.get_field_index("history"), "history",
+                               pa.array(hist, table.schema.field("history").type))
+    out = tmp_path / "ds"
+    summary = preprocess(bad, out, SPEC, rows_per_file=700, progress=False)
+    assert summary.history_mode == "list" and summary.rows == table.num_rows
+    assert read_manifest(out).history_mode == "list" and "history" in _sessions_schema(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # the aborted reference pass left nothing
+    if how != "null":  # null lists cannot be batched; the other cases must round-trip exactly
+        _check_batches(bad, list(DedupReader(out, 64)))

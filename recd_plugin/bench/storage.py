@@ -3,7 +3,9 @@
 ``python -m recd_plugin.bench storage [--quick] [--json PATH] [--no-docs]`` reports
 
 * ``storage_ratio``: bytes of the flat one-row-per-sample Parquet / bytes of the layout
-  (sessions + events + items), same codec and writer settings (zstd, no dictionary);
+  (sessions + events + items), same codec and writer settings (zstd; dictionary encoding only
+  for the item reference: layout ``item_row``, flat ``item_id``); the layout stores the
+  history by reference when preprocess could verify it (``history_mode``);
 * ``preprocess_ratio``: samples/s of read + build training batches, dedup layout -> IKJT
   (``DedupReader``) over flat Parquet -> plain KJT (``FlatReader``), batch 1024, one process,
   the two sides alternated, median of the timed epochs after a warm-up epoch.
@@ -51,11 +53,14 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_size: int = 
         "flat_samples_per_s": table.num_rows / t_flat,
         "dedup_samples_per_s": table.num_rows / t_dedup,
         "preprocess_ratio": t_flat / t_dedup,
+        "history_mode": summary.history_mode,
         "machine": machine(),
     }
     md = (
         "## Storage: flat Parquet vs deduplicated layout (MovieLens-100k)\n\n"
-        "Command: `python -m recd_plugin.bench storage`. zstd level 3, no dictionary, both sides.\n\n"
+        "Command: `python -m recd_plugin.bench storage`. zstd level 3, dictionary encoding only for "
+        "the item reference (`item_row` / flat `item_id`), both sides; history stored by "
+        f"{summary.history_mode}.\n\n"
         "| | flat | dedup layout | ratio |\n|---|---|---|---|\n"
         f"| bytes | {flat_bytes:,} | {summary.bytes_out:,} | {result['storage_ratio']:.2f}x |\n"
         f"| read + build batches (samples/s, batch {batch_size}) | {result['flat_samples_per_s']:,.0f} | "

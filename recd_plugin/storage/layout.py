@@ -10,9 +10,14 @@ A dataset directory written by :func:`recd_plugin.storage.preprocess` holds::
 
 ``events/part-i`` holds exactly the events of the sessions in ``sessions/part-i`` (whole
 sessions, contiguous, ordered by ``order_by`` inside a session), so a reader shard is one
-file index and never needs another shard's sessions. ``session_row`` / ``item_row`` are global
-row numbers in the concatenation of the session / item files: they are the inverse indices of
-the IKJT, so the reader never deduplicates anything. All files are zstd Parquet.
+file index and never needs another shard's sessions. With ``history_mode == "reference"``
+(recorded in the manifest) files are cut at user boundaries and the sessions table holds
+``history_start`` / ``history_len`` instead of the ``spec.history`` list: the history is the
+item ids of those events rows of the same file (preprocess verified this for every session;
+if any session's history is not such a slice, the whole dataset is written in "list" mode).
+``session_row`` / ``item_row`` are global row numbers in the concatenation of the session /
+item files: they are the inverse indices of the IKJT, so the reader never deduplicates
+anything. All files are zstd Parquet.
 
 Example::
 
@@ -28,7 +33,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,6 +50,12 @@ MANIFEST = "manifest.json"
 TABLES = ("sessions", "events", "items")
 SESSION_REF = "session_row"  # events column: global row of the sample's session
 ITEM_REF = "item_row"  # events column: global row of the sample's item
+#: sessions columns of history stored by reference (``history_mode == "reference"``): the
+#: session's history is the item ids of events rows [history_start, history_start + history_len)
+#: of the *same* events file (row offsets within the file).
+HISTORY_START = "history_start"
+HISTORY_LEN = "history_len"
+HISTORY_MODES = ("list", "reference")
 #: One codec and level for the layout *and* the flat baseline, so byte counts compare.
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
@@ -52,6 +63,12 @@ COMPRESSION_LEVEL = 3
 #: dictionary + zstd is larger than plain + zstd (MovieLens-100k: flat 950 KB -> 798 KB,
 #: layout 533 KB -> 434 KB). Applied to the flat baseline too, so the comparison is fair.
 USE_DICTIONARY = False
+#: Exceptions to USE_DICTIONARY, by column name, in the layout *and* the flat baseline: the
+#: item reference (layout ``item_row``, flat ``item_id``: ~1.7k distinct values in 100k rows)
+#: is smaller dictionary-encoded on both sides (MovieLens-100k: layout events item_row
+#: ~195 KB -> ~150 KB, flat 800 KB -> 747 KB). Also encoding session_id / user_id made both
+#: sides larger, so they stay plain.
+DICTIONARY_COLUMNS: Tuple[str, ...] = (ITEM_REF, "item_id")
 DEFAULT_ROW_GROUP_ROWS = 64 * 1024  # several row groups per file: readers can split a file
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -79,6 +96,11 @@ class StorageSpec:
     sparse_features: Tuple[str, ...] = tuple(SPARSE_FEATURES)
     dense_features: Tuple[str, ...] = tuple(DENSE_FEATURES)
     label: str = "label"
+    #: session-level list column that may be stored by reference (the user's last items
+    #: before the session), and the column naming the user (files are cut at user boundaries
+    #: when the history is stored by reference). None: always store the history as lists.
+    history: Optional[str] = "history"
+    user_key: Optional[str] = "user_id"
 
     def __post_init__(self) -> None:
         for name in ("session_columns", "item_columns", "sparse_features", "dense_features"):
@@ -89,7 +111,7 @@ class StorageSpec:
         both = set(self.session_level) & set(self.item_level)
         if both:
             raise StorageError(f"StorageSpec: column(s) {sorted(both)} are both session- and item-level")
-        for reserved in (SESSION_REF, ITEM_REF):
+        for reserved in (SESSION_REF, ITEM_REF, HISTORY_START, HISTORY_LEN):
             if reserved in self.session_level or reserved in self.item_level:
                 raise StorageError(f"StorageSpec: column name {reserved!r} is reserved by the layout")
 
@@ -138,10 +160,14 @@ class Manifest:
     schema: Dict[str, List[List[str]]]  # table -> [[column, arrow type]]
     metadata: Dict[str, str] = field(default_factory=dict)  # input schema metadata (cardinalities)
     format_version: int = FORMAT_VERSION
+    #: "list": ``spec.history`` stored as a list per session; "reference": as
+    #: (HISTORY_START, HISTORY_LEN) into the same events file (see the module docstring).
+    history_mode: str = "list"
 
     def to_json(self) -> Dict[str, Any]:
         return {"format_version": self.format_version, "spec": self.spec.to_json(), "files": self.files,
-                "totals": self.totals, "schema": self.schema, "metadata": self.metadata}
+                "totals": self.totals, "schema": self.schema, "metadata": self.metadata,
+                "history_mode": self.history_mode}
 
     def bytes(self, table: str = "") -> int:
         """Bytes of one table's files, or of all data files."""
@@ -152,8 +178,15 @@ class Manifest:
 def write_table(table: pa.Table, path: PathLike, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> int:
     """Write ``table`` with the layout's settings; returns the file's size in bytes."""
     pq.write_table(table, str(path), compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
-                   use_dictionary=USE_DICTIONARY, row_group_size=row_group_rows)
+                   use_dictionary=dictionary_columns(table.schema.names), row_group_size=row_group_rows)
     return os.path.getsize(path)
+
+
+def dictionary_columns(names: Sequence[str]) -> Union[bool, List[str]]:
+    """The ``use_dictionary`` argument of a Parquet writer for a table with these columns."""
+    if USE_DICTIONARY:
+        return True
+    return [n for n in names if n in DICTIONARY_COLUMNS]
 
 
 def schema_json(schema: pa.Schema) -> List[List[str]]:
@@ -193,7 +226,10 @@ def read_manifest(directory: PathLike, check_files: bool = True) -> Manifest:
             raise StorageError(f"{path}: format version {version}, this reader reads version "
                                f"{FORMAT_VERSION}; {_fix(directory)}")
         manifest = Manifest(spec=StorageSpec.from_json(d["spec"]), files=d["files"], totals=d["totals"],
-                            schema=d["schema"], metadata=d.get("metadata", {}), format_version=version)
+                            schema=d["schema"], metadata=d.get("metadata", {}), format_version=version,
+                            history_mode=d.get("history_mode", "list"))
+        if manifest.history_mode not in HISTORY_MODES:
+            raise StorageError(f"{path}: unknown history_mode {manifest.history_mode!r}; {_fix(directory)}")
         missing = [t for t in TABLES if t not in manifest.files]
         missing += [k for k in ("samples", "sessions", "items", "label_sum") if k not in manifest.totals]
     except (ValueError, KeyError, TypeError) as e:

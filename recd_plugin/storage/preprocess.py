@@ -8,6 +8,12 @@ rows are sorted by ``spec.order_by``. Session-level (item-level) columns are che
 constant per session (item): violations are counted in the summary, or rejected with
 ``strict=True``; the stored value is the session's (item's) first row.
 
+The history (``spec.history``) is stored by reference when possible: files are cut at user
+boundaries (``spec.user_key``) and each session stores ``history_start`` / ``history_len``
+into its events file instead of the list. Every session's history is verified to equal the
+item ids of those rows; if any is not (or the column is not a list of ids), the whole dataset
+is written again with lists (``history_mode`` "list" in the manifest and the summary).
+
 Output is written into a hidden temp directory next to ``out_dir`` and renamed into place only
 after ``manifest.json`` is complete, so a failed run leaves nothing a reader accepts.
 
@@ -36,8 +42,8 @@ from tqdm.auto import tqdm
 from recd_plugin.errors import StorageError
 from recd_plugin.storage.columns import rows_equal
 from recd_plugin.storage.layout import (
-    COMPRESSION, COMPRESSION_LEVEL, DEFAULT_ROW_GROUP_ROWS, USE_DICTIONARY, ITEM_REF, SESSION_REF, Manifest,
-    StorageSpec, part_name, schema_json, write_manifest, write_table,
+    COMPRESSION, COMPRESSION_LEVEL, DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF,
+    Manifest, StorageSpec, dictionary_columns, part_name, schema_json, write_manifest, write_table,
 )
 from recd_plugin.storage.source import Source, open_source
 
@@ -57,6 +63,7 @@ class PreprocessSummary:
     bytes_flat: Optional[int]
     seconds: float
     violations: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    history_mode: str = "list"  # "reference" or "list" (see recd_plugin.storage.layout)
 
     @property
     def storage_ratio(self) -> Optional[float]:
@@ -66,18 +73,35 @@ class PreprocessSummary:
         lines = [f"rows {self.rows:,}  sessions {self.sessions:,}  items {self.items:,}  "
                  f"files {self.files}  in {self.seconds:.1f} s",
                  f"bytes out {self.bytes_out:,}" + (f"  source {self.bytes_source:,}" if self.bytes_source else "")
-                 + (f"  flat (zstd) {self.bytes_flat:,}  ratio {self.storage_ratio:.2f}x" if self.bytes_flat else "")]
+                 + (f"  flat (zstd) {self.bytes_flat:,}  ratio {self.storage_ratio:.2f}x" if self.bytes_flat else ""),
+                 f"history stored by {self.history_mode}"]
         for col, v in self.violations.items():
             lines.append(f"NOT CONSTANT: {col}: {v['rows']} rows, e.g. {v['example']}")
         return "\n".join(lines)
+
+
+class _NotDerivable(Exception):
+    """A session's history is not a slice of the same file's earlier item ids: use lists."""
+
+
+def _reference_candidate(spec: StorageSpec, schema: pa.Schema) -> bool:
+    """Can ``spec.history`` be stored by reference at all (a list column, a user key)?"""
+    if not spec.history or not spec.user_key or spec.history not in spec.session_columns:
+        return False
+    if spec.user_key not in spec.session_level or spec.user_key not in schema.names:
+        return False
+    t = schema.field(spec.history).type
+    return ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+            and pa.types.is_integer(schema.field(spec.item_key).type))
 
 
 class _Writer:
     """State of one run: global session/item numbering, seen sessions, item table, totals."""
 
     def __init__(self, tmp: Path, spec: StorageSpec, schema: pa.Schema, row_group_rows: int,
-                 strict: bool, measure_flat: bool) -> None:
+                 strict: bool, measure_flat: bool, reference: bool = False) -> None:
         self.tmp, self.spec, self.row_group_rows, self.strict = tmp, spec, row_group_rows, strict
+        self.reference = reference
         self.event_cols = spec.event_columns(schema)
         self.files: Dict[str, List[Dict[str, Any]]] = {"sessions": [], "events": [], "items": []}
         self.sessions = self.samples = 0
@@ -93,7 +117,8 @@ class _Writer:
         if measure_flat:
             import pyarrow.parquet as pq
             self.flat = pq.ParquetWriter(str(tmp / "_flat.parquet"), schema, compression=COMPRESSION,
-                                         compression_level=COMPRESSION_LEVEL, use_dictionary=USE_DICTIONARY)
+                                         compression_level=COMPRESSION_LEVEL,
+                                         use_dictionary=dictionary_columns(schema.names))
 
     def _violation(self, column: str, bad: np.ndarray, keys: np.ndarray, what: str) -> None:
         n = int(bad.sum())
@@ -136,7 +161,13 @@ class _Writer:
         for col in spec.session_columns:
             c = table.column(col)
             self._violation(col, ~rows_equal(c, c.take(first_of_row)), keys, "session")
-        sessions = table.select(list(spec.session_level)).take(pa.array(starts))
+        if self.reference:
+            sessions = table.select([c for c in spec.session_level if c != spec.history]).take(pa.array(starts))
+            h_start, h_len = self._history_refs(table, starts)
+            sessions = sessions.append_column(HISTORY_START, pa.array(h_start, pa.int64()))
+            sessions = sessions.append_column(HISTORY_LEN, pa.array(h_len, pa.int32()))
+        else:
+            sessions = table.select(list(spec.session_level)).take(pa.array(starts))
         item_row = self._items(table)
         events = pa.table({SESSION_REF: pa.array(self.sessions + run_id, pa.int64()),
                            ITEM_REF: pa.array(item_row, pa.int64()),
@@ -148,6 +179,27 @@ class _Writer:
         self.sessions += sessions.num_rows
         self.samples += table.num_rows
         self.label_sum += float(np.sum(table.column(spec.label).to_numpy(), dtype=np.float64))
+
+    def _history_refs(self, table: pa.Table, starts: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+        """(history_start, history_len) per session of ``table`` (one whole events file): the
+        history must equal the item ids of the ``len`` rows right before the session's first
+        row in this file. Verified for every session; raises _NotDerivable otherwise."""
+        hist = table.column(self.spec.history).take(pa.array(starts)).combine_chunks()
+        if hist.null_count:
+            raise _NotDerivable(f"{hist.null_count} null histories")
+        off = np.asarray(hist.offsets, dtype=np.int64)
+        lens = np.diff(off)
+        h_start = starts.astype(np.int64) - lens
+        if (h_start < 0).any():
+            raise _NotDerivable("a history is longer than the events before its session in the file")
+        values = hist.values.slice(off[0], off[-1] - off[0]).to_numpy(zero_copy_only=False).astype(np.int64)
+        total = values.size
+        if total:
+            pos = np.arange(total, dtype=np.int64) + np.repeat(h_start - (off[:-1] - off[0]), lens)
+            item_ids = table.column(self.spec.item_key).to_numpy().astype(np.int64, copy=False)
+            if not np.array_equal(item_ids[pos], values):
+                raise _NotDerivable("a history differs from the item ids of the events before its session")
+        return h_start, lens.astype(np.int32)
 
     def _items(self, table: pa.Table) -> np.ndarray:
         """Assign item rows (new items appended to the item table), check item constancy."""
@@ -186,16 +238,23 @@ class _Writer:
         return Manifest(spec=self.spec, files=self.files,
                         totals={"samples": self.samples, "sessions": self.sessions, "items": self.num_items,
                                 "label_sum": self.label_sum},
-                        schema={t: schema_json(s) for t, s in self.schemas.items()}, metadata=metadata)
+                        schema={t: schema_json(s) for t, s in self.schemas.items()}, metadata=metadata,
+                        history_mode="reference" if self.reference else "list")
 
 
-def _drain(writer: _Writer, table: pa.Table, key: str, rows_per_file: int, final: bool) -> pa.Table:
-    """Flush files of whole sessions, about ``rows_per_file`` rows each; return the rows kept
-    back (the last session may continue in the next input batch unless ``final``)."""
+def _drain(writer: _Writer, table: pa.Table, key: str, rows_per_file: int, final: bool,
+           user_key: Optional[str] = None) -> pa.Table:
+    """Flush files of whole sessions (whole users if ``user_key``), about ``rows_per_file``
+    rows each; return the rows kept back (the last session / user may continue in the next
+    input batch unless ``final``)."""
     table = table.combine_chunks()
     keys = table.column(key).to_numpy()
     n = table.num_rows
-    bounds = np.flatnonzero(keys[1:] != keys[:-1]) + 1  # session starts after row 0
+    change = keys[1:] != keys[:-1]
+    if user_key is not None:  # cut only where both the session and the user change
+        users = table.column(user_key).to_numpy()
+        change &= users[1:] != users[:-1]
+    bounds = np.flatnonzero(change) + 1  # session (user) starts after row 0
     if final:
         bounds = np.append(bounds, n)
     pos = 0
@@ -246,9 +305,41 @@ def preprocess(source: Source, out_dir: "str | os.PathLike[str]", spec: Optional
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
     try:
-        for sub in ("sessions", "events", "items"):
-            (tmp / sub).mkdir(parents=True)
-        writer = _Writer(tmp, spec, src.schema, row_group_rows, strict, measure_flat)
+        writer = manifest = None
+        bytes_flat: Optional[int] = None
+        for reference in ([True, False] if _reference_candidate(spec, src.schema) else [False]):
+            try:
+                writer, manifest, bytes_flat = _write_all(src, tmp, spec, reference, rows_per_file, row_group_rows,
+                                                          read_batch_rows, strict, measure_flat, progress)
+                break
+            except _NotDerivable:  # some history is not a slice of earlier events: lists, for all
+                shutil.rmtree(tmp, ignore_errors=True)
+        assert writer is not None and manifest is not None
+        write_manifest(tmp, manifest)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = PreprocessSummary(rows=writer.samples, sessions=writer.sessions, items=writer.num_items,
+                                files=len(manifest.files["events"]), bytes_out=manifest.bytes(),
+                                bytes_source=src.bytes, bytes_flat=bytes_flat,
+                                seconds=time.perf_counter() - started, violations=writer.violations,
+                                history_mode=manifest.history_mode)
+    if verbose:
+        print(summary)
+    return summary
+
+
+def _write_all(src: Any, tmp: Path, spec: StorageSpec, reference: bool, rows_per_file: int,
+               row_group_rows: int, read_batch_rows: int, strict: bool, measure_flat: bool,
+               progress: bool) -> "tuple[_Writer, Manifest, Optional[int]]":
+    """One pass over the source into ``tmp``: (writer, manifest, flat bytes). With
+    ``reference`` raises _NotDerivable as soon as a history is not derivable."""
+    for sub in ("sessions", "events", "items"):
+        (tmp / sub).mkdir(parents=True)
+    writer = _Writer(tmp, spec, src.schema, row_group_rows, strict, measure_flat, reference)
+    user_key = spec.user_key if reference else None
+    try:
         pending: List[pa.RecordBatch] = []
         buffered = 0
         with tqdm(total=src.num_rows, unit="rows", desc="preprocess", disable=not progress) as bar:
@@ -261,31 +352,24 @@ def preprocess(source: Source, out_dir: "str | os.PathLike[str]", spec: Optional
                 buffered += batch.num_rows
                 bar.update(batch.num_rows)
                 if buffered >= rows_per_file:
-                    rest = _drain(writer, pa.Table.from_batches(pending), spec.session_key, rows_per_file, final=False)
+                    rest = _drain(writer, pa.Table.from_batches(pending), spec.session_key, rows_per_file,
+                                  final=False, user_key=user_key)
                     pending, buffered = rest.to_batches(), rest.num_rows
         if buffered:
-            _drain(writer, pa.Table.from_batches(pending), spec.session_key, rows_per_file, final=True)
+            _drain(writer, pa.Table.from_batches(pending), spec.session_key, rows_per_file, final=True,
+                   user_key=user_key)
         if writer.samples == 0:
             raise StorageError("the input has no rows (empty input); nothing to preprocess")
         metadata = {k.decode(): v.decode() for k, v in (src.schema.metadata or {}).items()}
         manifest = writer.finish(rows_per_file, metadata)
-        bytes_flat = None
+    finally:
         if writer.flat is not None:
             writer.flat.close()
-            bytes_flat = os.path.getsize(tmp / "_flat.parquet")
-            os.remove(tmp / "_flat.parquet")
-        write_manifest(tmp, manifest)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    summary = PreprocessSummary(rows=writer.samples, sessions=writer.sessions, items=writer.num_items,
-                                files=len(manifest.files["events"]), bytes_out=manifest.bytes(),
-                                bytes_source=src.bytes, bytes_flat=bytes_flat,
-                                seconds=time.perf_counter() - started, violations=writer.violations)
-    if verbose:
-        print(summary)
-    return summary
+    bytes_flat = None
+    if writer.flat is not None:
+        bytes_flat = os.path.getsize(tmp / "_flat.parquet")
+        os.remove(tmp / "_flat.parquet")
+    return writer, manifest, bytes_flat
 
 
 def _commit(tmp: Path, out: Path) -> None:

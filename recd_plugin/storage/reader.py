@@ -42,7 +42,8 @@ from recd_plugin.data.sessions import DENSE_FEATURES, SPARSE_FEATURES
 from recd_plugin.errors import StorageError
 from recd_plugin.storage.columns import JaggedColumn, dense_column
 from recd_plugin.storage.layout import (
-    DEFAULT_ROW_GROUP_ROWS, ITEM_REF, SESSION_REF, PathLike, read_manifest, write_table,
+    DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF, PathLike, read_manifest,
+    write_table,
 )
 
 
@@ -118,6 +119,9 @@ class DedupReader(IterableDataset):
         self._where = {f: where.get(f, "events") for f in self.keys + list(spec.dense_features)}
         self._items: Optional[_Table] = None
         self._scratch: Optional[np.ndarray] = None
+        # History by reference: rebuilt per file from the events' item rows -> item ids.
+        self._history_ref = self.manifest.history_mode == "reference" and spec.history in self.keys
+        self._item_ids: Optional[np.ndarray] = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (same seed + epoch -> same batches)."""
@@ -137,8 +141,12 @@ class DedupReader(IterableDataset):
         if self._items is None:
             sparse, dense = self._cols("items")
             files = self.manifest.files["items"]
-            table = pa.concat_tables([self._read(f["path"], sparse + dense) for f in files])
+            extra = [self.spec.item_key] if self._history_ref and self.spec.item_key not in sparse + dense else []
+            table = pa.concat_tables([self._read(f["path"], sparse + dense + extra) for f in files])
             self._items = _Table(table, sparse, dense)
+            if self._history_ref:
+                key = self.spec.item_key
+                self._item_ids = JaggedColumn.from_arrow(table.column(key), key).values
             # Scratch for the first-appearance numbering of item references (see _relabel).
             self._scratch = np.full(max(table.num_rows, 1), np.iinfo(np.int64).max, dtype=np.int64)
         return self._items
@@ -159,12 +167,23 @@ class DedupReader(IterableDataset):
         s_meta = self.manifest.files["sessions"][fi]
         s_sparse, s_dense = self._cols("sessions")
         e_sparse, e_dense = self._cols("events")
-        sessions = _Table(self._read(s_meta["path"], s_sparse + s_dense), s_sparse, s_dense)
+        history = self.spec.history if self._history_ref else None
+        s_stored = [f for f in s_sparse if f != history]
+        refs = [HISTORY_START, HISTORY_LEN] if history else []
+        s_table = self._read(s_meta["path"], s_stored + s_dense + refs)
+        sessions = _Table(s_table, s_stored, s_dense)
         events = self._read(self.manifest.files["events"][fi]["path"],
                             [SESSION_REF, ITEM_REF] + e_sparse + e_dense + [self.spec.label])
         ev = _Table(events, e_sparse, e_dense)
         session_local = events.column(SESSION_REF).to_numpy() - s_meta["first_row"]
         item_ref = events.column(ITEM_REF).to_numpy()
+        if history:  # rows [history_start, + history_len) of this events file, as item ids
+            assert self._item_ids is not None
+            h_start = s_table.column(HISTORY_START).to_numpy().astype(np.int64, copy=False)
+            h_len = s_table.column(HISTORY_LEN).to_numpy().astype(np.int64, copy=False)
+            offsets = np.concatenate([[0], np.cumsum(h_len)]).astype(np.int64)
+            pos = np.arange(offsets[-1], dtype=np.int64) + np.repeat(h_start - offsets[:-1], h_len)
+            sessions.sparse[history] = JaggedColumn(self._item_ids[item_ref[pos]], offsets)
         labels = dense_column(events.column(self.spec.label), self.spec.label)
         # Events are stored session by session: session s owns rows [start[s], start[s + 1]).
         counts = np.bincount(session_local, minlength=s_meta["rows"])
