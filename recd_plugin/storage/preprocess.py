@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from recd_plugin.errors import StorageError
 from recd_plugin.storage.columns import rows_equal
+from recd_plugin.storage.history import NotDerivable, history_refs, reference_candidate
 from recd_plugin.storage.layout import (
     COMPRESSION, COMPRESSION_LEVEL, DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF,
     Manifest, StorageSpec, dictionary_columns, part_name, schema_json, write_manifest, write_table,
@@ -78,21 +79,6 @@ class PreprocessSummary:
         for col, v in self.violations.items():
             lines.append(f"NOT CONSTANT: {col}: {v['rows']} rows, e.g. {v['example']}")
         return "\n".join(lines)
-
-
-class _NotDerivable(Exception):
-    """A session's history is not a slice of the same file's earlier item ids: use lists."""
-
-
-def _reference_candidate(spec: StorageSpec, schema: pa.Schema) -> bool:
-    """Can ``spec.history`` be stored by reference at all (a list column, a user key)?"""
-    if not spec.history or not spec.user_key or spec.history not in spec.session_columns:
-        return False
-    if spec.user_key not in spec.session_level or spec.user_key not in schema.names:
-        return False
-    t = schema.field(spec.history).type
-    return ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
-            and pa.types.is_integer(schema.field(spec.item_key).type))
 
 
 class _Writer:
@@ -163,7 +149,7 @@ class _Writer:
             self._violation(col, ~rows_equal(c, c.take(first_of_row)), keys, "session")
         if self.reference:
             sessions = table.select([c for c in spec.session_level if c != spec.history]).take(pa.array(starts))
-            h_start, h_len = self._history_refs(table, starts)
+            h_start, h_len = history_refs(table, starts, self.spec)
             sessions = sessions.append_column(HISTORY_START, pa.array(h_start, pa.int64()))
             sessions = sessions.append_column(HISTORY_LEN, pa.array(h_len, pa.int32()))
         else:
@@ -179,27 +165,6 @@ class _Writer:
         self.sessions += sessions.num_rows
         self.samples += table.num_rows
         self.label_sum += float(np.sum(table.column(spec.label).to_numpy(), dtype=np.float64))
-
-    def _history_refs(self, table: pa.Table, starts: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
-        """(history_start, history_len) per session of ``table`` (one whole events file): the
-        history must equal the item ids of the ``len`` rows right before the session's first
-        row in this file. Verified for every session; raises _NotDerivable otherwise."""
-        hist = table.column(self.spec.history).take(pa.array(starts)).combine_chunks()
-        if hist.null_count:
-            raise _NotDerivable(f"{hist.null_count} null histories")
-        off = np.asarray(hist.offsets, dtype=np.int64)
-        lens = np.diff(off)
-        h_start = starts.astype(np.int64) - lens
-        if (h_start < 0).any():
-            raise _NotDerivable("a history is longer than the events before its session in the file")
-        values = hist.values.slice(off[0], off[-1] - off[0]).to_numpy(zero_copy_only=False).astype(np.int64)
-        total = values.size
-        if total:
-            pos = np.arange(total, dtype=np.int64) + np.repeat(h_start - (off[:-1] - off[0]), lens)
-            item_ids = table.column(self.spec.item_key).to_numpy().astype(np.int64, copy=False)
-            if not np.array_equal(item_ids[pos], values):
-                raise _NotDerivable("a history differs from the item ids of the events before its session")
-        return h_start, lens.astype(np.int32)
 
     def _items(self, table: pa.Table) -> np.ndarray:
         """Assign item rows (new items appended to the item table), check item constancy."""
@@ -307,12 +272,12 @@ def preprocess(source: Source, out_dir: "str | os.PathLike[str]", spec: Optional
     try:
         writer = manifest = None
         bytes_flat: Optional[int] = None
-        for reference in ([True, False] if _reference_candidate(spec, src.schema) else [False]):
+        for reference in ([True, False] if reference_candidate(spec, src.schema) else [False]):
             try:
                 writer, manifest, bytes_flat = _write_all(src, tmp, spec, reference, rows_per_file, row_group_rows,
                                                           read_batch_rows, strict, measure_flat, progress)
                 break
-            except _NotDerivable:  # some history is not a slice of earlier events: lists, for all
+            except NotDerivable:  # some history is not a slice of earlier events: lists, for all
                 shutil.rmtree(tmp, ignore_errors=True)
         assert writer is not None and manifest is not None
         write_manifest(tmp, manifest)
@@ -334,7 +299,7 @@ def _write_all(src: Any, tmp: Path, spec: StorageSpec, reference: bool, rows_per
                row_group_rows: int, read_batch_rows: int, strict: bool, measure_flat: bool,
                progress: bool) -> "tuple[_Writer, Manifest, Optional[int]]":
     """One pass over the source into ``tmp``: (writer, manifest, flat bytes). With
-    ``reference`` raises _NotDerivable as soon as a history is not derivable."""
+    ``reference`` raises NotDerivable as soon as a history is not derivable."""
     for sub in ("sessions", "events", "items"):
         (tmp / sub).mkdir(parents=True)
     writer = _Writer(tmp, spec, src.schema, row_group_rows, strict, measure_flat, reference)
