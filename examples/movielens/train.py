@@ -84,7 +84,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     for epoch in range(args.epochs):
         total, steps, samples, start = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch} ({'recd on' if recd.enabled else 'plain'})",
-                   total=args.max_steps or len(train_loader), leave=False)
+                   total=args.max_steps or len(train_loader), leave=False, disable=None)  # None: bars on a terminal only
         for batch in bar:
             optimizer.zero_grad()
             loss = loss_fn(model(batch.sparse_features, batch.dense_features), batch.labels)

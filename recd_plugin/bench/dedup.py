@@ -99,7 +99,7 @@ def run_variant(light: bool, batches: List[Any], card: Dict[str, int], rounds: i
     opt_fixed = torch.optim.SGD(fixed.parameters(), lr=0.05)
     losses_plain: List[float] = []
     losses_plugin: List[float] = []
-    for r in tqdm(range(rounds), desc=f"dedup bench, {'light' if light else 'transformer'} (rounds)", leave=False):
+    for r in tqdm(range(rounds), desc=f"dedup bench, {'light' if light else 'transformer'} (rounds)", leave=False, disable=None):
         keep = r >= warmup_rounds
         for b in batches:
             t = timed(lambda: losses_plain.append(_step(plain, opt_plain, b)))

@@ -307,7 +307,7 @@ def _write_all(src: Any, tmp: Path, spec: StorageSpec, reference: bool, rows_per
     try:
         pending: List[pa.RecordBatch] = []
         buffered = 0
-        with tqdm(total=src.num_rows, unit="rows", desc="preprocess", disable=not progress) as bar:
+        with tqdm(total=src.num_rows, unit="rows", desc="preprocess", disable=None if progress else True) as bar:
             for where, batch in src.batches(read_batch_rows):
                 key = batch.column(batch.schema.get_field_index(spec.session_key))
                 if key.null_count:
