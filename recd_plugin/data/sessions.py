@@ -35,6 +35,8 @@ from typing import Dict, Mapping
 import numpy as np
 import pyarrow as pa
 
+from recd_plugin.sparse.plan import segment_positions
+
 HISTORY_LENGTH = 50
 SESSION_GAP_SECONDS = 1800
 USER_PROFILE_FEATURES = ["user_age", "user_gender", "user_occupation", "user_zip"]
@@ -108,7 +110,7 @@ def session_history(
             f"history column too large ({offsets[-1]} values > 2**31-1); "
             "split the events by user and build several tables"
         )
-    idx = np.repeat(h_start - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+    idx = segment_positions(h_start, lengths)
     return pa.ListArray.from_arrays(
         pa.array(offsets.astype(np.int32)), pa.array(item_id[idx].astype(np.int64))
     )

@@ -90,9 +90,19 @@ def content_rows(lengths: np.ndarray, offsets: np.ndarray, values: np.ndarray, w
     return np.concatenate(cols, axis=1)
 
 
+def segment_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions of the segments ``[starts[i], starts[i] + lengths[i])`` laid end to end.
+
+    The one jagged gather of this package (IKJT build, storage reader, history columns):
+    ``values[segment_positions(offsets[rows], lengths[rows])]`` are the values of ``rows``.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out_offsets = offsets_of(lengths)
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - out_offsets[:-1], lengths)
+    return np.arange(out_offsets[-1], dtype=np.int64) + shift
+
+
 def jagged_positions(lengths: np.ndarray, offsets: np.ndarray, select: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Rows ``select`` [M] of a jagged tensor -> (their lengths [M], positions of their values)."""
     out_lengths = lengths[select]
-    out_offsets = offsets_of(out_lengths)
-    shift = np.repeat(offsets[select] - out_offsets[:-1], out_lengths)
-    return out_lengths, np.arange(out_offsets[-1], dtype=np.int64) + shift
+    return out_lengths, segment_positions(offsets[select], out_lengths)

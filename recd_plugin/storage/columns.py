@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recd_plugin.errors import StorageError
+from recd_plugin.sparse.plan import segment_positions
 
 ArrowColumn = Union[pa.Array, pa.ChunkedArray]
 
@@ -90,13 +91,7 @@ class JaggedColumn:
             return self.values[rows], np.ones(rows.size, dtype=np.int32)
         starts = self.offsets[rows]
         lengths = self.offsets[rows + 1] - starts
-        total = int(lengths.sum())
-        if total == 0:
-            return np.zeros(0, dtype=np.int64), lengths.astype(np.int32)
-        # Position of each output value: its row's start + its rank inside the row.
-        out_off = np.cumsum(lengths) - lengths
-        pos = np.arange(total, dtype=np.int64) + np.repeat(starts - out_off, lengths)
-        return self.values[pos], lengths.astype(np.int32)
+        return self.values[segment_positions(starts, lengths)], lengths.astype(np.int32)
 
 
 def dense_column(col: ArrowColumn, name: str) -> np.ndarray:

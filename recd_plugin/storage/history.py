@@ -14,6 +14,7 @@ from typing import Tuple
 import numpy as np
 import pyarrow as pa
 
+from recd_plugin.sparse.plan import segment_positions
 from recd_plugin.storage.layout import StorageSpec
 
 
@@ -45,10 +46,8 @@ def history_refs(table: pa.Table, starts: np.ndarray, spec: StorageSpec) -> Tupl
     if (h_start < 0).any():
         raise NotDerivable("a history is longer than the events before its session in the file")
     values = hist.values.slice(off[0], off[-1] - off[0]).to_numpy(zero_copy_only=False).astype(np.int64)
-    total = values.size
-    if total:
-        pos = np.arange(total, dtype=np.int64) + np.repeat(h_start - (off[:-1] - off[0]), lens)
+    if values.size:
         item_ids = table.column(spec.item_key).to_numpy().astype(np.int64, copy=False)
-        if not np.array_equal(item_ids[pos], values):
+        if not np.array_equal(item_ids[segment_positions(h_start, lens)], values):
             raise NotDerivable("a history differs from the item ids of the events before its session")
     return h_start, lens.astype(np.int32)

@@ -40,6 +40,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recd_plugin.data.batches import TableBatches
 from recd_plugin.data.sessions import DENSE_FEATURES, SPARSE_FEATURES
 from recd_plugin.errors import StorageError
+from recd_plugin.sparse.plan import offsets_of, segment_positions
 from recd_plugin.storage.columns import JaggedColumn, dense_column
 from recd_plugin.storage.layout import (
     DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF, PathLike, read_manifest,
@@ -181,9 +182,8 @@ class DedupReader(IterableDataset):
             assert self._item_ids is not None
             h_start = s_table.column(HISTORY_START).to_numpy().astype(np.int64, copy=False)
             h_len = s_table.column(HISTORY_LEN).to_numpy().astype(np.int64, copy=False)
-            offsets = np.concatenate([[0], np.cumsum(h_len)]).astype(np.int64)
-            pos = np.arange(offsets[-1], dtype=np.int64) + np.repeat(h_start - offsets[:-1], h_len)
-            sessions.sparse[history] = JaggedColumn(self._item_ids[item_ref[pos]], offsets)
+            pos = segment_positions(h_start, h_len)
+            sessions.sparse[history] = JaggedColumn(self._item_ids[item_ref[pos]], offsets_of(h_len))
         labels = dense_column(events.column(self.spec.label), self.spec.label)
         # Events are stored session by session: session s owns rows [start[s], start[s + 1]).
         counts = np.bincount(session_local, minlength=s_meta["rows"])
@@ -196,7 +196,7 @@ class DedupReader(IterableDataset):
             sess = order[seg[:, 0]]  # unique session rows of this batch, in batch order
             seg_len = seg[:, 2]
             run = np.repeat(np.arange(len(segments)), seg_len)  # session inverse, from the layout
-            rows = np.repeat(start[sess] + seg[:, 1] - np.cumsum(seg_len) + seg_len, seg_len) + np.arange(run.size)
+            rows = segment_positions(start[sess] + seg[:, 1], seg_len)  # event rows, batch order
             yield self._batch(sessions, sess, run, ev, rows, items, item_ref[rows], labels[rows])
 
     def _relabel(self, refs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
