@@ -34,16 +34,14 @@ from torch.utils.data import Dataset
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from .columns import JaggedColumn, dense_column
 from .sessions import CARDINALITIES_KEY, DENSE_FEATURES, SPARSE_FEATURES, cardinalities
 
 
 def _column(table: pa.Table, name: str) -> pa.Array:
     if name not in table.column_names:
         raise KeyError(f"column '{name}' not in table (columns: {table.column_names})")
-    col = table.column(name).combine_chunks()
-    if col.null_count:
-        raise ValueError(f"column '{name}' has {col.null_count} nulls; fill them first")
-    return col
+    return table.column(name).combine_chunks()  # nulls and types: checked by data.columns
 
 
 class TableBatches(Dataset):
@@ -86,22 +84,13 @@ class TableBatches(Dataset):
         self._offsets: List[Optional[np.ndarray]] = []
         self._lengths: List[Optional[np.ndarray]] = []
         for name in self.sparse_features:
-            col = _column(table, name)
-            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                # .offsets index into .values, which ignores a slice's start: re-base.
-                off = np.asarray(col.offsets, dtype=np.int64)
-                flat = col.values.slice(off[0], off[-1] - off[0])
-                off = off - off[0]
-                self._values.append(_int64(flat, name))
-                self._offsets.append(off)
-                self._lengths.append(np.diff(off).astype(np.int32))
-            else:
-                self._values.append(_int64(col, name))
-                self._offsets.append(None)
-                self._lengths.append(None)
-        dense = [_column(table, c).to_numpy().astype(np.float32) for c in dense_features]
+            col = JaggedColumn.from_arrow(_column(table, name), name)
+            self._values.append(col.values)
+            self._offsets.append(col.offsets)
+            self._lengths.append(None if col.offsets is None else np.diff(col.offsets).astype(np.int32))
+        dense = [dense_column(_column(table, c), c) for c in dense_features]
         self._dense = np.stack(dense, axis=1) if dense else np.zeros((self._n, 0), np.float32)
-        self._labels = _column(table, label).to_numpy().astype(np.float32)
+        self._labels = dense_column(_column(table, label), label)
         self._ones = np.ones(batch_size, dtype=np.int32)
 
     @property
@@ -143,13 +132,6 @@ class TableBatches(Dataset):
             sparse_features=kjt,
             labels=torch.from_numpy(self._labels[a:b].copy()),
         )
-
-
-def _int64(arr: pa.Array, name: str) -> np.ndarray:
-    if not pa.types.is_integer(arr.type):
-        raise TypeError(f"sparse column '{name}' must hold integers, got {arr.type}")
-    # Zero-copy where possible (read-only is fine: batches are built by concatenation).
-    return arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
 def split_by_time(table: pa.Table, test_fraction: float = 0.1) -> Tuple[pa.Table, pa.Table]:
