@@ -87,8 +87,8 @@ def run_variant(light: bool, batches: List[Any], card: Dict[str, int], rounds: i
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.05)
     opt_plugin = torch.optim.SGD(plugin.parameters(), lr=0.05)
     singles = [_sample(b.sparse_features, int(torch.argmax(b.sparse_features["history"].lengths()))) for b in batches]
-    # Blocks of one pass over the batches per side, alternating plain / plugin / user-side
-    # probe, `rounds` times: alternation controls the machine's drift, and within a block each
+    # Blocks of one pass over the batches per side, alternating plain / plugin / fixed step,
+    # `rounds` times: alternation controls the machine's drift, and within a block each
     # side runs warm, as in training (step-by-step alternation leaves every step cache-cold
     # from the other side, which penalizes the smaller step most).
     t_plain: List[float] = []

@@ -96,6 +96,7 @@ class _Writer:
         self.item_keys = np.zeros(0, dtype=schema.field(spec.item_key).type.to_pandas_dtype())
         self.item_rows = np.zeros(0, dtype=np.int64)  # row of item_keys[i] in the item table
         self.item_chunks: List[pa.Table] = []
+        self.item_chunk_starts: List[int] = []  # item-table row of each chunk's first row
         self.num_items = 0
         self.violations: Dict[str, Dict[str, Any]] = {}
         self.schemas: Dict[str, pa.Schema] = {}
@@ -129,7 +130,8 @@ class _Writer:
         """Write the complete sessions in ``table`` (contiguous by session key)."""
         spec = self.spec
         keys = table.column(spec.session_key).to_numpy()
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        head = np.r_[True, keys[1:] != keys[:-1]]  # first row of each session run
+        starts = np.flatnonzero(head)
         run_keys = keys[starts]
         # The grouping assumption: no session key twice in this chunk or in an earlier one.
         reappear = np.isin(run_keys, self.finished)
@@ -138,7 +140,7 @@ class _Writer:
             raise StorageError(f"session {dup!r} ({spec.session_key!r}) reappears after its rows ended: "
                                "the input must be grouped by session (sort it by session key first)")
         self.finished = np.union1d(self.finished, run_keys)
-        run_id = np.cumsum(np.r_[True, keys[1:] != keys[:-1]]) - 1
+        run_id = np.cumsum(head) - 1
         if spec.order_by:
             order = np.lexsort((table.column(spec.order_by).to_numpy(), run_id))
             if not np.array_equal(order, np.arange(order.size)):
@@ -181,13 +183,14 @@ class _Writer:
         rows = np.empty(ukeys.size, dtype=np.int64)
         rows[found] = self.item_rows[pos[found]]
         if found.any() and self.item_chunks:  # same item seen in an earlier chunk: same columns?
-            known = pa.concat_tables(self.item_chunks).take(pa.array(rows[found]))
+            known = self._item_rows(rows[found])
             here = table.take(pa.array(first[found]))
             for col in spec.item_columns:
                 self._violation(col, ~rows_equal(here.column(col), known.column(col)), ukeys[found], "item")
         new = np.flatnonzero(~found)
         rows[new] = self.num_items + np.arange(new.size)
         if new.size:
+            self.item_chunk_starts.append(self.num_items)
             self.item_chunks.append(table.select(list(spec.item_level)).take(pa.array(first[new])))
             self.num_items += new.size
             merged_keys = np.concatenate([self.item_keys, ukeys[new]])
@@ -195,6 +198,15 @@ class _Writer:
             order = np.argsort(merged_keys, kind="stable")
             self.item_keys, self.item_rows = merged_keys[order], merged_rows[order]
         return rows[inv]
+
+    def _item_rows(self, rows: np.ndarray) -> pa.Table:
+        """Rows ``rows`` of the item table so far, in order: taken chunk by chunk, so a
+        lookup costs O(len(rows)), not a concatenation of every item chunk each time."""
+        chunk = np.searchsorted(np.asarray(self.item_chunk_starts), rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        pieces = [self.item_chunks[c].take(pa.array(rows[order][chunk[order] == c] - self.item_chunk_starts[c]))
+                  for c in np.unique(chunk)]
+        return pa.concat_tables(pieces).take(pa.array(np.argsort(order)))
 
     def finish(self, rows_per_file: int, metadata: Dict[str, str]) -> Manifest:
         items = pa.concat_tables(self.item_chunks).combine_chunks()
