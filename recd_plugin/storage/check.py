@@ -73,6 +73,8 @@ def epoch_check(reader: Union[Iterable[Batch], "object"], manifest: Optional[Man
     StorageError on any difference; returns the report.
     """
     manifest = manifest if manifest is not None else getattr(reader, "manifest", None)
+    if manifest is None and source is None:  # before reading an epoch for nothing
+        raise StorageError("epoch_check needs a manifest (or a DedupReader) or a source table to compare with")
     report = count_epoch(reader)  # type: ignore[arg-type]
     if manifest is not None:
         report.expected_samples = int(manifest.totals["samples"])
@@ -84,6 +86,4 @@ def epoch_check(reader: Union[Iterable[Batch], "object"], manifest: Optional[Man
         if report.expected_samples is None:
             report.expected_samples, report.expected_label_sum = source.num_rows, src_sum
         _compare(report, source.num_rows, src_sum, "the source")
-    if manifest is None and source is None:
-        raise StorageError("epoch_check needs a manifest (or a DedupReader) or a source table to compare with")
     return report
