@@ -24,6 +24,7 @@ from recd_plugin.storage import (
     DedupReader, FlatReader, StorageError, StorageSpec, epoch_check, pack_sessions, preprocess,
     read_manifest, write_flat,
 )
+from recd_plugin.storage.layout import probe_dictionary
 
 SPEC = StorageSpec.movielens()
 GROUPS = DedupSpec([
@@ -383,3 +384,18 @@ def test_fallback_to_list_mode_when_a_history_is_not_derivable(table: pa.Table, 
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # the aborted reference pass left nothing
     if how != "null":  # null lists cannot be batched; the other cases must round-trip exactly
         _check_batches(bad, list(DedupReader(out, 64)))
+
+
+def test_encoding_probe_picks_the_smaller_encoding_per_column(stored: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 20_000
+    t = pa.table({"label": pa.array(rng.integers(0, 2, n).astype(np.float32)),  # 2 values: dictionary wins
+                  "ts": pa.array(rng.integers(0, 2**40, n))})                    # all distinct: plain wins
+    assert probe_dictionary(t) == ["label"]
+    # Every file of a table is written with one choice, recorded in the file's column encodings.
+    manifest = read_manifest(stored)
+    for f in manifest.files["events"]:
+        meta = pq.ParquetFile(stored / f["path"]).metadata.row_group(0)
+        encodings = {meta.column(c).path_in_schema: meta.column(c).encodings for c in range(meta.num_columns)}
+        assert any("DICTIONARY" in e for e in encodings["label"]), encodings["label"]
+        assert not any("DICTIONARY" in e for e in encodings["timestamp"]), encodings["timestamp"]

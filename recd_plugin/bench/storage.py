@@ -3,8 +3,9 @@
 ``python -m recd_plugin.bench storage [--quick] [--json PATH] [--no-docs]`` reports
 
 * ``storage_ratio``: bytes of the flat one-row-per-sample Parquet / bytes of the layout
-  (sessions + events + items), same codec and writer settings (zstd; dictionary encoding only
-  for the item reference: layout ``item_row``, flat ``item_id``); the layout stores the
+  (sessions + events + items), same codec (zstd level 3) and the same per-column encoding
+  probe on both sides (each column dictionary-encoded only where that makes it smaller,
+  ``layout.probe_dictionary``); the layout stores the
   history by reference when preprocess could verify it (``history_mode``);
 * ``preprocess_ratio``: samples/s of read + build training batches, dedup layout -> IKJT
   (``DedupReader``) over flat Parquet -> plain KJT (``FlatReader``), batch 1024, one process,
@@ -58,9 +59,9 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_size: int = 
     }
     md = (
         "## Storage: flat Parquet vs deduplicated layout (MovieLens-100k)\n\n"
-        "Command: `python -m recd_plugin.bench storage`. zstd level 3, dictionary encoding only for "
-        "the item reference (`item_row` / flat `item_id`), both sides; history stored by "
-        f"{summary.history_mode}.\n\n"
+        "Command: `python -m recd_plugin.bench storage`. zstd level 3 on both sides; each column of "
+        "each side is dictionary-encoded only where a probe on its first rows finds that smaller "
+        f"(both sides stored as small as the codec allows); history stored by {summary.history_mode}.\n\n"
         "| | flat | dedup layout | ratio |\n|---|---|---|---|\n"
         f"| bytes | {flat_bytes:,} | {summary.bytes_out:,} | {result['storage_ratio']:.2f}x |\n"
         f"| read + build batches (samples/s, batch {batch_size}) | {result['flat_samples_per_s']:,.0f} | "

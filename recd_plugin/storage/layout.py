@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -59,16 +60,13 @@ HISTORY_MODES = ("list", "reference")
 #: One codec and level for the layout *and* the flat baseline, so byte counts compare.
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
-#: No dictionary encoding: for high-cardinality columns (timestamps, ids, histories) a
-#: dictionary + zstd is larger than plain + zstd (MovieLens-100k: flat 950 KB -> 798 KB,
-#: layout 533 KB -> 434 KB). Applied to the flat baseline too, so the comparison is fair.
-USE_DICTIONARY = False
-#: Exceptions to USE_DICTIONARY, by column name, in the layout *and* the flat baseline: the
-#: item reference (layout ``item_row``, flat ``item_id``: ~1.7k distinct values in 100k rows)
-#: is smaller dictionary-encoded on both sides (MovieLens-100k: layout events item_row
-#: ~195 KB -> ~150 KB, flat 800 KB -> 747 KB). Also encoding session_id / user_id made both
-#: sides larger, so they stay plain.
-DICTIONARY_COLUMNS: Tuple[str, ...] = (ITEM_REF, "item_id")
+#: Dictionary encoding is chosen per column by a probe (:class:`Encodings`): each column of
+#: the first table a writer sees is written both ways into memory and keeps the smaller. Why:
+#: neither Parquet's default (dictionary everywhere) nor "never" suits both sides of the
+#: comparison: a dictionary roughly doubles high-cardinality columns (timestamps, histories)
+#: and halves low-cardinality ones (labels, ages, item references). The flat baseline gets the
+#: same probe, so both sides are stored as small as this codec allows.
+PROBE_ROWS = 64 * 1024
 DEFAULT_ROW_GROUP_ROWS = 64 * 1024  # several row groups per file: readers can split a file
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -175,18 +173,51 @@ class Manifest:
         return sum(f["bytes"] for t in tables for f in self.files[t])
 
 
-def write_table(table: pa.Table, path: PathLike, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> int:
-    """Write ``table`` with the layout's settings; returns the file's size in bytes."""
+def write_table(table: pa.Table, path: PathLike, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+                dictionary: Optional[List[str]] = None) -> int:
+    """Write ``table`` with the layout's codec; returns the file's size in bytes.
+
+    ``dictionary``: the columns to dictionary-encode (default: probe this table).
+    """
+    if dictionary is None:
+        dictionary = probe_dictionary(table)
     pq.write_table(table, str(path), compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
-                   use_dictionary=dictionary_columns(table.schema.names), row_group_size=row_group_rows)
+                   use_dictionary=dictionary, row_group_size=row_group_rows)
     return os.path.getsize(path)
 
 
-def dictionary_columns(names: Sequence[str]) -> Union[bool, List[str]]:
-    """The ``use_dictionary`` argument of a Parquet writer for a table with these columns."""
-    if USE_DICTIONARY:
-        return True
-    return [n for n in names if n in DICTIONARY_COLUMNS]
+def _column_bytes(table: pa.Table, dictionary: bool) -> Dict[str, int]:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
+                   use_dictionary=dictionary)
+    meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+    sizes: Dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(g).column(c)
+            top = col.path_in_schema.split(".")[0]  # a list column's leaf is "name.list.element"
+            sizes[top] = sizes.get(top, 0) + col.total_compressed_size
+    return sizes
+
+
+def probe_dictionary(table: pa.Table) -> List[str]:
+    """Columns of ``table`` that are smaller dictionary-encoded, judged on its first rows."""
+    sample = table.slice(0, PROBE_ROWS)
+    plain, encoded = _column_bytes(sample, False), _column_bytes(sample, True)
+    return [name for name in table.schema.names if encoded[name] < plain[name]]
+
+
+class Encodings:
+    """One writer's dictionary choice: probed on the first table, then kept for every file,
+    so all files of a table are encoded alike (and the probe runs once per table)."""
+
+    def __init__(self) -> None:
+        self.dictionary: Optional[List[str]] = None
+
+    def __call__(self, table: pa.Table) -> List[str]:
+        if self.dictionary is None:
+            self.dictionary = probe_dictionary(table)
+        return self.dictionary
 
 
 def schema_json(schema: pa.Schema) -> List[List[str]]:

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from recd_plugin.errors import StorageError
@@ -44,7 +45,7 @@ from recd_plugin.storage.columns import rows_equal
 from recd_plugin.storage.history import NotDerivable, history_refs, reference_candidate
 from recd_plugin.storage.layout import (
     COMPRESSION, COMPRESSION_LEVEL, DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF,
-    Manifest, StorageSpec, dictionary_columns, part_name, schema_json, write_manifest, write_table,
+    Encodings, Manifest, StorageSpec, TABLES, part_name, probe_dictionary, schema_json, write_manifest, write_table,
 )
 from recd_plugin.storage.source import Source, open_source
 
@@ -100,12 +101,9 @@ class _Writer:
         self.num_items = 0
         self.violations: Dict[str, Dict[str, Any]] = {}
         self.schemas: Dict[str, pa.Schema] = {}
-        self.flat = None
-        if measure_flat:
-            import pyarrow.parquet as pq
-            self.flat = pq.ParquetWriter(str(tmp / "_flat.parquet"), schema, compression=COMPRESSION,
-                                         compression_level=COMPRESSION_LEVEL,
-                                         use_dictionary=dictionary_columns(schema.names))
+        self.measure_flat = measure_flat
+        self.flat: Optional[pq.ParquetWriter] = None  # opened on the first chunk (its encoding probe)
+        self.encodings = {t: Encodings() for t in TABLES}
 
     def _violation(self, column: str, bad: np.ndarray, keys: np.ndarray, what: str) -> None:
         n = int(bad.sum())
@@ -122,7 +120,7 @@ class _Writer:
     def _write(self, table_name: str, table: pa.Table, first_row: int) -> None:
         index = len(self.files[table_name])
         rel = part_name(table_name, index)
-        size = write_table(table, self.tmp / rel, self.row_group_rows)
+        size = write_table(table, self.tmp / rel, self.row_group_rows, self.encodings[table_name](table))
         self.files[table_name].append({"path": rel, "rows": table.num_rows, "bytes": size, "first_row": first_row})
         self.schemas[table_name] = table.schema
 
@@ -162,7 +160,11 @@ class _Writer:
                            **{c: table.column(c) for c in self.event_cols}})
         self._write("sessions", sessions, self.sessions)
         self._write("events", events, self.samples)
-        if self.flat is not None:
+        if self.measure_flat:
+            if self.flat is None:
+                self.flat = pq.ParquetWriter(str(self.tmp / "_flat.parquet"), table.schema, compression=COMPRESSION,
+                                             compression_level=COMPRESSION_LEVEL,
+                                             use_dictionary=probe_dictionary(table))
             self.flat.write_table(table, row_group_size=self.row_group_rows)
         self.sessions += sessions.num_rows
         self.samples += table.num_rows
