@@ -45,3 +45,13 @@ class UnsupportedModelError(RecDError, ValueError):
 
 class StorageError(RecDError, ValueError):
     """Input to preprocessing or a stored RecD dataset is missing, malformed or incomplete."""
+
+
+class HotSetError(RecDError, ValueError):
+    """FAE: a bad memory budget, a hot set that does not match the model's tables (stale or
+    from another config), or ids outside a table."""
+
+
+class ShardingError(RecDError, ValueError):
+    """Distributed training: a sharding type, compute kernel or optimizer that cannot take the
+    plugin's batches, or a collective set-up that does not match."""
