@@ -29,7 +29,7 @@ from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection  # noqa: E
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection  # noqa: E402
 from recd_plugin.modules.swap import CONVERTERS, register_converter  # noqa: E402
 from recd_plugin.modules.tower import DedupContext, dedup_tower  # noqa: E402
-from recd_plugin.plugin import apply, remove  # noqa: E402
+from recd_plugin.plugin import apply, remove, wrap  # noqa: E402
 from recd_plugin.sparse.ikjt import (  # noqa: E402
     DedupSpec,
     FeatureGroup,
@@ -44,7 +44,7 @@ from recd_plugin.transforms.dedup import DedupCollate, DedupLoader, DedupStats, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "remove", "RecDConfig", "ENV_VAR",
+    "apply", "remove", "wrap", "RecDConfig", "ENV_VAR",
     "FeatureGroup", "DedupSpec", "build_ikjt", "expand", "inverse_index", "unique_rows", "is_ikjt",
     "DedupLoader", "DedupCollate", "DedupStats", "dedup_batch",
     "DedupEmbeddingCollection", "DedupEmbeddingBagCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",

@@ -6,6 +6,7 @@ project's config)::
     [recd]
     verify_batches = 1              # compare the first N batches' ids exactly (0 off, -1 all)
     in_workers = true               # build IKJTs inside DataLoader workers
+    # sharded = true                # model goes under DistributedModelParallel (default: auto)
 
     [recd.groups.user]              # one feature group: deduplicated together
     key = "session_id"              # samples with equal key are duplicates (omit: by content)
@@ -42,7 +43,7 @@ except ImportError:  # Python 3.10
 
 ENV_VAR = "RECD_PLUGIN"
 _OFF = {"", "0", "off", "false", "no", "none"}
-_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers"}
+_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded"}
 _GROUP_KEYS = {"key", "features"}
 
 
@@ -55,6 +56,18 @@ class RecDConfig:
     towers: Dict[str, str] = field(default_factory=dict)
     verify_batches: int = 1
     in_workers: bool = True
+    #: The model will be sharded by DistributedModelParallel: keep TorchRec's own embedding
+    #: modules (DMP shards only its exact types; sharded, they take IKJTs natively). None:
+    #: decide at ``apply`` time (sharded when torch.distributed runs with world size > 1).
+    sharded: Optional[bool] = None
+
+    def is_sharded(self) -> bool:
+        """``sharded``, or when unset: is torch.distributed initialized with world size > 1?"""
+        if self.sharded is not None:
+            return self.sharded
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     @property
     def spec(self) -> DedupSpec:
@@ -148,6 +161,9 @@ class RecDConfig:
         in_workers = data.get("in_workers", True)
         if not isinstance(in_workers, bool):
             raise ConfigError(f"recd 'in_workers' must be true or false, got {in_workers!r}")
+        sharded = data.get("sharded")
+        if sharded is not None and not isinstance(sharded, bool):
+            raise ConfigError(f"recd 'sharded' must be true or false (omit it: decided from torch.distributed), got {sharded!r}")
         enabled = data.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ConfigError(f"recd 'enabled' must be true or false, got {enabled!r}")
@@ -157,6 +173,7 @@ class RecDConfig:
             towers=dict(towers),
             verify_batches=verify,
             in_workers=in_workers,
+            sharded=sharded,
         )
         if config.enabled:
             config.validate()

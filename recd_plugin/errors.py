@@ -55,3 +55,9 @@ class HotSetError(RecDError, ValueError):
 class ShardingError(RecDError, ValueError):
     """Distributed training: a sharding type, compute kernel or optimizer that cannot take the
     plugin's batches, or a collective set-up that does not match."""
+
+
+class DESError(RecDError, ValueError):
+    """DES (distributed equivalent substitution): an operator or placement names a table that
+    does not exist, an operator is fed inputs that are not pooled sums (MEAN pooling, sequence
+    / EmbeddingCollection outputs), or shapes that do not match its configuration."""

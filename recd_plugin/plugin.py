@@ -14,6 +14,7 @@ model is changed, so a bad config leaves the model as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Any, Callable, Iterable, Optional, Tuple, TypeVar
 
@@ -42,10 +43,12 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
     if model in _UNDO:
         raise UnsupportedModelError("recd-plugin is already applied to this model; call remove() first")
     config.validate()
+    config = dataclasses.replace(config, sharded=config.is_sharded())  # decided once, here
     check_model(model, config)
     # Wrap the loader before converting the model: DedupLoader may refuse the loader, and
     # nothing may change before every check has passed.
-    wrapped = None if loader is None else DedupLoader(loader, config.spec, config.verify_batches, config.in_workers)
+    wrapped = None if loader is None else DedupLoader(loader, config.spec, config.verify_batches, config.in_workers,
+                                                  pad_across_ranks=config.sharded)
     unconvert = convert(model, config)
 
     def undo() -> None:
@@ -55,6 +58,20 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
 
     _UNDO[model] = undo
     return model, wrapped
+
+
+def wrap(config: RecDConfig, loader: Optional[Iterable[Any]]) -> Any:
+    """Another loader (evaluation, test) for a model that ``apply`` converted: IKJT batches too.
+
+    Needed in sharded mode, where TorchRec's sharded modules must see IKJTs on every batch
+    (they fail on a plain batch after variable-batch ones); harmless otherwise. Returns the
+    loader unchanged when the plugin is off.
+    """
+    if not config.enabled or loader is None:
+        return loader
+    config.validate()
+    return DedupLoader(loader, config.spec, config.verify_batches, config.in_workers,
+                       pad_across_ranks=config.is_sharded())
 
 
 def remove(model: nn.Module) -> nn.Module:

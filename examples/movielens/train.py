@@ -12,6 +12,8 @@ launcher can turn it on without touching the script), else the plugin stays off:
         towers.user_tower=user"                                     # the same, inline
     python examples/movielens/train.py --compare                    # off, then on: a table
     python examples/movielens/train.py --data synthetic --light --compare
+    torchrun --nproc_per_node 2 examples/movielens/train.py --sharding row_wise --compare
+                                                                    # DistributedModelParallel
 
 Prints a progress bar per epoch and the epoch's mean loss and test AUC (torchmetrics).
 """
@@ -20,17 +22,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import BinaryAUROC
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed  # noqa: E402
+from distributed import SHARDING_TYPES  # noqa: E402
 from model import RECD_FLAG, TwoTower  # noqa: E402
 
 import recd_plugin  # noqa: E402  # recd-plugin
@@ -49,7 +56,16 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recd", default=None, help="recd-plugin flag (default: $RECD_PLUGIN, else off)")  # recd-plugin
     p.add_argument("--compare", action="store_true", help="train with the plugin off, then on, and compare")
-    return p.parse_args(argv)
+    p.add_argument("--sharding", choices=["none"] + SHARDING_TYPES, default=None,
+                   help="shard with DistributedModelParallel (default: auto under torchrun with >1 process)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="dense optimizer; sharded embeddings use fused EXACT_ROWWISE_ADAGRAD, or EXACT_SGD with sgd")
+    p.add_argument("--losses", default=None,
+                   help="write every step's loss to PATH.plain / PATH.recd (with several ranks: .rankN appended)")
+    args = p.parse_args(argv)
+    if args.sharding is None:
+        args.sharding = "auto" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "none"
+    return args
 
 
 def load_data(name: str, seed: int):
@@ -58,9 +74,13 @@ def load_data(name: str, seed: int):
     return cardinalities(table), train, test
 
 
-def loader(table, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(TableBatches(table, batch_size), batch_size=None, num_workers=workers,
-                      persistent_workers=workers > 0)
+def loader(table, batch_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """Batches of ``table``; with ``world`` > 1, rank r takes batches r, r + world, ... and every
+    rank the same number of them (sharded models run collectives in every step)."""
+    batches = TableBatches(table, batch_size)
+    if world > 1:
+        batches = Subset(batches, range(rank, len(batches) - len(batches) % world, world))
+    return DataLoader(batches, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable) -> float:
@@ -75,10 +95,18 @@ def evaluate(model: torch.nn.Module, batches: Iterable) -> float:
 
 def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plugin.RecDConfig) -> Dict[str, float]:
     _, train_table, test_table = data
-    train_loader = loader(train_table, args.batch_size, args.workers)
-    test_loader = loader(test_table, args.batch_size, args.workers)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if args.sharding != "none" else (0, 1)
+    train_loader = loader(train_table, args.batch_size, args.workers, rank, world)
+    test_loader = loader(test_table, args.batch_size, args.workers, rank, world)
     model, train_loader = recd_plugin.apply(recd, model, train_loader)  # recd-plugin
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    test_loader = recd_plugin.wrap(recd, test_loader)  # recd-plugin: sharded models need IKJTs on every batch
+    if args.sharding != "none":
+        model, optimizer = distributed.shard(model, recd, args.sharding, args.lr, args.optimizer, args.batch_size)
+    elif args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    losses: list = []
     loss_fn = torch.nn.BCEWithLogitsLoss()
     result: Dict[str, float] = {}
     for epoch in range(args.epochs):
@@ -91,6 +119,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
             loss.backward()
             optimizer.step()
             total, steps, samples = total + loss.item(), steps + 1, samples + batch.labels.numel()
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{total / steps:.4f}")
             if steps == args.max_steps:
                 break
@@ -98,6 +127,9 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
         result = {"loss": total / steps, "auc": evaluate(model, test_loader), "samples_per_s": samples / seconds}
         print(f"epoch {epoch}: loss {result['loss']:.4f}  test AUC {result['auc']:.4f}  "
               f"{result['samples_per_s']:.0f} samples/s")
+    if args.losses:
+        suffix = (".recd" if recd.enabled else ".plain") + (f".rank{rank}" if world > 1 else "")
+        Path(args.losses + suffix).write_text(json.dumps({"recd": recd.enabled, "losses": losses, **result}))
     if recd.enabled:
         stats = train_loader.stats
         print(f"recd-plugin: {stats.samples_out} samples, unique user rows "
@@ -107,6 +139,8 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
 
 def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
+    if args.sharding != "none":
+        distributed.init()
     torch.manual_seed(args.seed)
     data = load_data(args.data, args.seed)
     model = TwoTower(data[0], light=args.light)

@@ -123,6 +123,28 @@ def criteo_batches(num_batches: int, batch_size: int, seed: int = 0, max_rows: O
         yield to_batch(criteo_arrays(batch_size, seed * 1_000_003 + b, max_rows, zipf_exponent))
 
 
+class CriteoBatches:
+    """Map-style view of :func:`criteo_batches`: ``CriteoBatches(...)[b]`` is the ``b``-th
+    batch of ``criteo_batches(num_batches, batch_size, seed, max_rows, zipf_exponent)``,
+    built on demand (a profiler sampling 5% of the batches generates only those)."""
+
+    def __init__(self, num_batches: int, batch_size: int, seed: int = 0, max_rows: Optional[int] = 100_000,
+                 zipf_exponent: float = DEFAULT_ZIPF_EXPONENT) -> None:
+        self.num_batches, self.batch_size, self.seed = num_batches, batch_size, seed
+        self.max_rows, self.zipf_exponent = max_rows, zipf_exponent
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, b: int) -> Batch:
+        if not 0 <= b < self.num_batches:
+            raise IndexError(f"batch {b} out of range ({self.num_batches} batches)")
+        return to_batch(criteo_arrays(self.batch_size, self.seed * 1_000_003 + b, self.max_rows, self.zipf_exponent))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self[b] for b in range(self.num_batches))
+
+
 def to_batch(cols: Dict[str, np.ndarray]) -> Batch:
     """Criteo columns (numpy, as from :func:`criteo_arrays`) -> a torchrec Batch."""
     n = len(cols["label"])

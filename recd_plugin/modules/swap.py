@@ -78,6 +78,8 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
             "the model has no torchrec EmbeddingBagCollection or EmbeddingCollection; "
             "recd-plugin deduplicates their inputs, so there is nothing to speed up"
         )
+    if config.is_sharded():
+        _check_sharded(model, config)
     for g in config.groups:
         for f in g.features:
             if f not in known:
@@ -113,11 +115,31 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
             )
 
 
+def _check_sharded(model: nn.Module, config: RecDConfig) -> None:
+    """Sharded mode keeps TorchRec's modules; its EmbeddingCollection cannot read an IKJT."""
+    grouped = {f for g in config.groups for f in g.all_features}
+    towers = tuple(p + "." for p in config.towers)
+    for path, m in model.named_modules():
+        if isinstance(m, EmbeddingCollection) and not (path + ".").startswith(towers):
+            read = sorted(grouped & {f for c in m.embedding_configs() for f in c.feature_names})
+            if read:
+                raise UnsupportedModelError(
+                    f"sharded mode: EmbeddingCollection {path!r} reads deduplicated feature(s) {read} "
+                    "outside a tower; TorchRec's sharded EmbeddingCollection ignores IKJT inverse indices. "
+                    "Put the module inside a tower (towers.<path> = <group>) or drop those features from the group"
+                )
+
+
 @register_converter("dedup_embeddings")
 def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
     """Swap every EC / EBC for its dedup-aware version: each one sees the IKJT, even those
-    that read no grouped feature (TorchRec's EBC would still run its slow CPU expansion)."""
+    that read no grouped feature (TorchRec's EBC would still run its slow CPU expansion).
+
+    Sharded mode swaps nothing: DistributedModelParallel shards only TorchRec's exact module
+    types, and its sharded EBC pools IKJTs natively, sending only unique rows."""
     undo: List[Undo] = []
+    if config.is_sharded():
+        return undo
     replaced: Dict[int, nn.Module] = {}  # one replacement per module object, at every name
     for path, m in list(model.named_modules(remove_duplicate=False)):
         dedup_cls = DEDUP_MODULES.get(type(m))
@@ -137,7 +159,7 @@ def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupCont
 @register_converter("dedup_towers")
 def _hook_towers(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
     handles = [
-        dedup_tower(model.get_submodule(path), ctx, group, path, config.verify_batches)
+        dedup_tower(model.get_submodule(path), ctx, group, path, config.verify_batches, always=config.is_sharded())
         for path, group in config.towers.items()
     ]
     return [h.remove for h in handles]

@@ -87,6 +87,9 @@ class DedupContext:
         num_unique = kjt.stride_per_key()[kjt.keys().index(feature)]
         first = torch.full((num_unique,), inv.numel(), dtype=torch.long, device=inv.device)
         first.scatter_reduce_(0, inv, torch.arange(inv.numel(), device=inv.device), reduce="amin")
+        # Rows no sample reads (empty bags padded in for equal per-rank counts, sharded mode)
+        # take sample 0's dense inputs: any valid row will do, their outputs are never read.
+        first.masked_fill_(first == inv.numel(), 0)
         self._cache[group] = (first, inv)
         return first, inv
 
@@ -111,8 +114,8 @@ def _find_kjt(items: List[Any]) -> Optional[KeyedJaggedTensor]:
 
 
 class _TowerHooks:
-    def __init__(self, ctx: DedupContext, group: str, name: str, verify_batches: int) -> None:
-        self.ctx, self.group, self.name = ctx, group, name
+    def __init__(self, ctx: DedupContext, group: str, name: str, verify_batches: int, always: bool = False) -> None:
+        self.ctx, self.group, self.name, self.always = ctx, group, name, always
         self.verify_left = verify_batches
         self.active: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -122,7 +125,7 @@ class _TowerHooks:
         if rows is None:
             return None
         first, inv = rows
-        if first.numel() == inv.numel():
+        if first.numel() == inv.numel() and not self.always:
             return None  # no repeats in this batch: nothing to save
         batch = inv.numel()
         self.active = rows
@@ -209,7 +212,8 @@ class TowerHandle:
 
 
 def dedup_tower(
-    module: nn.Module, ctx: DedupContext, group: str, name: str = "", verify_batches: int = 1
+    module: nn.Module, ctx: DedupContext, group: str, name: str = "", verify_batches: int = 1,
+    always: bool = False,
 ) -> TowerHandle:
     """Make ``module`` run on the unique rows of ``group`` (inputs [B, ...] -> [U, ...]).
 
@@ -219,9 +223,12 @@ def dedup_tower(
     Tensor inputs whose first dimension is the batch size B are reduced to U unique rows;
     every output tensor (nested in tuples, lists, dicts) with U rows is expanded back to B.
     Inputs must be batch-first: a call where no input has B rows runs unchanged.
+    ``always``: reduce even a batch without repeats (U == B). Sharded embedding modules inside
+    the tower must see one kind of KJT on every batch (TorchRec's sharded modules break when
+    plain and variable-batch KJTs mix), so sharded mode always hands them the plain KJT.
     """
     ctx.spec.group(group)  # raises a clear error for an unknown group
-    hooks = _TowerHooks(ctx, group, name or type(module).__name__, verify_batches)
+    hooks = _TowerHooks(ctx, group, name or type(module).__name__, verify_batches, always)
     return TowerHandle([
         module.register_forward_pre_hook(hooks.before, with_kwargs=True),
         module.register_forward_hook(hooks.after, with_kwargs=True),

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.config import verify_step
+from recd_plugin.dist.pad import pad_to_max_over_ranks
 from recd_plugin.errors import MalformedBatchError
 from recd_plugin.sparse.ikjt import DedupSpec, build_ikjt, expand, not_constant
 
@@ -113,9 +114,13 @@ class DedupLoader:
     loader's. ``stats`` accumulates over all epochs.
     """
 
-    def __init__(self, loader: Iterable[Any], spec: DedupSpec, verify_batches: int = 1, in_workers: bool = True) -> None:
+    def __init__(self, loader: Iterable[Any], spec: DedupSpec, verify_batches: int = 1, in_workers: bool = True,
+                 pad_across_ranks: bool = False) -> None:
         self.loader = loader
         self.spec = spec
+        #: sharded mode: pad every key to the maximum row count over ranks (recd_plugin.dist.pad),
+        #: in this process: DataLoader workers cannot join collectives.
+        self.pad_across_ranks = pad_across_ranks
         self.stats = DedupStats()
         self._verify_left = verify_batches
         self.in_workers = False
@@ -155,4 +160,6 @@ class DedupLoader:
                 out = dedup_batch(batch, self.spec, verify)
                 batch_in = batch.sparse_features.stride()
             self.stats.add(self.spec, batch_in, out.sparse_features)
+            if self.pad_across_ranks:
+                out = dataclasses.replace(out, sparse_features=pad_to_max_over_ranks(out.sparse_features))
             yield out

@@ -1,0 +1,89 @@
+"""The distributed half of the example: what a TorchRec user writes to shard a model.
+
+Process group from torchrun's environment (gloo on CPU, nccl on GPU), a planner-made (or
+forced) sharding plan, ``DistributedModelParallel``, the fused embedding optimizer and a
+dense optimizer. The lines marked ``# recd-plugin`` are the plugin's: its sharders (ROW_WISE
+on CPU), its planner constraints (deduplicated batch sizes, FUSED kernel for IKJT tables),
+and the up-front plan check.
+
+    torchrun --nproc_per_node 2 examples/movielens/train.py --sharding row_wise --recd @examples/movielens/recd.toml
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+import recd_plugin  # recd-plugin
+from recd_plugin.dist import sharding as recd_sharding  # recd-plugin
+
+SHARDING_TYPES = ["auto", "table_wise", "column_wise", "row_wise"]
+
+
+def init() -> Tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; a 1-process group without it."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29512")
+        dist.init_process_group("nccl" if cuda else "gloo", rank=int(os.environ.get("RANK", 0)),
+                                world_size=int(os.environ.get("WORLD_SIZE", 1)), timeout=timedelta(seconds=120))
+    rank = dist.get_rank()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device
+
+
+def shard(model: torch.nn.Module, recd: "recd_plugin.RecDConfig", sharding: str, lr: float, optimizer: str,
+          batch_size: int, unique_fraction: Optional[Dict[str, float]] = None,
+          ) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
+    """Plan and shard ``model``; returns (DMP model, combined optimizer)."""
+    world, device = dist.get_world_size(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fused = {"optimizer": EmbOptimType.EXACT_SGD if optimizer == "sgd" else EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+             "learning_rate": lr}
+    sharders = recd_sharding.sharders(fused)  # recd-plugin (stock: EmbeddingBagCollectionSharder(fused))
+    tables = _table_names(model)
+    constraints: Dict[str, ParameterConstraints] = {}
+    if sharding != "auto":
+        constraints = {t: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in tables}
+    if recd.enabled:  # recd-plugin
+        constraints = recd_sharding.constraints(model, recd, batch_size, unique_fraction, base=constraints)
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
+                                       constraints=constraints)
+    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+    if recd.enabled:  # recd-plugin
+        recd_sharding.check_plan(model, recd, plan, sharders, device.type)
+        if dist.get_rank() == 0:
+            print(recd_sharding.explain(model, recd, plan, constraints))
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=device,
+                                   plan=plan, sharders=sharders)
+    dmp.load_state_dict(initial)  # sharding re-initializes the tables: keep the model's own weights
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        (lambda ps: torch.optim.SGD(ps, lr=lr)) if optimizer == "sgd" else (lambda ps: torch.optim.Adam(ps, lr=lr)))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def _table_names(model: torch.nn.Module) -> List[str]:
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection
+
+    names = []
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            names += [c.name for c in m.embedding_bag_configs()]
+        elif isinstance(m, EmbeddingCollection):
+            names += [c.name for c in m.embedding_configs()]
+    return names

@@ -1,0 +1,195 @@
+"""Sharded DES (DMP + DESSharder, 2 ranks, CPU/gloo) equals the unsharded operators.
+
+Every rank builds the same unsharded ``DESEmbeddingOperators`` (same seed) with FM, wide and
+first-dense-layer operators over multi-hot features, shards it with
+``DistributedModelParallel(plan={"sparse": des_plan(...)}, sharders=[DESSharder()])`` and
+feeds its own local batch (batch sizes differ per rank; the global batch is odd). Checked:
+
+* outputs: each rank's sharded outputs == the unsharded module on that rank's batch;
+* gradients: every local parameter's gradient == the gradient of ``(1/W) * sum_r loss_r``
+  computed unsharded over both ranks' batches (the DMP + DDP / TorchRec convention), for the
+  table slices this rank owns, its W_f blocks and the replicated operator parameters.
+
+Placements: uneven table-wise (rank 0 owns more tables), and a mix with row-wise tables
+(multi-hot bags whose ids fall in both row ranges: the FM's ||v_f||^2 must stay exact).
+The last test runs ``python -m recd_plugin.bench des --quick`` and checks its JSON keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+FEATURES = ["a", "b", "c", "d"]
+ROWS = {"a": 11, "b": 7, "c": 13, "d": 5}
+DIM, HIDDEN, DENSE_IN = 4, 3, 2
+
+
+def build_module():
+    from torchrec import EmbeddingBagConfig
+
+    from recd_plugin.des import DESEmbeddingOperators, FactorizationMachine, FirstDenseLayer, WideLinear
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", feature_names=[f], num_embeddings=ROWS[f], embedding_dim=DIM) for f in FEATURES]
+    tables += [EmbeddingBagConfig(name=f"w_{f}", feature_names=[f], num_embeddings=ROWS[f], embedding_dim=1) for f in FEATURES]
+    fm = [f"t_{f}" for f in FEATURES]
+    ops = {"fm": FactorizationMachine(fm), "wide": WideLinear([f"w_{f}" for f in FEATURES]),
+           "first": FirstDenseLayer(fm, DIM, HIDDEN, dense_in_features=DENSE_IN)}
+    module = DESEmbeddingOperators(tables, ops)
+    with torch.no_grad():
+        ops["wide"].bias.fill_(0.3)
+    return module
+
+
+def make_batch(seed: int, batch: int):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (len(FEATURES), batch), generator=g)  # multi-hot, empty bags too
+    values = torch.cat([torch.randint(0, ROWS[f], (int(lengths[i].sum()),), generator=g) for i, f in enumerate(FEATURES)])
+    kjt = KeyedJaggedTensor(keys=FEATURES, values=values, lengths=lengths.reshape(-1).int())
+    return kjt, torch.randn(batch, DENSE_IN, generator=g)
+
+
+def _loss(out, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return sum((v * torch.randn(v.shape, generator=g)).sum() for _, v in sorted(out.items()))
+
+
+def worker(rank: int, port: int, case: dict, outdir: str) -> None:
+    import torch.distributed as dist
+
+    res: dict = {"rank": rank, "ok": False}
+    try:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+        from recd_plugin.des import DESSharder, des_plan
+        from recd_plugin.dist.comm import CommCounter
+
+        class Wrap(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.sparse = build_module()
+
+            def forward(self, kjt, dense):
+                return self.sparse(kjt, dense)
+
+        ref = build_module()
+        plan = des_plan(ref, case["placement"], world_size=WORLD)
+        dmp = DistributedModelParallel(Wrap(), env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                       device=torch.device("cpu"), plan=ShardingPlan({"sparse": plan}), sharders=[DESSharder()])
+        sharded = dmp.module.sparse
+        res["sharded_type"] = type(sharded).__name__
+        batches = [make_batch(10 + r, case["batch"][r]) for r in range(WORLD)]
+        kjt, dense = batches[rank]
+        with CommCounter() as comm:
+            out = dmp(kjt, dense)
+            _loss(out, 100 + rank).backward()
+        res["comm"] = dict(comm.by_op)
+        want = ref(kjt, dense)
+        res["out_shape"] = {k: list(v.shape) for k, v in out.items()}
+        res["out_maxdiff"] = max(float((out[k] - want[k]).abs().max()) for k in want)
+        # reference gradients: of (1/W) * sum_r loss_r, unsharded
+        ref.zero_grad()
+        sum(_loss(ref(*batches[r]), 100 + r) for r in range(WORLD)).div(WORLD).backward()
+        diffs = {}
+        for table, (lo, hi) in sharded.owned_rows().items():
+            got = sharded.local_table(table)
+            grad = sharded.local_weights[f"dim{got.shape[1]}"].grad.to_dense()
+            off = sharded._row_offset[table]
+            diffs[f"table:{table}"] = float((grad[off:off + hi - lo] - ref.ebc.embedding_bags[table].weight.grad[lo:hi]).abs().max())
+            diffs[f"weight:{table}"] = float((got.detach() - ref.ebc.embedding_bags[table].weight.detach()[lo:hi]).abs().max())
+        first = ref.operators["first"].field_weight.grad
+        plan_first = sharded._plan["first"]
+        if plan_first["tw"]:
+            diffs["first_local"] = float((sharded.first_local["first"].grad - first[:, [i for i, _ in plan_first["tw"]]]).abs().max())
+        if plan_first["rw"]:
+            diffs["first_row_wise"] = float((sharded.first_row_wise["first"].grad - first[:, [i for i, _ in plan_first["rw"]]]).abs().max())
+        for name, p in sharded.operators.named_parameters():
+            diffs[f"op:{name}"] = float((p.grad - dict(ref.operators.named_parameters())[name].grad).abs().max())
+        res["grad_maxdiff"] = diffs
+        res["ref_grad_scale"] = float(max(p.grad.abs().max() for p in ref.parameters()))
+        res["ok"] = True
+        dist.barrier()
+    except BaseException as e:  # report, never hang the peer silently
+        res["error"] = f"{type(e).__name__}: {e}"
+        res["traceback"] = traceback.format_exc()[-3000:]
+    Path(outdir, f"rank{rank}.json").write_text(json.dumps(res, default=str))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(case: dict, tmp_path: Path, timeout: float = 60) -> List[dict]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(case), str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    results = []
+    for r in range(WORLD):
+        path = tmp_path / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+        res = json.loads(path.read_text())
+        assert res["ok"], f"rank {r}: {res.get('error')}\n{res.get('traceback', '')}"
+        results.append(res)
+    return results
+
+
+UNEVEN_TW = {"t_a": 0, "t_b": 0, "t_c": 1, "t_d": 0, "w_a": 1, "w_b": 0, "w_c": 0, "w_d": 0}
+MIXED_RW = {"t_a": "row_wise", "t_b": 1, "t_c": "row_wise", "t_d": 0, "w_a": "row_wise", "w_b": 0, "w_c": 1, "w_d": 1}
+
+
+@pytest.mark.parametrize("placement", [UNEVEN_TW, MIXED_RW], ids=["uneven_table_wise", "mixed_row_wise"])
+def test_des_sharded_matches_unsharded_outputs_and_gradients(placement, tmp_path) -> None:
+    batch = [4, 3]  # global batch 7: not divisible by the world size, ranks differ
+    for res in _run({"placement": placement, "batch": batch}, tmp_path):
+        assert res["sharded_type"] == "ShardedDESEmbeddingOperators"
+        b = batch[res["rank"]]
+        assert res["out_shape"] == {"fm": [b, 1], "wide": [b, 1], "first": [b, HIDDEN]}
+        assert res["out_maxdiff"] < 1e-5, res
+        assert res["ref_grad_scale"] > 0.1  # the gradients compared are not trivially zero
+        assert all(d < 1e-5 for d in res["grad_maxdiff"].values()), res["grad_maxdiff"]
+        # only ids and partials travel: ids all-to-all, one reduce-scatter, its all-gather, one grad all-reduce
+        assert set(res["comm"]) == {"all_to_all_single", "reduce_scatter_tensor", "all_gather_into_tensor", "all_reduce"}
+
+
+def test_bench_des_quick_runs_and_reports_keys(tmp_path) -> None:
+    out = tmp_path / "des.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "recd_plugin.bench", "des", "--quick", "--json", str(out), "--no-docs"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    for key in ("fm_comm_saving", "deepfm_comm_saving", "speed_ratio", "auc_diff"):
+        assert isinstance(result[key], float), key
+    assert result["fm"]["max_output_diff"] < 1e-4 and result["deepfm"]["max_output_diff"] < 1e-4
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(_free_port(), json.loads(sys.argv[1]), sys.argv[2]), nprocs=WORLD, join=True)

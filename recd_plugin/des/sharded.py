@@ -1,0 +1,312 @@
+"""Sharded DES: ``DESSharder`` turns a ``DESEmbeddingOperators`` into a TorchRec ``ShardedModule``.
+
+Each rank owns some tables (TABLE_WISE, uneven placements fine) or a row range of a table
+(ROW_WISE, TorchRec's own row split), plus the first-dense-layer blocks ``W_f`` of the
+table-wise fields it owns. Per step, on W ranks with local batches B_0..B_{W-1}:
+
+1. ``input_dist``: the ids of every feature go to the ranks owning their rows (an
+   all-to-all of int ids: every owner sees its rows' ids for the whole global batch);
+2. ``compute``: the owner pools its fields for the whole (padded) global batch
+   ``N = W * max_r B_r`` and computes each operator's partials, [N, K];
+3. ``output_dist``: one reduce-scatter of the partials to the ranks owning the samples
+   ([B_r, K]; backward: all-gather of the partial gradients), then each operator's
+   ``combine`` runs locally.
+
+K per sample: FM ``D + 1`` (plus D per *row-wise* FM field: ``||v_f||^2`` is not additive
+over row shards of a multi-hot bag, so those fields travel pooled, as in TorchRec's row-wise
+reduce-scatter), wide 1, first layer H. TorchRec's table-wise sharding moves ``F * D`` floats
+per sample each way instead.
+
+Usage with ``DistributedModelParallel`` (every rank builds the model on CPU with the same
+seed; ``shard`` copies the rank's slices of the unsharded weights)::
+
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+    from recd_plugin.des import DESSharder, des_plan
+    plan = des_plan(model.sparse, {"t_C1": 0, "t_C2": 1, "t_C3": "row_wise", ...}, world_size=2)
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=torch.device("cpu"),
+                                   plan=ShardingPlan({"sparse": plan}), sharders=[DESSharder()])
+    opt = torch.optim.SGD(dmp.parameters(), lr=0.05)   # tables have sparse gradients: SGD / SparseAdam / Adagrad
+
+Gradients follow the DMP + DDP convention (see ``collectives``): each parameter's gradient is
+that of ``(1/W) * sum_r loss_r``. DMP excludes everything inside a ShardedModule from DDP, so
+this module all-reduces its replicated parameters' gradients itself.
+
+Why not the planner: TorchRec's planner estimators assume TorchRec's own lookups and
+all-to-alls (bytes of pooled outputs, TBE kernels), so their costs would be wrong for DES; a
+plan is given explicitly (``des_plan``, built with TorchRec's ``construct_module_sharding_plan``
+and ``table_wise`` / ``row_wise`` generators, so it is an ordinary ``EmbeddingModuleShardingPlan``).
+Limits: no ``TrainPipelineSparseDist`` overlap (``forward`` runs the three stages in order),
+state_dict holds this rank's local slices (plain tensors, not ShardedTensor); variable-batch
+(VBE / IKJT) inputs are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+from torchrec.distributed.types import (EmbeddingModuleShardingPlan, LazyNoWait, ModuleSharder, NoWait, ParameterSharding,
+                                        ShardedModule, ShardingEnv, ShardingType)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recd_plugin.des.collectives import exchange_ids, reduce_scatter_partials, sync_replicated_grads
+from recd_plugin.des.module import DESEmbeddingOperators
+from recd_plugin.des.operators import FactorizationMachine, FirstDenseLayer
+from recd_plugin.errors import DESError, did_you_mean
+
+
+def _owned_rows(ps: ParameterSharding, rows: int, table: str) -> Dict[int, Tuple[int, int]]:
+    """{rank: (first row, end row)} from a TorchRec ParameterSharding."""
+    if ps.sharding_type == ShardingType.TABLE_WISE.value:
+        return {ps.ranks[0]: (0, rows)}
+    if ps.sharding_type == ShardingType.ROW_WISE.value:
+        out = {}
+        for shard in ps.sharding_spec.shards:
+            lo, n = shard.shard_offsets[0], shard.shard_sizes[0]
+            if n:
+                out[shard.placement.rank()] = (lo, lo + n)
+        return out
+    raise DESError(f"DES: table {table!r} has sharding type {ps.sharding_type!r}; DES supports table_wise and row_wise.")
+
+
+class _Combine(nn.Module):
+    """Runs ``op.combine`` so ``torch.func.functional_call`` can swap in the grad-synced params."""
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, partials: torch.Tensor, dense: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.op.combine(partials, dense)
+
+
+class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tensor], Dict[str, Any]]):
+    """The sharded form; ``forward(features [B_r samples], dense [B_r, ...] | None) -> {name: [B_r, out]}``."""
+
+    def __init__(self, module: DESEmbeddingOperators, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self._group, self._world, self._rank = env.process_group, env.world_size, env.rank
+        configs = {t.name: t for t in module.tables}
+        missing = [t for t in configs if t not in params]
+        if missing:
+            raise DESError(f"DES: the plan places no shard of table(s) {missing}; give every table a placement "
+                           "(des_plan(module, {table: rank | 'row_wise'}, world_size)).")
+        self._owners = {t: _owned_rows(params[t], configs[t].num_embeddings, t) for t in configs}
+        self._row_wise = {t for t in configs if params[t].sharding_type == ShardingType.ROW_WISE.value}
+        # slots: (table, feature, lo, hi) each rank pools; local weights grouped by dimension
+        self._slots: List[List[Tuple[str, str, int, int]]] = [
+            [(t, f, *self._owners[t][r]) for t, c in configs.items() if r in self._owners[t] for f in c.feature_names]
+            for r in range(self._world)]
+        self._full = [[lo == 0 and hi == configs[t].num_embeddings for t, _, lo, hi in s] for s in self._slots]
+        local_tables = [t for t in configs if self._rank in self._owners[t]]
+        self._dims = sorted({configs[t].embedding_dim for t in local_tables})
+        self._row_offset: Dict[str, int] = {}
+        self.local_weights = nn.ParameterDict()
+        for d in self._dims:
+            blocks, off = [], 0
+            for t in local_tables:
+                if configs[t].embedding_dim == d:
+                    lo, hi = self._owners[t][self._rank]
+                    self._row_offset[t] = off
+                    off += hi - lo
+                    blocks.append(module.ebc.embedding_bags[t].weight.detach()[lo:hi])
+            self.local_weights[f"dim{d}"] = nn.Parameter(torch.cat(blocks).clone())
+        slot_of = {(t, f): j for j, (t, f, _, _) in enumerate(self._slots[self._rank])}
+        self._slot_dim = [configs[t].embedding_dim for t, _, _, _ in self._slots[self._rank]]
+        # operators: replicated copies; the W_f of owned table-wise fields become local blocks
+        self.operators = nn.ModuleDict({k: copy.deepcopy(op) for k, op in module.operators.items()})
+        self.first_local, self.first_row_wise = nn.ParameterDict(), nn.ParameterDict()
+        self._plan: Dict[str, Dict[str, Any]] = {}
+        for name, op in self.operators.items():
+            fields = module.fields[name]
+            tw = [(i, slot_of[(t, f)]) for i, (t, f, _) in enumerate(fields) if t not in self._row_wise and (t, f) in slot_of]
+            rw = [(i, slot_of.get((t, f))) for i, (t, f, _) in enumerate(fields) if t in self._row_wise]
+            dim = configs[op.tables[0]].embedding_dim
+            self._plan[name] = {"tw": tw, "rw": rw, "dim": dim}
+            if isinstance(op, FirstDenseLayer):
+                w = op.field_weight.detach()
+                self.first_local[name] = nn.Parameter(w[:, [i for i, _ in tw]].clone())
+                self.first_row_wise[name] = nn.Parameter(w[:, [i for i, _ in rw]].clone())
+                op.register_parameter("field_weight", None)  # lives in first_local / first_row_wise
+        self._combiners = {k: _Combine(op) for k, op in self.operators.items()}
+        self._replicated = [(f"operators.{k}.{p}", t, float(self._world)) for k, op in self.operators.items()
+                            for p, t in op.named_parameters()]
+        self._replicated += [(f"first_row_wise.{k}", t, 1.0) for k, t in self.first_row_wise.items() if t.numel()]
+        max_rows = max(c.num_embeddings for c in configs.values())
+        self._id_dtype = torch.int32 if max_rows < 2**31 else torch.int64  # ids are cheap: send them narrow
+        self._feature_index: Dict[Tuple[str, ...], List[List[Tuple[int, int, int]]]] = {}
+
+    # ---- ShardedModule stages ----------------------------------------------------------
+
+    def create_context(self) -> Dict[str, Any]:
+        return {}
+
+    def input_dist(self, ctx: Dict[str, Any], features: KeyedJaggedTensor, dense: Optional[torch.Tensor] = None) -> Any:
+        if features.variable_stride_per_key():
+            raise DESError("DES: variable-batch (VBE / IKJT) inputs are not supported by the DES sharded module; "
+                           "feed a plain KeyedJaggedTensor.")
+        keys = tuple(features.keys())
+        if keys not in self._feature_index:
+            index = {k: i for i, k in enumerate(keys)}
+            for s in self._slots:
+                for _, f, _, _ in s:
+                    if f not in index:
+                        raise DESError(f"DES: the batch has no feature {f!r}{did_you_mean(f, list(keys))}; keys: {list(keys)}.")
+            self._feature_index[keys] = [[(index[f], lo, hi) for _, f, lo, hi in s] for s in self._slots]
+        batch = features.stride()
+        lengths = features.lengths().view(len(keys), batch)
+        values = features.values().split(features.length_per_key())
+        ctx["dense"] = dense
+        got = exchange_ids(lengths, values, self._feature_index[keys], self._full, self._id_dtype, self._group)
+        return NoWait(NoWait(got))
+
+    def compute(self, ctx: Dict[str, Any], dist_input: Any) -> torch.Tensor:
+        """Pool the local fields for the padded global batch and compute every operator's partials."""
+        batch_sizes, recv_lengths, recv_values = dist_input
+        ctx["batch_sizes"] = batch_sizes
+        b_max, world = max(batch_sizes), self._world
+        n = world * b_max
+        pooled: List[Optional[torch.Tensor]] = [None] * len(recv_lengths)
+        for d in self._dims:
+            js = [j for j, dj in enumerate(self._slot_dim) if dj == d]
+            lens = torch.zeros(len(js), world, b_max, dtype=torch.long)
+            idx = []
+            for k, j in enumerate(js):
+                table = self._slots[self._rank][j][0]
+                for s in range(world):
+                    lens[k, s, : batch_sizes[s]] = recv_lengths[j][s]
+                    idx.append(recv_values[j][s].long() + self._row_offset[table])
+            offsets = torch.cat([lens.new_zeros(1), lens.reshape(-1).cumsum(0)])
+            out = F.embedding_bag(torch.cat(idx), self.local_weights[f"dim{d}"], offsets, mode="sum", sparse=True,
+                                  include_last_offset=True).view(len(js), n, d)
+            for k, j in enumerate(js):
+                pooled[j] = out[k]
+        synced = dict(zip([name for name, _, _ in self._replicated],
+                          sync_replicated_grads([t for _, t, _ in self._replicated], [d for _, _, d in self._replicated],
+                                                self._group)))
+        ctx["synced"] = synced
+        parts = []
+        for name, op in self.operators.items():
+            plan, dim = self._plan[name], self._plan[name]["dim"]
+            tw = [pooled[j] for _, j in plan["tw"]]
+            v = torch.stack(tw, dim=1) if tw else None
+            if isinstance(op, FirstDenseLayer):
+                p = op.partials(v, weight=self.first_local[name]) if v is not None else torch.zeros(n, op.out_features)
+                if plan["rw"]:
+                    rw = torch.stack([pooled[j] if j is not None else torch.zeros(n, dim) for _, j in plan["rw"]], dim=1)
+                    p = p + op.partials(rw, weight=synced.get(f"first_row_wise.{name}"))
+                parts.append(p)
+            else:
+                parts.append(op.partials(v) if v is not None else torch.zeros(n, op.partial_size(dim)))
+                if plan["rw"]:
+                    rw = [pooled[j] if j is not None else torch.zeros(n, dim) for _, j in plan["rw"]]
+                    if isinstance(op, FactorizationMachine):  # pooled row-wise fields travel whole (see module doc)
+                        parts.extend(rw)
+                    else:  # linear operators: partial sums over row shards add up
+                        parts[-1] = parts[-1] + op.partials(torch.stack(rw, dim=1))
+        return torch.cat(parts, dim=1)
+
+    def output_dist(self, ctx: Dict[str, Any], output: torch.Tensor) -> Any:
+        """Reduce-scatter [N, K] -> [B_r, K]; each operator's combine on the local samples."""
+        mine = reduce_scatter_partials(output, ctx["batch_sizes"], self._group)
+        out, i = {}, 0
+        for name, op in self.operators.items():
+            plan, dim = self._plan[name], self._plan[name]["dim"]
+            k = op.partial_size(dim)
+            p = mine[:, i:i + k]
+            i += k
+            if isinstance(op, FactorizationMachine) and plan["rw"]:
+                rw = mine[:, i:i + dim * len(plan["rw"])].reshape(mine.shape[0], len(plan["rw"]), dim)
+                i += dim * len(plan["rw"])
+                p = p + op.partials(rw)
+            params = {f"op.{p_name}": ctx["synced"][f"operators.{name}.{p_name}"] for p_name, _ in op.named_parameters()}
+            out[name] = torch.func.functional_call(self._combiners[name], params, (p, ctx["dense"]))
+        return LazyNoWait(out)
+
+    def forward(self, features: KeyedJaggedTensor, dense: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        ctx = self.create_context()
+        dist_input = self.input_dist(ctx, features, dense).wait().wait()
+        return self.output_dist(ctx, self.compute(ctx, dist_input)).wait()
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    @property
+    def unsharded_module_type(self) -> Type[DESEmbeddingOperators]:
+        return DESEmbeddingOperators
+
+    def owned_rows(self) -> Dict[str, Tuple[int, int]]:
+        """{table: (first row, end row)} this rank holds."""
+        return {t: o[self._rank] for t, o in self._owners.items() if self._rank in o}
+
+    def local_table(self, table: str) -> torch.Tensor:
+        """This rank's rows of ``table`` (a view of the local weights; [hi - lo, D])."""
+        lo, hi = self._owners[table][self._rank]
+        d = next(dj for (t, _, _, _), dj in zip(self._slots[self._rank], self._slot_dim) if t == table)
+        off = self._row_offset[table]
+        return self.local_weights[f"dim{d}"][off: off + hi - lo]
+
+
+class DESSharder(ModuleSharder[DESEmbeddingOperators]):
+    """TorchRec sharder for :class:`DESEmbeddingOperators` (TABLE_WISE and ROW_WISE, cpu/cuda)."""
+
+    def shard(self, module: DESEmbeddingOperators, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
+              device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> ShardedDESEmbeddingOperators:
+        return ShardedDESEmbeddingOperators(module, params, env, device)
+
+    @property
+    def module_type(self) -> Type[DESEmbeddingOperators]:
+        return DESEmbeddingOperators
+
+    def shardable_parameters(self, module: DESEmbeddingOperators) -> Dict[str, nn.Parameter]:
+        return {t.name: module.ebc.embedding_bags[t.name].weight for t in module.tables}
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return [EmbeddingComputeKernel.DENSE.value]
+
+
+def des_plan(module: DESEmbeddingOperators, placement: Dict[str, Union[int, str]], world_size: int,
+             local_size: Optional[int] = None, device_type: str = "cpu") -> EmbeddingModuleShardingPlan:
+    """A TorchRec plan for ``module``: ``placement[table]`` is a rank (table-wise) or ``"row_wise"``."""
+    names = [t.name for t in module.tables]
+    for t in placement:
+        if t not in names:
+            raise DESError(f"DES: placement names table {t!r}, which does not exist{did_you_mean(t, names)}; tables: {names}.")
+    missing = [t for t in names if t not in placement]
+    if missing:
+        raise DESError(f"DES: placement misses table(s) {missing}; give each a rank or 'row_wise'.")
+    gens = {}
+    for t, where in placement.items():
+        if where == "row_wise":
+            gens[t] = row_wise(compute_kernel=EmbeddingComputeKernel.DENSE.value)
+        elif isinstance(where, int) and 0 <= where < world_size:
+            gens[t] = table_wise(rank=where, compute_kernel=EmbeddingComputeKernel.DENSE.value)
+        else:
+            raise DESError(f"DES: placement of {t!r} is {where!r}; use a rank in [0, {world_size}) or 'row_wise'.")
+    return construct_module_sharding_plan(module, gens, sharder=DESSharder(), local_size=local_size or world_size,
+                                          world_size=world_size, device_type=device_type)
+
+
+def balanced_placement(tables: Sequence[Any], world_size: int, row_wise_above: Optional[int] = None) -> Dict[str, Union[int, str]]:
+    """Greedy table-wise placement by size (largest first onto the least-loaded rank): uneven
+    table counts per rank, balanced bytes. Tables with more than ``row_wise_above`` rows go
+    row-wise. Used for DES and for the TorchRec table-wise baseline alike."""
+    load = [0] * world_size
+    out: Dict[str, Union[int, str]] = {}
+    for t in sorted(tables, key=lambda c: -c.num_embeddings * c.embedding_dim):
+        if row_wise_above is not None and t.num_embeddings > row_wise_above:
+            out[t.name] = "row_wise"
+            continue
+        r = min(range(world_size), key=lambda i: load[i])
+        out[t.name] = r
+        load[r] += t.num_embeddings * t.embedding_dim
+    return out
