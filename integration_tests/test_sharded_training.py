@@ -58,3 +58,16 @@ def test_plugin_on_matches_plugin_off_step_by_step(sharding: str, light: bool, t
         for step, (a, b) in enumerate(zip(plain["losses"], recd["losses"])):
             assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (rank, step, a, b)
         assert abs(plain["auc"] - recd["auc"]) <= 1e-5
+
+
+def test_dist_benchmark_quick_json(tmp_path: Path) -> None:
+    out = tmp_path / "dist.json"
+    proc = subprocess.run([sys.executable, "-m", "recd_plugin.bench", "dist", "--quick", "--no-docs", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    r = json.loads(out.read_text())
+    for key in ("ratio", "single_process_ratio", "comm_ratio", "dup_factor", "world_size"):
+        assert key in r, key
+    assert r["world_size"] == 2 and r["max_loss_diff"] <= 1e-5
+    assert r["plain_embedding_bytes_per_step"] > r["recd_embedding_bytes_per_step"] > 0  # counted, not estimated
+    assert r["dup_factor"] > 1

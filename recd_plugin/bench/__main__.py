@@ -6,6 +6,8 @@ same thing, prints a table and regenerates its section of docs/benchmarks.md::
     python -m recd_plugin.bench dedup               # RecD dedup on MovieLens-100k (~2 min)
     python -m recd_plugin.bench dedup --quick       # fewer steps (< 60 s on 2 cores)
     python -m recd_plugin.bench dedup --json out.json --no-docs
+    python -m recd_plugin.bench fae --quick         # FAE tier traffic + hot/cold layout
+    python -m recd_plugin.bench des --quick         # DES vs TorchRec sharding, 2 gloo ranks
 """
 
 from __future__ import annotations
@@ -21,26 +23,42 @@ def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
     """Run a benchmark; ``reexec`` (command line only) restarts the process with MALLOC_ENV."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m recd_plugin.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=["dedup", "storage"], help="which benchmark")
+    parser.add_argument("name", choices=["dedup", "storage", "des", "dist", "fae"], help="which benchmark")
     parser.add_argument("--quick", action="store_true", help="fewer steps, for a fast check")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 1024 (fae: 2048)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--verbose", action="store_true", help="print every timed step")
     args = parser.parse_args(argv)
     if reexec:
         ensure_allocator_env(argv)
+    batch_size = args.batch_size or (2048 if args.name == "fae" else 1024)
     if args.name == "dedup":
         from recd_plugin.bench import dedup
 
-        dedup.run(quick=args.quick, json_path=args.json, batch_size=args.batch_size, seed=args.seed,
+        dedup.run(quick=args.quick, json_path=args.json, batch_size=batch_size, seed=args.seed,
                   write_docs=not args.no_docs, verbose=args.verbose)
+    elif args.name == "dist":
+        from recd_plugin.bench import dist
+
+        dist.run(quick=args.quick, json_path=args.json, batch_size=batch_size,
+                 write_docs=not args.no_docs, verbose=args.verbose)
     elif args.name == "storage":
         from recd_plugin.bench import storage
 
-        storage.run(quick=args.quick, json_path=args.json, batch_size=args.batch_size,
+        storage.run(quick=args.quick, json_path=args.json, batch_size=batch_size,
                     write_docs=not args.no_docs, verbose=args.verbose)
+    elif args.name == "des":
+        from recd_plugin.bench import des
+
+        des.run(quick=args.quick, json_path=args.json, batch_size=batch_size, seed=args.seed,
+                write_docs=not args.no_docs, verbose=args.verbose)
+    elif args.name == "fae":
+        from recd_plugin.bench import fae
+
+        fae.run(quick=args.quick, json_path=args.json, batch_size=batch_size, seed=args.seed,
+                write_docs=not args.no_docs, verbose=args.verbose)
 
 
 if __name__ == "__main__":

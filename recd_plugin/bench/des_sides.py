@@ -7,7 +7,8 @@ seed, so all start from the same weights:
   one ``torch.optim.SGD`` over all parameters (embedding gradients are sparse);
 * ``table_wise`` / ``row_wise``: TorchRec's ``EmbeddingBagCollectionSharder`` on ``sparse.ebc``
   (a subclass that also offers ROW_WISE on cpu, DESIGN.md), FUSED kernel with EXACT_SGD
-  applied in backward, ``torch.optim.SGD`` on the dense parameters (DDP averaged); the FM /
+  applied in backward (the 1-dim wide tables: DENSE kernel, FBGEMM's fused TBE needs a
+  dimension divisible by 4), ``torch.optim.SGD`` on the dense parameters; the FM /
   wide / first-layer operators run unsubstituted on the pooled embeddings.
 
 Table-wise placements are the same for DES and TorchRec (``balanced_placement``: largest
@@ -62,6 +63,7 @@ def build_side(side: str, make_model: Callable[[], torch.nn.Module], placement: 
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from recd_plugin.des import DESSharder, des_plan
+    from recd_plugin.dist.comm import count_ddp
 
     world = dist.get_world_size()
     env = ShardingEnv.from_process_group(dist.group.WORLD)
@@ -73,14 +75,19 @@ def build_side(side: str, make_model: Callable[[], torch.nn.Module], placement: 
     else:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         sharder = _cpu_sharder(lr)
-        gen = {t: (table_wise(rank=placement[t], compute_kernel="fused") if side == "table_wise"
-                   else row_wise(compute_kernel="fused")) for t in placement}
+        # FBGEMM's fused TBE needs a dimension divisible by 4: the 1-dim wide tables take
+        # TorchRec's DENSE kernel (dense gradient, applied by the dense SGD), its only option
+        kernel = {c.name: "fused" if c.embedding_dim % 4 == 0 else "dense" for c in model.sparse.tables}
+        gen = {t: (table_wise(rank=placement[t], compute_kernel=kernel[t]) if side == "table_wise"
+                   else row_wise(compute_kernel=kernel[t])) for t in placement}
         module_plan = construct_module_sharding_plan(model.sparse.ebc, gen, sharder=sharder, local_size=world,
                                                      world_size=world, device_type="cpu")
         dmp = DistributedModelParallel(model, env=env, device=torch.device("cpu"),
                                        plan=ShardingPlan({"sparse.ebc": module_plan}), sharders=[sharder])
         dmp.load_state_dict(state)  # the sharded tables start from the same weights as DES
         opt = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=lr)
+
+    count_ddp(dmp)  # DDP's C++ reducer bypasses torch.distributed's Python functions: make it countable
 
     def step(dense: torch.Tensor, kjt: Any, labels: torch.Tensor) -> torch.Tensor:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(dense, kjt), labels)

@@ -1,7 +1,7 @@
 """The three collectives of sharded DES, with exact gradients.
 
 * :func:`exchange_ids` - ids to the ranks that own their rows (two ``all_to_all_single``:
-  per-destination counts, then one int payload of lengths + values). Every owner receives
+  per-destination counts, then one byte payload of int32 lengths + the ids in the KJT's dtype). Every owner receives
   the ids of the *whole global batch* for its rows.
 * :func:`reduce_scatter_partials` - the operators' partials of the global batch, summed over
   ranks and scattered to the ranks that own the samples; backward is the matching
@@ -90,7 +90,7 @@ def sync_replicated_grads(params: Sequence[torch.Tensor], divisors: Sequence[flo
 # ------------------------------------------------------------------------------------------
 # Ids to the owners of their rows.
 
-#: One slot = (feature index in the KJT, first row, end row) a destination rank needs.
+#: One slot = (feature index in the KJT, first row, end row): an id stream a destination rank needs.
 Slot = Tuple[int, int, int]
 
 
@@ -129,18 +129,27 @@ def exchange_ids(lengths: torch.Tensor, values: Sequence[torch.Tensor], slots_pe
     dist.all_to_all_single(recv_meta, meta, group=group)  # per source: (B_s, number of ids for me)
     recv_meta = recv_meta.view(world, 2).tolist()
     batch_sizes = [b for b, _ in recv_meta]
-    payload = torch.cat([torch.cat([x.to(id_dtype) for x in send_len[s] + send_val[s]]) if send_len[s] or send_val[s]
-                         else torch.empty(0, dtype=id_dtype) for s in range(world)])
-    in_splits = [len(slots_per_rank[s]) * batch + n_vals[s] for s in range(world)]
+    # one byte payload per destination: lengths as int32 (like TorchRec's input dist), then
+    # the ids in the KJT's own dtype (no narrowing, so the id bytes match TorchRec's)
+    isz = torch.tensor([], dtype=id_dtype).element_size()
+
+    def as_bytes(xs: List[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+        return [x.to(dtype).contiguous().view(torch.uint8) for x in xs]
+
+    payload = torch.cat([t for s in range(world) for t in as_bytes(send_len[s], torch.int32) + as_bytes(send_val[s], id_dtype)]
+                        or [torch.empty(0, dtype=torch.uint8)])
+    in_splits = [4 * len(slots_per_rank[s]) * batch + isz * n_vals[s] for s in range(world)]
     n_local = len(slots_per_rank[rank])
-    out_splits = [n_local * b + n for b, n in recv_meta]
+    out_splits = [4 * n_local * b + isz * n for b, n in recv_meta]
     recv = payload.new_empty(sum(out_splits))
     dist.all_to_all_single(recv, payload, out_splits, in_splits, group=group)
     recv_lengths: List[List[torch.Tensor]] = [[] for _ in range(n_local)]
     recv_values: List[List[torch.Tensor]] = [[] for _ in range(n_local)]
     for s, part in enumerate(recv.split(out_splits)):
         b = batch_sizes[s]
-        lens, vals = part[: n_local * b].view(n_local, b), part[n_local * b:]
+        # clone: a byte slice at an unaligned offset cannot be viewed as a wider dtype
+        lens = part[: 4 * n_local * b].clone().view(torch.int32).view(n_local, b)
+        vals = part[4 * n_local * b:].clone().view(id_dtype)
         per_slot = vals.split(lens.sum(dim=1).tolist()) if n_local else []
         for j in range(n_local):
             recv_lengths[j].append(lens[j])

@@ -100,11 +100,20 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
                            "(des_plan(module, {table: rank | 'row_wise'}, world_size)).")
         self._owners = {t: _owned_rows(params[t], configs[t].num_embeddings, t) for t in configs}
         self._row_wise = {t for t in configs if params[t].sharding_type == ShardingType.ROW_WISE.value}
-        # slots: (table, feature, lo, hi) each rank pools; local weights grouped by dimension
-        self._slots: List[List[Tuple[str, str, int, int]]] = [
-            [(t, f, *self._owners[t][r]) for t, c in configs.items() if r in self._owners[t] for f in c.feature_names]
-            for r in range(self._world)]
-        self._full = [[lo == 0 and hi == configs[t].num_embeddings for t, _, lo, hi in s] for s in self._slots]
+        # slots: the (feature, lo, hi) id streams each rank receives, once even when several
+        # of its tables read the same feature (e.g. an FM table and a wide table of one field)
+        self._slots: List[List[Tuple[str, int, int]]] = []
+        for r in range(self._world):
+            wanted = [(f, *self._owners[t][r]) for t, c in configs.items() if r in self._owners[t] for f in c.feature_names]
+            self._slots.append(list(dict.fromkeys(wanted)))
+        # a slot covering every row of every table reading its feature needs no filtering
+        rows_of = {f: max(c.num_embeddings for c in configs.values() if f in c.feature_names)
+                   for c in configs.values() for f in c.feature_names}
+        self._full = [[lo == 0 and hi >= rows_of[f] for f, lo, hi in s] for s in self._slots]
+        # local fields: (table, feature, slot) pooled here
+        mine = {(f, lo, hi): j for j, (f, lo, hi) in enumerate(self._slots[self._rank])}
+        self._local_fields = [(t, f, mine[(f, *self._owners[t][self._rank])]) for t, c in configs.items()
+                              if self._rank in self._owners[t] for f in c.feature_names]
         local_tables = [t for t in configs if self._rank in self._owners[t]]
         self._dims = sorted({configs[t].embedding_dim for t in local_tables})
         self._row_offset: Dict[str, int] = {}
@@ -118,8 +127,8 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
                     off += hi - lo
                     blocks.append(module.ebc.embedding_bags[t].weight.detach()[lo:hi])
             self.local_weights[f"dim{d}"] = nn.Parameter(torch.cat(blocks).clone())
-        slot_of = {(t, f): j for j, (t, f, _, _) in enumerate(self._slots[self._rank])}
-        self._slot_dim = [configs[t].embedding_dim for t, _, _, _ in self._slots[self._rank]]
+        slot_of = {(t, f): j for j, (t, f, _) in enumerate(self._local_fields)}
+        self._field_dim = [configs[t].embedding_dim for t, _, _ in self._local_fields]
         # operators: replicated copies; the W_f of owned table-wise fields become local blocks
         self.operators = nn.ModuleDict({k: copy.deepcopy(op) for k, op in module.operators.items()})
         self.first_local, self.first_row_wise = nn.ParameterDict(), nn.ParameterDict()
@@ -139,8 +148,6 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         self._replicated = [(f"operators.{k}.{p}", t, float(self._world)) for k, op in self.operators.items()
                             for p, t in op.named_parameters()]
         self._replicated += [(f"first_row_wise.{k}", t, 1.0) for k, t in self.first_row_wise.items() if t.numel()]
-        max_rows = max(c.num_embeddings for c in configs.values())
-        self._id_dtype = torch.int32 if max_rows < 2**31 else torch.int64  # ids are cheap: send them narrow
         self._feature_index: Dict[Tuple[str, ...], List[List[Tuple[int, int, int]]]] = {}
 
     # ---- ShardedModule stages ----------------------------------------------------------
@@ -156,15 +163,15 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         if keys not in self._feature_index:
             index = {k: i for i, k in enumerate(keys)}
             for s in self._slots:
-                for _, f, _, _ in s:
+                for f, _, _ in s:
                     if f not in index:
                         raise DESError(f"DES: the batch has no feature {f!r}{did_you_mean(f, list(keys))}; keys: {list(keys)}.")
-            self._feature_index[keys] = [[(index[f], lo, hi) for _, f, lo, hi in s] for s in self._slots]
+            self._feature_index[keys] = [[(index[f], lo, hi) for f, lo, hi in s] for s in self._slots]
         batch = features.stride()
         lengths = features.lengths().view(len(keys), batch)
         values = features.values().split(features.length_per_key())
         ctx["dense"] = dense
-        got = exchange_ids(lengths, values, self._feature_index[keys], self._full, self._id_dtype, self._group)
+        got = exchange_ids(lengths, values, self._feature_index[keys], self._full, features.values().dtype, self._group)
         return NoWait(NoWait(got))
 
     def compute(self, ctx: Dict[str, Any], dist_input: Any) -> torch.Tensor:
@@ -173,16 +180,16 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         ctx["batch_sizes"] = batch_sizes
         b_max, world = max(batch_sizes), self._world
         n = world * b_max
-        pooled: List[Optional[torch.Tensor]] = [None] * len(recv_lengths)
+        pooled: List[Optional[torch.Tensor]] = [None] * len(self._local_fields)
         for d in self._dims:
-            js = [j for j, dj in enumerate(self._slot_dim) if dj == d]
+            js = [j for j, dj in enumerate(self._field_dim) if dj == d]
             lens = torch.zeros(len(js), world, b_max, dtype=torch.long)
             idx = []
             for k, j in enumerate(js):
-                table = self._slots[self._rank][j][0]
+                table, _, slot = self._local_fields[j]
                 for s in range(world):
-                    lens[k, s, : batch_sizes[s]] = recv_lengths[j][s]
-                    idx.append(recv_values[j][s].long() + self._row_offset[table])
+                    lens[k, s, : batch_sizes[s]] = recv_lengths[slot][s]
+                    idx.append(recv_values[slot][s].long() + self._row_offset[table])
             offsets = torch.cat([lens.new_zeros(1), lens.reshape(-1).cumsum(0)])
             out = F.embedding_bag(torch.cat(idx), self.local_weights[f"dim{d}"], offsets, mode="sum", sparse=True,
                                   include_last_offset=True).view(len(js), n, d)
@@ -248,7 +255,7 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
     def local_table(self, table: str) -> torch.Tensor:
         """This rank's rows of ``table`` (a view of the local weights; [hi - lo, D])."""
         lo, hi = self._owners[table][self._rank]
-        d = next(dj for (t, _, _, _), dj in zip(self._slots[self._rank], self._slot_dim) if t == table)
+        d = next(dj for (t, _, _), dj in zip(self._local_fields, self._field_dim) if t == table)
         off = self._row_offset[table]
         return self.local_weights[f"dim{d}"][off: off + hi - lo]
 
@@ -297,16 +304,23 @@ def des_plan(module: DESEmbeddingOperators, placement: Dict[str, Union[int, str]
 
 
 def balanced_placement(tables: Sequence[Any], world_size: int, row_wise_above: Optional[int] = None) -> Dict[str, Union[int, str]]:
-    """Greedy table-wise placement by size (largest first onto the least-loaded rank): uneven
-    table counts per rank, balanced bytes. Tables with more than ``row_wise_above`` rows go
-    row-wise. Used for DES and for the TorchRec table-wise baseline alike."""
+    """Greedy table-wise placement by size: uneven table counts per rank, balanced bytes.
+
+    Tables reading the same features (e.g. the FM table and the wide table of one field)
+    are placed together, largest group first onto the least-loaded rank, so their ids travel
+    once. Tables with more than ``row_wise_above`` rows go row-wise. Used for DES and for
+    the TorchRec table-wise baseline alike."""
     load = [0] * world_size
     out: Dict[str, Union[int, str]] = {}
-    for t in sorted(tables, key=lambda c: -c.num_embeddings * c.embedding_dim):
+    groups: Dict[Tuple[str, ...], List[Any]] = {}
+    for t in tables:
         if row_wise_above is not None and t.num_embeddings > row_wise_above:
             out[t.name] = "row_wise"
-            continue
+        else:
+            groups.setdefault(tuple(sorted(t.feature_names)), []).append(t)
+    for group in sorted(groups.values(), key=lambda g: -sum(t.num_embeddings * t.embedding_dim for t in g)):
         r = min(range(world_size), key=lambda i: load[i])
-        out[t.name] = r
-        load[r] += t.num_embeddings * t.embedding_dim
+        for t in group:
+            out[t.name] = r
+            load[r] += t.num_embeddings * t.embedding_dim
     return out

@@ -90,6 +90,7 @@ class AccessProfile:
     samples_seen: int
     samples_sampled: int
     batches_seen: int
+    batches_sampled: int
     batch_size: int
     sample_fraction: float
     seed: int
@@ -215,7 +216,7 @@ def profile_accesses(source: Source, tables: Mapping[str, TableShape],
     pending_n = {t: 0 for t in tables}
     ev_s: Dict[str, List[np.ndarray]] = {t: [] for t in tables}
     ev_i: Dict[str, List[np.ndarray]] = {t: [] for t in tables}
-    seen = sampled = batches = kept = 0
+    seen = sampled = batches = kept = drawn = 0
     sizes: List[int] = []
     # A map-style source (len + getitem, e.g. TableBatches) sampled by batch reads only the
     # drawn batches: the same draws as iterating it (one rng.random() per batch, in order).
@@ -257,6 +258,7 @@ def profile_accesses(source: Source, tables: Mapping[str, TableShape],
         seen += b
         sampled += int(mask.sum())
         kept += n_keep
+        drawn += bool(mask.any())
         batches += 1
         sizes.append(b)
     if picked_only and batches:
@@ -276,6 +278,6 @@ def profile_accesses(source: Source, tables: Mapping[str, TableShape],
     return AccessProfile(
         tables=dict(tables), feature_to_table=f2t, ids=ids, counts=counts,
         eval_sample={t: cat(ev_s[t]) for t in tables}, eval_ids={t: cat(ev_i[t]) for t in tables},
-        eval_samples=kept, samples_seen=seen, samples_sampled=sampled, batches_seen=batches,
+        eval_samples=kept, samples_seen=seen, samples_sampled=sampled, batches_seen=batches, batches_sampled=drawn,
         batch_size=int(np.median(sizes)), sample_fraction=sample_fraction, seed=seed, unit=unit,
     )
