@@ -31,33 +31,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args, tmp_path: Path, nproc: int = 2) -> str:
+def torchrun(args, tmp_path: Path, nproc: int = 2, restarts: int = 0, ok: bool = True) -> str:
     bin_dir = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), OMP_NUM_THREADS="1")
     env.pop("RECD_PLUGIN", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), str(TRAIN), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
+           str(restarts), "--master_port", str(_free_port()), str(TRAIN), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
+    assert (proc.returncode == 0) == ok, out[-5000:]
     return out
+
+
+def read_log(path: str):
+    """(per-step [(step, loss)], final epoch result) of a --losses file."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [(d["step"], d["loss"]) for d in lines if "step" in d], [d for d in lines if "step" not in d][-1:]
+
+
+COMMON = ["--data", "synthetic", "--workers", "0", "--optimizer", "sgd", "--lr", "0.05", "--epochs", "1"]
 
 
 @pytest.mark.parametrize("sharding,light", [("table_wise", True), ("column_wise", True), ("row_wise", True),
                                             ("row_wise", False)])
 def test_plugin_on_matches_plugin_off_step_by_step(sharding: str, light: bool, tmp_path: Path) -> None:
     losses = tmp_path / "losses"
-    out = torchrun(["--data", "synthetic", "--compare", "--sharding", sharding, "--epochs", "1", "--max-steps", "4",
-                    "--workers", "0", "--optimizer", "sgd", "--lr", "0.05", "--losses", str(losses)]
+    out = torchrun(COMMON + ["--compare", "--sharding", sharding, "--max-steps", "4", "--losses", str(losses)]
                    + (["--light"] if light else []), tmp_path)
     assert "recd-plugin sharding plan:" in out and f": {sharding}, fused" in out, out[-3000:]
     for rank in range(2):
-        plain = json.loads(Path(f"{losses}.plain.rank{rank}").read_text())
-        recd = json.loads(Path(f"{losses}.recd.rank{rank}").read_text())
-        assert len(plain["losses"]) == len(recd["losses"]) == 4
-        for step, (a, b) in enumerate(zip(plain["losses"], recd["losses"])):
+        plain, [plain_result] = read_log(f"{losses}.plain.rank{rank}")
+        recd, [recd_result] = read_log(f"{losses}.recd.rank{rank}")
+        assert [s for s, _ in plain] == [s for s, _ in recd] == [1, 2, 3, 4]
+        for (step, a), (_, b) in zip(plain, recd):
             assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (rank, step, a, b)
-        assert abs(plain["auc"] - recd["auc"]) <= 1e-5
+        assert abs(plain_result["auc"] - recd_result["auc"]) <= 1e-5
+
+
+RECD = ["--recd", str(ROOT / "examples" / "movielens" / "recd.toml"), "--sharding", "row_wise", "--light",
+        "--max-steps", "6"]
+
+
+def test_killed_rank_fails_the_job_with_its_error(tmp_path: Path) -> None:
+    out = torchrun(COMMON + RECD + ["--fail-at-step", "3"], tmp_path, ok=False)
+    assert "killing rank 1" in out and "rank      : 1" in out and "Signal 9 (SIGKILL)" in out, out[-4000:]
+
+
+def test_restart_resumes_from_checkpoint_without_losing_or_repeating_samples(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    torchrun(COMMON + RECD + ["--losses", str(straight)], tmp_path)
+    resumed = tmp_path / "resumed"
+    out = torchrun(COMMON + RECD + ["--losses", str(resumed), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                                    "--checkpoint-every", "2", "--fail-at-step", "3"], tmp_path, restarts=1)
+    assert "killing rank 1" in out and "resumed from step 2 (epoch 0, batch 2)" in out, out[-4000:]
+    for rank in range(2):
+        want = dict(read_log(f"{straight}.recd.rank{rank}")[0])
+        got = read_log(f"{resumed}.recd.rank{rank}")[0]
+        restart = max(i for i, (s, _) in enumerate(got) if s == 3)  # the restarted attempt redoes step 3
+        assert [s for s, _ in got[restart:]] == [3, 4, 5, 6]          # then every step once, in order
+        for step, loss in got:                                          # each on the same batch as straight
+            assert abs(loss - want[step]) <= 1e-6 * max(1.0, abs(loss)), (rank, step, loss, want[step])
 
 
 def test_dist_benchmark_quick_json(tmp_path: Path) -> None:

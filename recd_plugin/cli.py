@@ -7,6 +7,7 @@
     recd-plugin fetch-movielens [--dest DIR]     # download MovieLens-100k into the cache
     recd-plugin preprocess EVENTS OUT [--strict] # flat events Parquet -> deduplicated layout
     recd-plugin preprocess movielens-100k OUT    # the built-in sources work too (synthetic)
+    recd-plugin profile criteo-synthetic --budget 1% --out out/   # FAE hot set + coverage
     recd-plugin bench dedup --quick              # same as python -m recd_plugin.bench
 """
 
@@ -32,6 +33,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     prep.add_argument("--rows-per-file", type=int, default=1 << 20)
     prep.add_argument("--strict", action="store_true", help="refuse session/item columns that are not constant")
     prep.add_argument("--overwrite", action="store_true")
+    prof = sub.add_parser("profile", help="FAE: profile embedding accesses, write the hot set for a budget")
+    from recd_plugin.fae.command import add_arguments as add_profile_arguments
+
+    add_profile_arguments(prof)
     sub.add_parser("bench", help="run a benchmark (python -m recd_plugin.bench --help)", add_help=False)
     if argv[:1] == ["bench"]:
         from recd_plugin.bench.__main__ import main as bench_main
@@ -62,6 +67,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 source = load_movielens_100k() if source == "movielens-100k" else generate_sessions()
             print(preprocess(source, args.out, StorageSpec.movielens(), rows_per_file=args.rows_per_file,
                              strict=args.strict, overwrite=args.overwrite))
+        elif args.command == "profile":
+            from recd_plugin.fae.command import run as run_profile
+
+            run_profile(args)
         elif args.command == "fetch-movielens":
             from recd_plugin.data import default_root, fetch_movielens_100k
 

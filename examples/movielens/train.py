@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAUROC
 from tqdm import tqdm
 
@@ -41,6 +42,7 @@ from distributed import SHARDING_TYPES  # noqa: E402
 from model import RECD_FLAG, TwoTower  # noqa: E402
 
 import recd_plugin  # noqa: E402  # recd-plugin
+from recd_plugin.dist.checkpoint import Checkpointer  # noqa: E402
 from recd_plugin.data import TableBatches, cardinalities, generate_sessions, load_movielens_100k, split_by_time  # noqa: E402
 
 
@@ -61,7 +63,11 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="dense optimizer; sharded embeddings use fused EXACT_ROWWISE_ADAGRAD, or EXACT_SGD with sgd")
     p.add_argument("--losses", default=None,
-                   help="write every step's loss to PATH.plain / PATH.recd (with several ranks: .rankN appended)")
+                   help="append every step's loss to PATH.plain / PATH.recd (JSON lines; several ranks: .rankN)")
+    p.add_argument("--checkpoint-dir", default=None, help="save sharded checkpoints here and resume from the latest")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--fail-at-step", type=int, default=0,
+                   help="fault drill: the last rank kills itself (SIGKILL) after this step, on the first attempt only")
     args = p.parse_args(argv)
     if args.sharding is None:
         args.sharding = "auto" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "none"
@@ -74,13 +80,26 @@ def load_data(name: str, seed: int):
     return cardinalities(table), train, test
 
 
+class RankBatches(Dataset):
+    """The batches of ``table`` this rank trains on, from batch ``start`` of its share: rank r
+    takes batches r, r + world, ... and every rank the same number (sharded models run
+    collectives in every step). ``start`` is where a resumed epoch picks up."""
+
+    def __init__(self, table, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.batches = TableBatches(table, batch_size)
+        self.indices = range(rank, len(self.batches) - len(self.batches) % world, world)
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.indices) - self.start
+
+    def __getitem__(self, i: int):
+        return self.batches[self.indices[self.start + i]]
+
+
 def loader(table, batch_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
-    """Batches of ``table``; with ``world`` > 1, rank r takes batches r, r + world, ... and every
-    rank the same number of them (sharded models run collectives in every step)."""
-    batches = TableBatches(table, batch_size)
-    if world > 1:
-        batches = Subset(batches, range(rank, len(batches) - len(batches) % world, world))
-    return DataLoader(batches, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    # Not persistent: workers restart each epoch and see RankBatches.start of a resumed epoch.
+    return DataLoader(RankBatches(table, batch_size, rank, world), batch_size=None, num_workers=workers)
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable) -> float:
@@ -106,35 +125,66 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    losses: list = []
     loss_fn = torch.nn.BCEWithLogitsLoss()
     result: Dict[str, float] = {}
-    for epoch in range(args.epochs):
+    ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every) if args.checkpoint_dir else None
+    position = (ckpt.resume(model, optimizer) if ckpt else None) or {"step": 0, "epoch": 0, "batch": 0}
+    if position["step"]:
+        print(f"resumed from step {position['step']} (epoch {position['epoch']}, batch {position['batch']})")
+    log = _loss_log(args, recd, rank, world)
+    step = position["step"]
+    for epoch in range(position["epoch"], args.epochs):
+        first = position["batch"] if epoch == position["epoch"] else 0
+        _dataset(train_loader).start = first
         total, steps, samples, start = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch} ({'recd on' if recd.enabled else 'plain'})",
-                   total=args.max_steps or len(train_loader), leave=False, disable=None)  # None: bars on a terminal only
-        for batch in bar:
+                   total=args.max_steps - first if args.max_steps else len(train_loader),
+                   leave=False, disable=None)  # None: bars on a terminal only
+        for i, batch in enumerate(bar, start=first):
+            if i == args.max_steps and args.max_steps:
+                break
             optimizer.zero_grad()
             loss = loss_fn(model(batch.sparse_features, batch.dense_features), batch.labels)
             loss.backward()
             optimizer.step()
-            total, steps, samples = total + loss.item(), steps + 1, samples + batch.labels.numel()
-            losses.append(loss.item())
+            total, steps, samples, step = total + loss.item(), steps + 1, samples + batch.labels.numel(), step + 1
             bar.set_postfix(loss=f"{total / steps:.4f}")
-            if steps == args.max_steps:
-                break
+            if log:
+                log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+                log.flush()
+            if ckpt:
+                ckpt.maybe_save(step, model, optimizer, {"epoch": epoch, "batch": i + 1})
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            if step == args.fail_at_step and rank == world - 1 and first_attempt:
+                print(f"--fail-at-step {step}: killing rank {rank}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        steps = max(steps, 1)
         seconds = time.perf_counter() - start
         result = {"loss": total / steps, "auc": evaluate(model, test_loader), "samples_per_s": samples / seconds}
         print(f"epoch {epoch}: loss {result['loss']:.4f}  test AUC {result['auc']:.4f}  "
               f"{result['samples_per_s']:.0f} samples/s")
-    if args.losses:
-        suffix = (".recd" if recd.enabled else ".plain") + (f".rank{rank}" if world > 1 else "")
-        Path(args.losses + suffix).write_text(json.dumps({"recd": recd.enabled, "losses": losses, **result}))
+    if log:
+        log.write(json.dumps(result) + "\n")
+        log.close()
     if recd.enabled:
         stats = train_loader.stats
         print(f"recd-plugin: {stats.samples_out} samples, unique user rows "
               f"{100 * stats.unique_fraction('user'):.1f}%")
     return result
+
+
+def _loss_log(args: argparse.Namespace, recd: recd_plugin.RecDConfig, rank: int, world: int):
+    """--losses: one JSON line per step ({"step", "loss"}), then one with the epoch result;
+    appended to, so a restarted job continues the file."""
+    if not args.losses:
+        return None
+    suffix = (".recd" if recd.enabled else ".plain") + (f".rank{rank}" if world > 1 else "")
+    return open(args.losses + suffix, "a")
+
+
+def _dataset(train_loader) -> RankBatches:
+    inner = train_loader.loader if hasattr(train_loader, "loader") else train_loader  # recd-plugin wraps it
+    return inner.dataset
 
 
 def main(argv: Optional[list] = None) -> None:

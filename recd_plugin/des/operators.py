@@ -176,7 +176,7 @@ class FirstDenseLayer(DESOperator):
         w = self.field_weight if weight is None else weight
         if fields.shape[1:] != w.shape[1:]:
             raise DESError(f"FirstDenseLayer: fields {tuple(fields.shape)} do not match weight blocks {tuple(w.shape)}.")
-        return fields.flatten(1) @ w.flatten(1).t()
+        return torch.einsum("nfd,hfd->nh", fields, w)
 
     def combine(self, partials: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = partials

@@ -180,21 +180,33 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         ctx["batch_sizes"] = batch_sizes
         b_max, world = max(batch_sizes), self._world
         n = world * b_max
-        pooled: List[Optional[torch.Tensor]] = [None] * len(self._local_fields)
+        groups: Dict[int, torch.Tensor] = {}  # dim -> [fields of that dim, N, dim]
+        where: Dict[int, Tuple[int, int]] = {}  # local field -> (dim, position in its group)
         for d in self._dims:
             js = [j for j, dj in enumerate(self._field_dim) if dj == d]
             lens = torch.zeros(len(js), world, b_max, dtype=torch.long)
             idx = []
             for k, j in enumerate(js):
                 table, _, slot = self._local_fields[j]
+                where[j] = (d, k)
                 for s in range(world):
                     lens[k, s, : batch_sizes[s]] = recv_lengths[slot][s]
                     idx.append(recv_values[slot][s].long() + self._row_offset[table])
             offsets = torch.cat([lens.new_zeros(1), lens.reshape(-1).cumsum(0)])
-            out = F.embedding_bag(torch.cat(idx), self.local_weights[f"dim{d}"], offsets, mode="sum", sparse=True,
-                                  include_last_offset=True).view(len(js), n, d)
-            for k, j in enumerate(js):
-                pooled[j] = out[k]
+            groups[d] = F.embedding_bag(torch.cat(idx), self.local_weights[f"dim{d}"], offsets, mode="sum", sparse=True,
+                                        include_last_offset=True).view(len(js), n, d)
+
+        def fields(js: List[Optional[int]], dim: int) -> Optional[torch.Tensor]:
+            """[N, len(js), dim] pooled fields (zeros for None); one gather, not one select per
+            field: a select's backward would materialise the whole group once per field."""
+            if not js:
+                return None
+            if any(j is None for j in js):
+                return torch.stack([groups[dim][where[j][1]] if j is not None else torch.zeros(n, dim) for j in js], dim=1)
+            d, pos = where[js[0]][0], [where[j][1] for j in js]
+            g = groups[d] if pos == list(range(groups[d].shape[0])) else groups[d][torch.tensor(pos)]
+            return g.permute(1, 0, 2)
+
         synced = dict(zip([name for name, _, _ in self._replicated],
                           sync_replicated_grads([t for _, t, _ in self._replicated], [d for _, _, d in self._replicated],
                                                 self._group)))
@@ -202,22 +214,18 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         parts = []
         for name, op in self.operators.items():
             plan, dim = self._plan[name], self._plan[name]["dim"]
-            tw = [pooled[j] for _, j in plan["tw"]]
-            v = torch.stack(tw, dim=1) if tw else None
+            v = fields([j for _, j in plan["tw"]], dim)
+            rw = fields([j for _, j in plan["rw"]], dim)
             if isinstance(op, FirstDenseLayer):
                 p = op.partials(v, weight=self.first_local[name]) if v is not None else torch.zeros(n, op.out_features)
-                if plan["rw"]:
-                    rw = torch.stack([pooled[j] if j is not None else torch.zeros(n, dim) for _, j in plan["rw"]], dim=1)
-                    p = p + op.partials(rw, weight=synced.get(f"first_row_wise.{name}"))
-                parts.append(p)
+                parts.append(p + op.partials(rw, weight=synced[f"first_row_wise.{name}"]) if rw is not None else p)
             else:
                 parts.append(op.partials(v) if v is not None else torch.zeros(n, op.partial_size(dim)))
-                if plan["rw"]:
-                    rw = [pooled[j] if j is not None else torch.zeros(n, dim) for _, j in plan["rw"]]
+                if rw is not None:
                     if isinstance(op, FactorizationMachine):  # pooled row-wise fields travel whole (see module doc)
-                        parts.extend(rw)
+                        parts.append(rw.reshape(n, -1))
                     else:  # linear operators: partial sums over row shards add up
-                        parts[-1] = parts[-1] + op.partials(torch.stack(rw, dim=1))
+                        parts[-1] = parts[-1] + op.partials(rw)
         return torch.cat(parts, dim=1)
 
     def output_dist(self, ctx: Dict[str, Any], output: torch.Tensor) -> Any:
@@ -304,13 +312,15 @@ def des_plan(module: DESEmbeddingOperators, placement: Dict[str, Union[int, str]
 
 
 def balanced_placement(tables: Sequence[Any], world_size: int, row_wise_above: Optional[int] = None) -> Dict[str, Union[int, str]]:
-    """Greedy table-wise placement by size: uneven table counts per rank, balanced bytes.
+    """Greedy table-wise placement balancing the per-sample work: uneven table counts per rank.
 
-    Tables reading the same features (e.g. the FM table and the wide table of one field)
-    are placed together, largest group first onto the least-loaded rank, so their ids travel
-    once. Tables with more than ``row_wise_above`` rows go row-wise. Used for DES and for
-    the TorchRec table-wise baseline alike."""
-    load = [0] * world_size
+    Tables reading the same features (e.g. the FM table and the wide table of one field) form
+    a group and are placed together, so their ids travel once. Groups go, most fields first
+    (then largest), onto the rank with the fewest fields so far (then fewest bytes): lookups
+    and DES partials cost per field and sample, whatever the table's size. Tables with more
+    than ``row_wise_above`` rows go row-wise. Used for DES and for the TorchRec table-wise
+    baseline alike."""
+    load = [(0, 0)] * world_size  # (fields, bytes) per rank
     out: Dict[str, Union[int, str]] = {}
     groups: Dict[Tuple[str, ...], List[Any]] = {}
     for t in tables:
@@ -318,9 +328,13 @@ def balanced_placement(tables: Sequence[Any], world_size: int, row_wise_above: O
             out[t.name] = "row_wise"
         else:
             groups.setdefault(tuple(sorted(t.feature_names)), []).append(t)
-    for group in sorted(groups.values(), key=lambda g: -sum(t.num_embeddings * t.embedding_dim for t in g)):
+
+    def size(g: List[Any]) -> Tuple[int, int]:
+        return len(g[0].feature_names) * len(g), sum(t.num_embeddings * t.embedding_dim for t in g)
+
+    for group in sorted(groups.values(), key=lambda g: tuple(-x for x in size(g))):
         r = min(range(world_size), key=lambda i: load[i])
         for t in group:
             out[t.name] = r
-            load[r] += t.num_embeddings * t.embedding_dim
+        load[r] = (load[r][0] + size(group)[0], load[r][1] + size(group)[1])
     return out

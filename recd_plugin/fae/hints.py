@@ -152,6 +152,7 @@ def show_plans(configs: Sequence, profile: AccessProfile, hot: HotSet, world_siz
     quiet = logging.getLogger("torchrec.distributed.planner")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the planner's topology / reservation warnings drown the table
+    logging.disable(logging.WARNING)  # and root-logger "Sharding spec not found" for data-parallel
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # HeuristicalStorageReservation's notice
@@ -159,6 +160,7 @@ def show_plans(configs: Sequence, profile: AccessProfile, hot: HotSet, world_siz
             hinted = _plan_rows(configs, world_size, hbm_cap, b,
                                 planner_constraints(profile, hot, batch_size=b, **hint_args))
     finally:
+        logging.disable(logging.NOTSET)
         quiet.setLevel(level)
     head = ["table", "rows", "hot rows", "sharding", "kernel", "clf", "| hinted sharding", "kernel", "clf"]
     lines = [head]

@@ -60,36 +60,6 @@ from recd_plugin.modules.base import DedupModule
 from recd_plugin.sparse.ikjt import complete_cumsum, expand_rows
 
 
-class _BagSum(torch.autograd.Function):
-    """Sum pooling, [bags, D] = sum of ``weight[idx]`` (x per-sample weights) per bag.
-
-    Forward is torch's ``embedding_bag``; backward is one ``index_add_`` into the dense
-    gradient. Why: on CPU, ``embedding_bag``'s backward sorts the ids, and above ~50k ids
-    (one fused lookup over all tables) the sort goes parallel and costs 10-150 ms on a busy
-    2-core machine; TorchRec's per-table lookups stay small enough to sort serially.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor,
-                psw: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(idx, offsets, psw)
-        ctx.shape = weight.shape
-        return F.embedding_bag(idx, weight, offsets, mode="sum", include_last_offset=True, per_sample_weights=psw)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        idx, offsets, psw = ctx.saved_tensors
-        n = idx.numel()
-        # bag of each id = number of bag ends at or before its position (empty bags too)
-        ends = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
-        ends.index_add_(0, offsets[1:], torch.ones_like(offsets[1:]))
-        rows = grad.index_select(0, ends.cumsum(0)[:n])
-        if psw is not None:
-            rows = rows * psw.unsqueeze(1)
-        out = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
-        return out.index_add_(0, idx, rows), None, None, None
-
-
 def ebc_tables(ebc: EmbeddingBagCollection) -> Dict[str, TableShape]:
     """{table: TableShape} of an EBC (from its weights: rows, dim, element size)."""
     return {c.name: TableShape(c.num_embeddings, c.embedding_dim,
