@@ -34,8 +34,18 @@ def test_builtins_list_recd_train_and_torchx_own() -> None:
         assert name in out, (name, out)
 
 
-def test_local_cwd_launch_turns_the_plugin_on() -> None:
-    out = _torchx(["run", "recd.train", "--script", "train.py", "--recd", "@recd.toml", "-j", "1x1", "--",
-                   "--data", "synthetic", "--epochs", "1", "--max-steps", "2", "--workers", "0"], EXAMPLE)
+def test_local_cwd_launch_turns_the_plugin_on_sharded_on_two_ranks() -> None:
+    out = _torchx(["run", "recd.train", "--script", "train.py", "--recd", "@recd.toml", "-j", "1x2", "--",
+                   "--data", "synthetic", "--epochs", "1", "--max-steps", "2", "--workers", "0", "--light"], EXAMPLE)
     assert "Job finished: SUCCEEDED" in out, out[-4000:]
-    assert "recd-plugin: 2048 samples" in out, out[-4000:]
+    assert "recd-plugin sharding plan:" in out, out[-4000:]  # DistributedModelParallel, planner-made plan
+    assert out.count("recd-plugin: 2048 samples") == 2, out[-4000:]  # both ranks deduplicated
+
+
+def test_gpu_cluster_dry_run_has_image_resources_and_nccl() -> None:
+    out = _torchx(["run", "--workspace", "", "--dryrun", "-s", "slurm", "recd.train", "--script", "train.py",
+                   "--recd", "@recd.toml", "-j", "2x8", "--gpu", "8", "--image", "registry.example.com/recd:1"], EXAMPLE)
+    assert "'image': 'registry.example.com/recd:1'" in out, out
+    assert "'gpu': 8" in out and "--gpus-per-task=8" in out, out
+    assert "RECD_DIST_BACKEND=nccl" in out and "RECD_PLUGIN=@recd.toml" in out, out
+    assert "--nnodes 2 --nproc_per_node 8" in out, out

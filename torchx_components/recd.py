@@ -13,8 +13,15 @@ script's command line stays as it was. Installing recd-plugin registers it (entr
     # any scheduler, dry run: print the AppDef (image, resources, env) without launching
     torchx run --dryrun -s local_cwd recd.train --script train.py --recd @recd.toml
 
-Multi-rank sharded training (DistributedModelParallel) with the plugin is not supported yet:
-``apply`` refuses an already-sharded model. Single-process training launched by TorchX works.
+Several processes (``-j 1x2``: one node, two ranks) run the example sharded by
+DistributedModelParallel with the plugin on; ``$RECD_DIST_BACKEND`` tells the script its
+process-group backend (``nccl`` when ``--gpu`` > 0, else ``gloo``)::
+
+    torchx run -s local_cwd recd.train --script train.py --recd @recd.toml -j 1x2 -- --sharding row_wise
+
+    # GPU cluster, dry run (no cluster needed): the AppDef and the sbatch script
+    torchx run --workspace "" --dryrun -s slurm recd.train --script train.py --recd @recd.toml \
+        -j 2x8 --gpu 8 --image registry.example.com/recd:latest
 """
 
 
@@ -25,6 +32,7 @@ from torchx import specs
 from torchx.components import dist
 
 ENV_VAR = "RECD_PLUGIN"  # the same name as recd_plugin.ENV_VAR, without importing torch here
+BACKEND_VAR = "RECD_DIST_BACKEND"
 
 
 def train(
@@ -69,6 +77,8 @@ def train(
     env = dict(env or {})
     if recd:
         env[ENV_VAR] = recd
+    # The process-group backend for the script (the example reads it): nccl with GPUs.
+    env.setdefault(BACKEND_VAR, "nccl" if gpu > 0 else "gloo")
     return dist.ddp(
         *script_args, script=script, m=m, image=image, name=name, h=h, cpu=cpu, gpu=gpu,
         memMB=memMB, j=j, env=env, max_retries=max_retries, rdzv_port=rdzv_port,

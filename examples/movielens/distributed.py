@@ -37,7 +37,8 @@ def init() -> Tuple[int, int, torch.device]:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29512")
-        dist.init_process_group("nccl" if cuda else "gloo", rank=int(os.environ.get("RANK", 0)),
+        backend = os.environ.get("RECD_DIST_BACKEND") or ("nccl" if cuda else "gloo")  # set by recd.train
+        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
                                 world_size=int(os.environ.get("WORLD_SIZE", 1)), timeout=timedelta(seconds=120))
     rank = dist.get_rank()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")

@@ -141,8 +141,6 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
                    total=args.max_steps - first if args.max_steps else len(train_loader),
                    leave=False, disable=None)  # None: bars on a terminal only
         for i, batch in enumerate(bar, start=first):
-            if i == args.max_steps and args.max_steps:
-                break
             optimizer.zero_grad()
             loss = loss_fn(model(batch.sparse_features, batch.dense_features), batch.labels)
             loss.backward()
@@ -158,6 +156,8 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
             if step == args.fail_at_step and rank == world - 1 and first_attempt:
                 print(f"--fail-at-step {step}: killing rank {rank}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if i + 1 == args.max_steps:
+                break
         steps = max(steps, 1)
         seconds = time.perf_counter() - start
         result = {"loss": total / steps, "auc": evaluate(model, test_loader), "samples_per_s": samples / seconds}

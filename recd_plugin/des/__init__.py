@@ -11,7 +11,8 @@ Example::
 
 from recd_plugin.des.module import DESEmbeddingOperators, resolve_fields
 from recd_plugin.des.operators import DESOperator, FactorizationMachine, FirstDenseLayer, WideLinear, stack_fields
-from recd_plugin.des.sharded import DESSharder, ShardedDESEmbeddingOperators, balanced_placement, des_plan
+from recd_plugin.des.sharded import ShardedDESEmbeddingOperators
+from recd_plugin.des.sharder import DESSharder, balanced_placement, des_plan
 
 __all__ = [
     "DESEmbeddingOperators", "DESOperator", "DESSharder", "FactorizationMachine", "FirstDenseLayer",

@@ -42,7 +42,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recd_plugin.des.operators import DESOperator, FactorizationMachine, FirstDenseLayer, WideLinear
+from recd_plugin.des.operators import DESOperator, FirstDenseLayer, WideLinear
 from recd_plugin.errors import DESError, did_you_mean
 
 Field = Tuple[str, str, str]  # (table, feature, pooled key)
@@ -70,6 +70,9 @@ def resolve_fields(tables: Sequence[EmbeddingBagConfig], operators: Dict[str, DE
                            "(FactorizationMachine, WideLinear, FirstDenseLayer).")
         if not op.tables:
             raise DESError(f"DES: operator {op_name!r} names no tables; pass tables=[...] when building it.")
+        dup = sorted({t for t in op.tables if op.tables.count(t) > 1})
+        if dup:
+            raise DESError(f"DES: operator {op_name!r} names table(s) {dup} more than once; name each table once.")
         fields[op_name] = []
         for name in op.tables:
             if name not in by_name:

@@ -1,4 +1,4 @@
-"""Sharded DES: ``DESSharder`` turns a ``DESEmbeddingOperators`` into a TorchRec ``ShardedModule``.
+"""Sharded DES: the ``ShardedModule`` that ``DESSharder`` (sharder.py) makes of a ``DESEmbeddingOperators``.
 
 Each rank owns some tables (TABLE_WISE, uneven placements fine) or a row range of a table
 (ROW_WISE, TorchRec's own row split), plus the first-dense-layer blocks ``W_f`` of the
@@ -44,15 +44,13 @@ state_dict holds this rank's local slices (plain tensors, not ShardedTensor); va
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
-from torchrec.distributed.types import (EmbeddingModuleShardingPlan, LazyNoWait, ModuleSharder, NoWait, ParameterSharding,
-                                        ShardedModule, ShardingEnv, ShardingType)
+from torchrec.distributed.types import (EmbeddingModuleShardingPlan, LazyNoWait, NoWait, ParameterSharding, ShardedModule,
+                                        ShardingEnv, ShardingType)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.des.collectives import exchange_ids, reduce_scatter_partials, sync_replicated_grads
@@ -266,75 +264,3 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         d = next(dj for (t, _, _), dj in zip(self._local_fields, self._field_dim) if t == table)
         off = self._row_offset[table]
         return self.local_weights[f"dim{d}"][off: off + hi - lo]
-
-
-class DESSharder(ModuleSharder[DESEmbeddingOperators]):
-    """TorchRec sharder for :class:`DESEmbeddingOperators` (TABLE_WISE and ROW_WISE, cpu/cuda)."""
-
-    def shard(self, module: DESEmbeddingOperators, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
-              device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> ShardedDESEmbeddingOperators:
-        return ShardedDESEmbeddingOperators(module, params, env, device)
-
-    @property
-    def module_type(self) -> Type[DESEmbeddingOperators]:
-        return DESEmbeddingOperators
-
-    def shardable_parameters(self, module: DESEmbeddingOperators) -> Dict[str, nn.Parameter]:
-        return {t.name: module.ebc.embedding_bags[t.name].weight for t in module.tables}
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        return [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value]
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        return [EmbeddingComputeKernel.DENSE.value]
-
-
-def des_plan(module: DESEmbeddingOperators, placement: Dict[str, Union[int, str]], world_size: int,
-             local_size: Optional[int] = None, device_type: str = "cpu") -> EmbeddingModuleShardingPlan:
-    """A TorchRec plan for ``module``: ``placement[table]`` is a rank (table-wise) or ``"row_wise"``."""
-    names = [t.name for t in module.tables]
-    for t in placement:
-        if t not in names:
-            raise DESError(f"DES: placement names table {t!r}, which does not exist{did_you_mean(t, names)}; tables: {names}.")
-    missing = [t for t in names if t not in placement]
-    if missing:
-        raise DESError(f"DES: placement misses table(s) {missing}; give each a rank or 'row_wise'.")
-    gens = {}
-    for t, where in placement.items():
-        if where == "row_wise":
-            gens[t] = row_wise(compute_kernel=EmbeddingComputeKernel.DENSE.value)
-        elif isinstance(where, int) and 0 <= where < world_size:
-            gens[t] = table_wise(rank=where, compute_kernel=EmbeddingComputeKernel.DENSE.value)
-        else:
-            raise DESError(f"DES: placement of {t!r} is {where!r}; use a rank in [0, {world_size}) or 'row_wise'.")
-    return construct_module_sharding_plan(module, gens, sharder=DESSharder(), local_size=local_size or world_size,
-                                          world_size=world_size, device_type=device_type)
-
-
-def balanced_placement(tables: Sequence[Any], world_size: int, row_wise_above: Optional[int] = None) -> Dict[str, Union[int, str]]:
-    """Greedy table-wise placement balancing the per-sample work: uneven table counts per rank.
-
-    Tables reading the same features (e.g. the FM table and the wide table of one field) form
-    a group and are placed together, so their ids travel once. Groups go, most fields first
-    (then largest), onto the rank with the fewest fields so far (then fewest bytes): lookups
-    and DES partials cost per field and sample, whatever the table's size. Tables with more
-    than ``row_wise_above`` rows go row-wise. Used for DES and for the TorchRec table-wise
-    baseline alike."""
-    load = [(0, 0)] * world_size  # (fields, bytes) per rank
-    out: Dict[str, Union[int, str]] = {}
-    groups: Dict[Tuple[str, ...], List[Any]] = {}
-    for t in tables:
-        if row_wise_above is not None and t.num_embeddings > row_wise_above:
-            out[t.name] = "row_wise"
-        else:
-            groups.setdefault(tuple(sorted(t.feature_names)), []).append(t)
-
-    def size(g: List[Any]) -> Tuple[int, int]:
-        return len(g[0].feature_names) * len(g), sum(t.num_embeddings * t.embedding_dim for t in g)
-
-    for group in sorted(groups.values(), key=lambda g: tuple(-x for x in size(g))):
-        r = min(range(world_size), key=lambda i: load[i])
-        for t in group:
-            out[t.name] = r
-        load[r] = (load[r][0] + size(group)[0], load[r][1] + size(group)[1])
-    return out

@@ -1,11 +1,11 @@
 """FAE's hot/cold embedding layout: hot rows in fast memory, cold rows in host memory.
 
 ``HotColdEmbeddingBagCollection`` replaces chosen tables of a TorchRec
-``EmbeddingBagCollection`` (EBC) by two tensors per group of same-dim tables: a *hot tier*
-(the hot set's rows, on ``device``: the GPU when there is one) and a *cold tier* (every other
-row, in host memory: CPU). Each row lives in exactly one tier. Tables the hot set does not
-name keep their original ``nn.EmbeddingBag`` (the same module object). Use it through
-:func:`convert_hot_cold`, which swaps every EBC of a model in place and returns the undo::
+``EmbeddingBagCollection`` (EBC) by a *hot tier* (the hot set's rows of all chosen tables of
+one dim, one tensor on ``device``: the GPU when there is one) and a *cold tier* (every other
+row, one tensor per table, in host memory: CPU). Each row lives in exactly one tier. Tables
+the hot set does not name keep their original ``nn.EmbeddingBag`` (the same module object).
+Use it through :func:`convert_hot_cold`, which swaps every EBC of a model in place::
 
     from recd_plugin.fae.hotset import HotSet
     from recd_plugin.fae.hotcold import convert_hot_cold
@@ -17,34 +17,33 @@ name keep their original ``nn.EmbeddingBag`` (the same module object). Use it th
     model.state_dict()               # the original keys: embedding_bags.<table>.weight [N, D]
     undo()                           # the original EBCs are back, trained weights written in
 
-What stays the same: the output ``KeyedTensor`` (keys, order, values for SUM and MEAN
-pooling, per-sample weights for weighted SUM tables), the gradients (each row's gradient
-lands in the tier that holds it), the state_dict keys and shapes (exported by assembling the
-tiers; ``load_state_dict`` takes the original layout too). What changes: the parameters
-(``hot_g0``, ``cold_g0``, ...: build the optimizer after converting) and the original EBC's
-converted weights are released while converted (no double memory; undo restores them).
+Unchanged: the output ``KeyedTensor`` (keys, order, values for SUM and MEAN pooling,
+per-sample weights on weighted SUM tables), the gradients (each row's gradient lands in the
+tier that holds it), the state_dict keys and shapes (assembled from the tiers on save,
+scattered into them on load). Changed: the parameters (``hot_g0`` [H, D], ``cold_<table>``
+[N - H_table, D]: build the optimizer *after* converting), and the original EBC's converted
+weights are released while converted (no double memory; undo re-creates them).
 
-Devices: on a CPU-only machine both tiers are host memory and the layout only has to cost
-nothing. On a GPU, the hot tier sits in HBM and the cold tier in CPU memory; the cold rows'
-partial pools are computed on the CPU and copied over (``[bags, D]``, small). fbgemm's UVM
-(``torch.ops.fbgemm.new_managed_tensor``) would let the GPU read the cold tier directly; it
-is CUDA-only and not used here. Convert *after* ``model.to(device)`` (``.to`` would move the
-cold tier too).
+Devices: on a CPU-only machine both tiers are host memory and the layout must cost nothing
+(one lookup for all hot ids instead of one per table pays for the remap). On a GPU the hot
+tier sits in HBM and the cold tables in CPU memory; cold partial pools are computed on the
+CPU and copied over (``[bags, D]``, small). fbgemm's UVM (``new_managed_tensor``) would let
+the GPU read the cold tier in place; it is CUDA-only and not used here. Convert *after*
+``model.to(device)`` (``.to`` would move the cold tier too).
 
-Hot-row synchronization (``sync``): FAE keeps a copy of the hot rows in the CPU table and
-copies them between tiers when its scheduler switches between all-hot and mixed batches.
-Here each row has one home and mixed batches read hot rows from the hot tier, so there is no
-replica and no copy to make: both tiers are always consistent, and ``sync()`` is a
-documented no-op kept so a scheduler can call it at every switch.
+Hot-row synchronization: FAE keeps a replica of the hot rows in its CPU tables and copies
+them between tiers when its scheduler switches between all-hot and mixed batches. Here each
+row has one home and mixed batches read their hot rows from the hot tier, so there is no
+replica and nothing to copy: the tiers are consistent by construction, and :meth:`sync` is a
+no-op kept so a scheduler may call it at every switch.
 
-An all-hot batch never touches the cold tier (no lookup, no gradient); ``tier_lookups``
-counts the lookups per tier.
+An all-hot batch never touches the cold tier (no lookup, no gradient): ``tier_lookups``
+counts lookups per tier and ``cold_ids`` the ids the cold tier served.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -56,34 +55,37 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recd_plugin.errors import HotSetError, UnsupportedModelError
 from recd_plugin.fae.hotset import HotSet, TableShape
+from recd_plugin.fae.lookup import bag_sum, split_tiers
 from recd_plugin.modules.base import DedupModule
-from recd_plugin.sparse.ikjt import complete_cumsum, expand_rows
+from recd_plugin.sparse.ikjt import expand_rows
 
 
 def ebc_tables(ebc: EmbeddingBagCollection) -> Dict[str, TableShape]:
-    """{table: TableShape} of an EBC (from its weights: rows, dim, element size)."""
-    return {c.name: TableShape(c.num_embeddings, c.embedding_dim,
-                               ebc.embedding_bags[c.name].weight.element_size())
+    """{table: TableShape} of an EBC (rows, dim and element size of its weights)."""
+    return {c.name: TableShape(c.num_embeddings, c.embedding_dim, ebc.embedding_bags[c.name].weight.element_size())
             for c in ebc.embedding_bag_configs()}
 
 
-@dataclass
 class _Group:
-    """Converted tables sharing one dim and dtype: one hot and one cold tensor."""
+    """Split tables of one dim and dtype: one hot tensor, gids = table base + row."""
 
-    name: str
-    tables: List[str] = field(default_factory=list)
-    rows: List[int] = field(default_factory=list)  # per table
-    hot: List[torch.Tensor] = field(default_factory=list)  # per table: sorted hot ids [H_t]
-    features: List[int] = field(default_factory=list)  # indices into the flat feature list
-    feature_table: List[int] = field(default_factory=list)  # per feature: index into tables
-    mean: List[bool] = field(default_factory=list)  # per feature
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tables: List[str] = []
+        self.rows: List[int] = []  # per table
+        self.hot: List[torch.Tensor] = []  # per table: sorted hot row ids [H_t] int64
+        self.features: List[int] = []  # flat feature indices, in output order
+        self.table_of: List[int] = []  # per feature: index into tables
+        self.mean: List[bool] = []  # per feature
 
-    def hot_base(self, i: int) -> int:
-        return sum(len(h) for h in self.hot[:i])
+    def hot_range(self, i: int) -> Tuple[int, int]:
+        start = sum(len(h) for h in self.hot[:i])
+        return start, start + len(self.hot[i])
 
-    def cold_base(self, i: int) -> int:
-        return sum(self.rows[:i]) - self.hot_base(i)
+    def cold_mask(self, i: int) -> torch.Tensor:
+        mask = torch.ones(self.rows[i], dtype=torch.bool)
+        mask[self.hot[i]] = False
+        return mask  # [N] True on cold rows
 
 
 class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -91,12 +93,12 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Args:
         ebc: the EBC to copy (left unchanged; :func:`convert_hot_cold` swaps and releases).
-        hot_set: the hot rows; its shapes must match the EBC's tables (else HotSetError).
-        tables: tables to split (default: every table of ``ebc`` the hot set names).
+        hot_set: the hot rows; shapes must match the EBC's tables (else HotSetError).
+        tables: tables to split (default: every table of ``ebc`` that the hot set names).
         device: hot tier device (default: where ``ebc``'s weights are).
 
-    Input: KJT (plain or RecD IKJT), batch B. Output: ``KeyedTensor`` [B, sum of dims], the
-    same keys and values as ``ebc(features)``.
+    Input: KJT (plain, or a RecD IKJT), batch B. Output: ``KeyedTensor`` [B, sum of dims],
+    the same keys and values as ``ebc(features)``.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, hot_set: HotSet, tables: Optional[Sequence[str]] = None,
@@ -105,14 +107,11 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         shapes = ebc_tables(ebc)
         chosen = [t for t in shapes if t in hot_set.tables] if tables is None else list(tables)
         for t in chosen:
-            if t not in hot_set.tables:
-                raise HotSetError(f"table {t!r} is not in the hot set (it has {sorted(hot_set.tables)}); "
-                                  "profile that table or leave it out of `tables`")
-            if t not in shapes:
-                raise HotSetError(f"table {t!r} is not a table of this EmbeddingBagCollection "
-                                  f"(it has {sorted(shapes)})")
-        # Profiled shapes for tables elsewhere in the model, this EBC's real shapes for its own.
-        hot_set.check_tables({**hot_set.tables, **shapes})
+            if t not in hot_set.tables or t not in shapes:
+                where = "the hot set" if t not in hot_set.tables else "this EmbeddingBagCollection"
+                raise HotSetError(f"table {t!r} is not in {where} (hot set: {sorted(hot_set.tables)}, EBC: "
+                                  f"{sorted(shapes)}); profile that table or leave it out of `tables`")
+        hot_set.check_tables({**hot_set.tables, **shapes})  # this EBC's real shapes for its tables
         self._is_weighted = ebc.is_weighted()
         self._embedding_bag_configs = ebc.embedding_bag_configs()
         self._embedding_names: List[str] = list(ebc._embedding_names)
@@ -120,57 +119,51 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._flat: List[str] = [f for c in self._embedding_bag_configs for f in c.feature_names]
         self._table_of: List[str] = [c.name for c in self._embedding_bag_configs for _ in c.feature_names]
         self.embedding_bags = nn.ModuleDict({t: ebc.embedding_bags[t] for t in shapes if t not in chosen})
-        self._plain: List[int] = []  # flat feature indices read by untouched tables
+        self._plain = [fi for fi, t in enumerate(self._table_of) if t not in chosen]
         self._groups: List[_Group] = []
         by_key: Dict[tuple, _Group] = {}
-        fi = 0
-        for c in self._embedding_bag_configs:
-            for _ in c.feature_names:
-                if c.name not in chosen:
-                    self._plain.append(fi)
-                else:
-                    if c.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-                        raise UnsupportedModelError(f"table {c.name!r}: pooling {c.pooling} is not supported by "
-                                                    "the hot/cold layout (SUM and MEAN are); leave it out of `tables`")
-                    if self._is_weighted and c.pooling == PoolingType.MEAN:
-                        raise UnsupportedModelError(f"table {c.name!r}: weighted MEAN pooling; torch's "
-                                                    "embedding_bag takes per-sample weights for SUM only, so the "
-                                                    "original EBC cannot run this table either")
-                    w = ebc.embedding_bags[c.name].weight
-                    g = by_key.get((c.embedding_dim, w.dtype))
-                    if g is None:
-                        g = by_key[(c.embedding_dim, w.dtype)] = _Group(f"g{len(self._groups)}")
-                        self._groups.append(g)
-                    if c.name not in g.tables:
-                        g.tables.append(c.name)
-                        g.rows.append(c.num_embeddings)
-                        g.hot.append(torch.from_numpy(hot_set.rows.get(c.name, np.zeros(0, np.int64))))
-                    g.features.append(fi)
-                    g.feature_table.append(g.tables.index(c.name))
-                    g.mean.append(c.pooling == PoolingType.MEAN)
-                fi += 1
+        for fi, t in enumerate(self._table_of):
+            if t not in chosen:
+                continue
+            c = next(c for c in self._embedding_bag_configs if c.name == t)
+            if c.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+                raise UnsupportedModelError(f"table {t!r}: pooling {c.pooling} is not supported by the hot/cold "
+                                            "layout (SUM and MEAN are); leave it out of `tables`")
+            if self._is_weighted and c.pooling == PoolingType.MEAN:
+                raise UnsupportedModelError(f"table {t!r}: weighted MEAN pooling; torch's embedding_bag takes "
+                                            "per-sample weights for SUM only, so the original EBC cannot run it either")
+            key = (c.embedding_dim, ebc.embedding_bags[t].weight.dtype)
+            g = by_key.get(key)
+            if g is None:
+                g = by_key[key] = _Group(f"g{len(self._groups)}")
+                self._groups.append(g)
+            if t not in g.tables:
+                g.tables.append(t)
+                g.rows.append(c.num_embeddings)
+                g.hot.append(torch.from_numpy(hot_set.rows.get(t, np.zeros(0, np.int64))))
+            g.features.append(fi)
+            g.table_of.append(g.tables.index(t))
+            g.mean.append(c.pooling == PoolingType.MEAN)
         self.tier_lookups: Dict[str, int] = {"hot": 0, "cold": 0}
-        self.cold_ids = 0  # ids served by the cold tier since construction
+        self.cold_ids = 0
         for g in self._groups:
             src = [ebc.embedding_bags[t].weight.detach() for t in g.tables]
-            dev = device if device is not None else src[0].device
-            hot = torch.cat([w[h.to(w.device)] for w, h in zip(src, g.hot)]).to(dev)
-            cold = torch.cat([w[self._cold_mask(g, i).to(w.device)] for i, w in enumerate(src)]).to("cpu")
-            self.register_parameter(f"hot_{g.name}", nn.Parameter(hot))
-            self.register_parameter(f"cold_{g.name}", nn.Parameter(cold))
-            # Global ids: table i's row r is gid base[i] + r. The hot gids, sorted, plus a sentinel
-            # (the group's row count) are all the remap needs; see _pool for why not a table.
-            base = np.cumsum([0] + g.rows[:-1])
-            gids = torch.cat([h + int(b) for h, b in zip(g.hot, base)] + [torch.tensor([sum(g.rows)])])
-            self.register_buffer(f"_gids_{g.name}", gids.to(dev), persistent=False)
-            self.register_buffer(f"_base_{g.name}", torch.tensor([int(base[t]) for t in g.feature_table],
-                                                                 device=dev), persistent=False)
-            self.register_buffer(f"_rows_{g.name}", torch.tensor([g.rows[t] for t in g.feature_table],
-                                                                 device=dev), persistent=False)
+            dev = torch.device(device) if device is not None else src[0].device
+            hot = torch.cat([w[h.to(w.device)] for w, h in zip(src, g.hot)])
+            self.register_parameter(f"hot_{g.name}", nn.Parameter(hot.to(dev)))
+            for i, (t, w) in enumerate(zip(g.tables, src)):
+                # One cold tensor per table, like TorchRec's: its dense gradient has the plain
+                # EBC's size (a fused [all cold rows, D] gradient is re-mmapped by glibc each step).
+                self.register_parameter(f"cold_{t}", nn.Parameter(w[g.cold_mask(i).to(w.device)].cpu()))
+            base = np.cumsum([0] + g.rows[:-1]).tolist()
+            gids = torch.cat([h + b for h, b in zip(g.hot, base)] + [torch.tensor([sum(g.rows)])])
+            self.register_buffer(f"_gids_{g.name}", gids.to(dev), persistent=False)  # [H + 1], sentinel last
+            self.register_buffer(f"_base_{g.name}", torch.tensor([base[i] for i in g.table_of], device=dev),
+                                 persistent=False)
+            self.register_buffer(f"_rows_{g.name}", torch.tensor([g.rows[i] for i in g.table_of], device=dev),
+                                 persistent=False)
         self.register_state_dict_post_hook(_original_key_order)
         self.train(ebc.training)
-
-    # -- TorchRec's EBC interface ------------------------------------------------------------
 
     def embedding_bag_configs(self) -> list:
         return self._embedding_bag_configs
@@ -178,43 +171,42 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def is_weighted(self) -> bool:
         return self._is_weighted
 
+    @property
+    def hot_cold_tables(self) -> List[str]:
+        """The tables split into tiers."""
+        return [t for g in self._groups for t in g.tables]
+
     def sync(self) -> None:
         """No-op: every row lives in exactly one tier, so the tiers never disagree (module doc)."""
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         kjt, inverse_of = DedupModule.inverse_of(features)
-        keys = kjt.keys()
-        where = {k: i for i, k in enumerate(keys)}
+        where = {k: i for i, k in enumerate(kjt.keys())}
         missing = [f for f in self._flat if f not in where]
         if missing:
-            raise UnsupportedModelError(f"the input KJT lacks feature(s) {missing} (it has {keys})")
-        pooled: List[Optional[torch.Tensor]] = [None] * len(self._flat)
+            raise UnsupportedModelError(f"the input KJT lacks feature(s) {missing} (it has {kjt.keys()})")
+        pooled: List[torch.Tensor] = [torch.empty(0)] * len(self._flat)
         if self._plain:  # untouched tables: exactly TorchRec's path
             jt = kjt.to_dict()
             for fi in self._plain:
                 f = jt[self._flat[fi]]
-                bag = self.embedding_bags[self._table_of[fi]]
-                pooled[fi] = bag(input=f.values(), offsets=f.offsets(),
-                                 per_sample_weights=f.weights() if self._is_weighted else None).float()
+                pooled[fi] = self.embedding_bags[self._table_of[fi]](
+                    input=f.values(), offsets=f.offsets(),
+                    per_sample_weights=f.weights() if self._is_weighted else None).float()
         for g in self._groups:
-            # The group's features as one jagged slice: a view when they are adjacent in the
-            # KJT in table order (the usual case), else a permuted copy.
+            # The group's features as one jagged slice: a view when they are adjacent in the KJT
+            # in table order (the usual case), else a permuted copy.
             idx = [where[self._flat[fi]] for fi in g.features]
             contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
             sub = kjt if contiguous else kjt.permute(idx)
             a = idx[0] if contiguous else 0
             b = a + len(idx)
-            strides = sub.stride_per_key()
-            sub_strides = strides[a:b]
-            row0, row1 = sum(strides[:a]), sum(strides[:b])
-            opk = sub.offset_per_key()
-            v0, v1 = opk[a], opk[b]
-            offsets = sub.offsets()[row0:row1 + 1]
-            values = sub.values()[v0:v1]
-            weights = sub.weights()[v0:v1] if self._is_weighted else None
-            out = self._pool(g, values, offsets - v0 if v0 else offsets, weights,
-                             sub.length_per_key()[a:b], sub_strides)
-            for fi, p in zip(g.features, out.split(sub_strides)):
+            strides, opk = sub.stride_per_key(), sub.offset_per_key()
+            values = sub.values()[opk[a]:opk[b]]
+            offsets = sub.offsets()[sum(strides[:a]):sum(strides[:b]) + 1] - opk[a]
+            weights = sub.weights()[opk[a]:opk[b]] if self._is_weighted else None
+            out = self._pool(g, values, offsets, weights, sub.length_per_key()[a:b], strides[a:b])
+            for fi, p in zip(g.features, out.split(strides[a:b])):
                 pooled[fi] = p.float()
         if inverse_of is not None:  # RecD IKJT: pooled unique rows -> one row per sample
             pooled = [expand_rows(p, inverse_of[self._flat[fi]]) for fi, p in enumerate(pooled)]
@@ -223,45 +215,31 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def _pool(self, g: _Group, values: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor],
               counts: List[int], strides: List[int]) -> torch.Tensor:
-        """Pool one group. values [V] ids, offsets [bags + 1], counts/strides per feature
-        (ids / bags). Returns [bags, D]: hot partial sum + cold partial sum (MEAN: / length)."""
-        hot_w, cold_w = getattr(self, f"hot_{g.name}"), getattr(self, f"cold_{g.name}")
-        gids = getattr(self, f"_gids_{g.name}")
+        """One group: values [V] ids, offsets [bags + 1]; counts / strides: ids / bags per
+        feature. Returns [bags, D] = hot partial sum + cold partial sums (MEAN: / length)."""
+        hot_w, gids = getattr(self, f"hot_{g.name}"), getattr(self, f"_gids_{g.name}")
         dev = gids.device
         values, offsets = values.to(dev, torch.long), offsets.to(dev, torch.long)
-        n = values.numel()
         counts_t = torch.tensor(counts, device=dev)
-        limit = torch.repeat_interleave(getattr(self, f"_rows_{g.name}"), counts_t, output_size=n)
-        if n and bool(((values < 0) | (values >= limit)).any()):
-            raise self._range_error(g, values, limit, counts)
-        gid = values + torch.repeat_interleave(getattr(self, f"_base_{g.name}"), counts_t, output_size=n)
-        # Remap by binary search over the sorted hot gids: memory is the hot set only (a
-        # table-sized int32 remap costs 4 bytes x every row: 400 MB for a 10^8-row table) and
-        # at Criteo batch sizes it is no slower than the table gather (log2(H) ~ 17 steps per id
-        # on a cache-resident array vs one cache miss per id into a table-sized array).
-        # pos = #hot gids below gid: hot slot if gid is hot, else its cold slot is gid - pos.
-        pos = torch.searchsorted(gids, gid)
-        is_hot = gids.index_select(0, pos) == gid
-        hot_cum = complete_cumsum(is_hot)
-        hot_offsets = hot_cum.index_select(0, offsets)
-        n_hot = int(hot_cum[-1])
-        n_cold = n - n_hot
-        pooled: Optional[torch.Tensor] = None
-        if n_hot or not n_cold:
-            sel = is_hot.nonzero().squeeze(1)
-            pooled = _BagSum.apply(hot_w, pos.index_select(0, sel), hot_offsets,
-                                   None if weights is None else weights.to(dev).index_select(0, sel))
+        limit = torch.repeat_interleave(getattr(self, f"_rows_{g.name}"), counts_t, output_size=values.numel())
+        bad = (values < 0) | (values >= limit)
+        if values.numel() and bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            k = int(np.searchsorted(np.cumsum(counts), i, side="right"))
+            raise HotSetError(f"feature {self._flat[g.features[k]]!r}: id {int(values[i])} is outside table "
+                              f"{g.tables[g.table_of[k]]!r} (rows 0..{int(limit[i]) - 1}); fix the input ids or "
+                              "the table config (the plain EBC would fail on it too)")
+        base = torch.repeat_interleave(getattr(self, f"_base_{g.name}"), counts_t, output_size=values.numel())
+        split = split_tiers(values + base, gids, offsets)
+        if weights is not None:
+            weights = weights.to(dev)
+        pooled = None
+        if split.n_hot or not split.n_cold:
+            pooled = bag_sum(hot_w, split.hot_slot, split.hot_offsets,
+                             None if weights is None else weights.index_select(0, split.hot_sel))
             self.tier_lookups["hot"] += 1
-        if n_cold:  # skipped for all-hot batches: the cold tier is never read nor gets a gradient
-            sel = (~is_hot).nonzero().squeeze(1)
-            cdev = cold_w.device
-            cold = _BagSum.apply(cold_w, (gid - pos).index_select(0, sel).to(cdev), (offsets - hot_offsets).to(cdev),
-                                 None if weights is None else weights.index_select(0, sel.to(weights.device)).to(cdev))
-            cold = cold.to(dev)
-            pooled = cold if pooled is None else pooled + cold
-            self.tier_lookups["cold"] += 1
-            self.cold_ids += n_cold
-        assert pooled is not None
+        if split.n_cold:  # skipped for all-hot batches: the cold tier is not read and gets no gradient
+            pooled = self._cold_pool(g, split, weights, strides, pooled)
         if any(g.mean):
             lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
             if not all(g.mean):
@@ -270,63 +248,64 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             pooled = pooled / lengths.unsqueeze(1).to(pooled.dtype)
         return pooled
 
-    def _range_error(self, g: _Group, values: torch.Tensor, limit: torch.Tensor, counts: List[int]) -> HotSetError:
-        bad = int(((values < 0) | (values >= limit)).nonzero()[0])
-        k = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
-        table = g.tables[g.feature_table[k]]
-        return HotSetError(f"feature {self._flat[g.features[k]]!r}: id {int(values[bad])} is outside table "
-                           f"{table!r} (rows 0..{g.rows[g.feature_table[k]] - 1}); fix the input ids or the "
-                           "table config (the plain EBC would fail on it too)")
+    def _cold_pool(self, g: _Group, split, weights: Optional[torch.Tensor], strides: List[int],
+                   pooled: Optional[torch.Tensor]) -> torch.Tensor:
+        """Add each feature's cold partial pools (a per-table lookup on the cold device)."""
+        bounds = np.cumsum([0] + strides).tolist()
+        starts = split.cold_offsets.index_select(0, torch.tensor(bounds, device=split.cold_offsets.device)).tolist()
+        psw = None if weights is None else weights.index_select(0, split.cold_sel)
+        parts = []
+        for k, i in enumerate(g.table_of):
+            c0, c1 = starts[k], starts[k + 1]
+            cold_w = getattr(self, f"cold_{g.tables[i]}")
+            if c0 == c1:
+                parts.append(torch.zeros(strides[k], cold_w.shape[1], dtype=cold_w.dtype, device=cold_w.device))
+                continue
+            # cold_rank counts every cold row of the group: subtract the earlier tables' cold rows.
+            h0 = g.hot_range(i)[0]
+            shift = sum(g.rows[:i]) - h0
+            cdev = cold_w.device
+            parts.append(F.embedding_bag(
+                (split.cold_rank[c0:c1] - shift).to(cdev), cold_w,
+                (split.cold_offsets[bounds[k]:bounds[k + 1] + 1] - c0).to(cdev), mode="sum",
+                include_last_offset=True, per_sample_weights=None if psw is None else psw[c0:c1].to(cdev)))
+            self.tier_lookups["cold"] += 1
+        self.cold_ids += split.n_cold
+        cold = torch.cat(parts).to(split.cold_offsets.device)
+        return cold if pooled is None else pooled + cold
 
     # -- the original single-table layout ------------------------------------------------------
 
-    def _locate(self, table: str) -> tuple:
+    def _locate(self, table: str) -> Tuple[_Group, int]:
         for g in self._groups:
             if table in g.tables:
                 return g, g.tables.index(table)
         raise KeyError(f"table {table!r} is not split into tiers (split tables: {self.hot_cold_tables})")
 
-    @staticmethod
-    def _cold_mask(g: _Group, i: int) -> torch.Tensor:
-        mask = torch.ones(g.rows[i], dtype=torch.bool)
-        mask[g.hot[i]] = False
-        return mask  # [N] True for cold rows
-
-    @property
-    def hot_cold_tables(self) -> List[str]:
-        return [t for g in self._groups for t in g.tables]
-
-    def _tiers(self, g: _Group, i: int, grad: bool = False) -> tuple:
-        hot, cold = getattr(self, f"hot_{g.name}"), getattr(self, f"cold_{g.name}")
+    def table_weight(self, table: str, grad: bool = False) -> Optional[torch.Tensor]:
+        """Table ``table`` in the original layout: a CPU copy [N, D] assembled from the tiers.
+        ``grad=True``: its gradient, the same way (None before any backward reached it)."""
+        g, i = self._locate(table)
+        h0, h1 = g.hot_range(i)
+        hot, cold = getattr(self, f"hot_{g.name}"), getattr(self, f"cold_{table}")
         if grad:
             if hot.grad is None and cold.grad is None:
                 return None
             hot = hot.grad if hot.grad is not None else torch.zeros_like(hot)
             cold = cold.grad if cold.grad is not None else torch.zeros_like(cold)
-        hb, cb, h = g.hot_base(i), g.cold_base(i), len(g.hot[i])
-        return hot[hb:hb + h], cold[cb:cb + g.rows[i] - h]
-
-    def table_weight(self, table: str, grad: bool = False) -> Optional[torch.Tensor]:
-        """Table ``table`` in the original layout, [N, D] on the CPU (a copy assembled from the
-        tiers). ``grad=True``: its gradient the same way (None before any backward)."""
-        g, i = self._locate(table)
-        tiers = self._tiers(g, i, grad)
-        if tiers is None:
-            return None
-        hot, cold = (t.detach().cpu() for t in tiers)
         full = torch.empty(g.rows[i], hot.shape[1], dtype=hot.dtype)
-        full[g.hot[i]] = hot
-        full[self._cold_mask(g, i)] = cold
+        full[g.hot[i]] = hot.detach()[h0:h1].cpu()
+        full[g.cold_mask(i)] = cold.detach().cpu()
         return full
 
     @torch.no_grad()
     def load_table(self, table: str, weight: torch.Tensor) -> None:
         """Scatter an original-layout table [N, D] into the tiers."""
         g, i = self._locate(table)
-        hot, cold = self._tiers(g, i)
+        h0, h1 = g.hot_range(i)
         weight = weight.detach().cpu()
-        hot.copy_(weight[g.hot[i]])
-        cold.copy_(weight[self._cold_mask(g, i)])
+        getattr(self, f"hot_{g.name}")[h0:h1].copy_(weight[g.hot[i]])
+        getattr(self, f"cold_{table}").copy_(weight[g.cold_mask(i)])
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         # Instead of the tier parameters: the original EBC's keys and full tables.
@@ -340,36 +319,32 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if key not in state_dict:
                 missing_keys.append(key)
                 continue
-            w = state_dict.pop(key)  # popped: embedding_bags (untouched tables only) must not see it
+            w = state_dict.pop(key)  # popped: `embedding_bags` (untouched tables) must not see it
             g, i = self._locate(t)
             want = (g.rows[i], getattr(self, f"hot_{g.name}").shape[1])
             if tuple(w.shape) != want:
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)}, "
                                   f"the table is {want}")
-                continue
-            self.load_table(t, w)
+            else:
+                self.load_table(t, w)
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix)
                                    and k[len(prefix):].split(".", 1)[0] not in self._modules)
 
-    def extra_repr(self) -> str:
-        parts = []
-        for g in self._groups:
-            hot, cold = getattr(self, f"hot_{g.name}"), getattr(self, f"cold_{g.name}")
-            parts.append(f"{g.name}: tables={g.tables} hot={tuple(hot.shape)}@{hot.device} "
-                         f"cold={tuple(cold.shape)}@{cold.device}")
-        return "\n".join(parts)
-
     @torch.no_grad()
     def write_back(self, ebc: EmbeddingBagCollection) -> None:
-        """Copy the split tables into ``ebc``'s weights (re-allocated if they were released)."""
+        """Put the split tables into ``ebc``'s weights (re-allocated if they were released)."""
         for t in self.hot_cold_tables:
             w = ebc.embedding_bags[t].weight
             w.data = self.table_weight(t).to(w.device)
 
+    def extra_repr(self) -> str:
+        return "\n".join(f"{g.name}: tables={g.tables} hot={tuple(getattr(self, f'hot_{g.name}').shape)}"
+                         f"@{getattr(self, f'hot_{g.name}').device} cold@cpu" for g in self._groups)
+
 
 def _original_key_order(module: HotColdEmbeddingBagCollection, state_dict: dict, prefix: str, _meta: dict) -> None:
-    """The module's keys come last in ``state_dict``: re-insert them in the original table order."""
+    """This module's keys are the last ones in ``state_dict``: re-insert them in table order."""
     for c in module.embedding_bag_configs():
         key = f"{prefix}embedding_bags.{c.name}.weight"
         if key in state_dict:
@@ -386,27 +361,25 @@ def convert_hot_cold(model: nn.Module, hot_set: HotSet, tables: Optional[List[st
     writes the trained weights back and puts the original modules back at every path.
     """
     if isinstance(model, EmbeddingBagCollection):
-        raise UnsupportedModelError("pass the model that contains the EmbeddingBagCollection: it is swapped "
-                                    "in its parent")
+        raise UnsupportedModelError("pass the model that contains the EmbeddingBagCollection: it is swapped in "
+                                    "its parent")
     for name, m in model.named_modules():
         if type(m).__module__.startswith("torchrec.distributed"):
             raise UnsupportedModelError(f"module {name!r} is already sharded; convert the unsharded model")
     found = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, EmbeddingBagCollection)]
-    shapes: Dict[str, TableShape] = {}
-    for _, m in found:
-        shapes.update(ebc_tables(m))
+    shapes = {t: s for _, m in found for t, s in ebc_tables(m).items()}
     hot_set.check_tables(shapes)
     chosen = list(hot_set.tables) if tables is None else list(tables)
     for t in chosen:
         if t not in hot_set.tables:
             raise HotSetError(f"table {t!r} is not in the hot set (it has {sorted(hot_set.tables)}); profile it "
                               "or leave it out of `tables`")
-    new: Dict[int, HotColdEmbeddingBagCollection] = {}
-    for _, m in found:  # build all (and so validate all) before the first swap
-        mine = [t for t in ebc_tables(m) if t in chosen]
-        if mine and id(m) not in new:
-            new[id(m)] = HotColdEmbeddingBagCollection(m, hot_set, mine, device)
     originals = {id(m): m for _, m in found}
+    new: Dict[int, HotColdEmbeddingBagCollection] = {}
+    for key, m in originals.items():  # build (and so validate) all before the first swap
+        mine = [t for t in ebc_tables(m) if t in chosen]
+        if mine:
+            new[key] = HotColdEmbeddingBagCollection(m, hot_set, mine, device)
     for key, hc in new.items():
         for t in hc.hot_cold_tables:  # the tiers hold these rows now
             w = originals[key].embedding_bags[t].weight
