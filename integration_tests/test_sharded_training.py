@@ -35,8 +35,11 @@ def torchrun(args, tmp_path: Path, nproc: int = 2, restarts: int = 0, ok: bool =
     bin_dir = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""), OMP_NUM_THREADS="1")
     env.pop("RECD_PLUGIN", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
-           str(restarts), "--master_port", str(_free_port()), str(TRAIN), *args]
+    # c10d rendezvous, as TorchX launches: each restart is a new rendezvous round (a static
+    # master_port store can hand a restarted rank its dead peer's stale address).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--max-restarts", str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+           str(TRAIN), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert (proc.returncode == 0) == ok, out[-5000:]

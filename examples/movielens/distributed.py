@@ -38,8 +38,17 @@ def init() -> Tuple[int, int, torch.device]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29512")
         backend = os.environ.get("RECD_DIST_BACKEND") or ("nccl" if cuda else "gloo")  # set by recd.train
-        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
-                                world_size=int(os.environ.get("WORLD_SIZE", 1)), timeout=timedelta(seconds=120))
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        timeout = timedelta(seconds=120)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Restarted by torchrun (c10d rendezvous): the agent's store keeps the previous
+            # attempt's keys, and a new rank can read its dead peer's address from them
+            # ("Gloo connectFullMesh failed ... Connection refused"). One key prefix per attempt.
+            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     rank = dist.get_rank()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
     if cuda:
