@@ -21,8 +21,11 @@ Unchanged: the output ``KeyedTensor`` (keys, order, values for SUM and MEAN pool
 per-sample weights on weighted SUM tables), the gradients (each row's gradient lands in the
 tier that holds it), the state_dict keys and shapes (assembled from the tiers on save,
 scattered into them on load). Changed: the parameters (``hot_g0`` [H, D], ``cold_<table>``
-[N - H_table, D]: build the optimizer *after* converting), and the original EBC's converted
-weights are released while converted (no double memory; undo re-creates them).
+[N - H_table, D]: build the optimizer *after* converting); the original EBC's converted
+weights are released while converted (no double memory; undo re-creates them); and a tier
+that a batch does not read gets a None gradient where torch's dense one is all zeros. For
+SGD and Adagrad without momentum or weight decay that is the same step; with momentum, Adam
+or weight decay, the unread tier skips that step (as with any sparse-gradient layout).
 
 Devices: on a CPU-only machine both tiers are host memory and the layout must cost nothing
 (one lookup for all hot ids instead of one per table pays for the remap). On a GPU the hot
@@ -47,7 +50,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
@@ -55,7 +57,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recd_plugin.errors import HotSetError, UnsupportedModelError
 from recd_plugin.fae.hotset import HotSet, TableShape
-from recd_plugin.fae.lookup import bag_sum, split_tiers
+from recd_plugin.fae.lookup import bag_sum, build_remap, cold_pools, split_tiers
 from recd_plugin.modules.base import DedupModule
 from recd_plugin.sparse.ikjt import expand_rows
 
@@ -77,6 +79,7 @@ class _Group:
         self.features: List[int] = []  # flat feature indices, in output order
         self.table_of: List[int] = []  # per feature: index into tables
         self.mean: List[bool] = []  # per feature
+        self.table_remap = True  # remap kind, see lookup.split_tiers
 
     def hot_range(self, i: int) -> Tuple[int, int]:
         start = sum(len(h) for h in self.hot[:i])
@@ -96,14 +99,19 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         hot_set: the hot rows; shapes must match the EBC's tables (else HotSetError).
         tables: tables to split (default: every table of ``ebc`` that the hot set names).
         device: hot tier device (default: where ``ebc``'s weights are).
+        remap: "table" (a [rows] int32 remap on ``device``: one gather per id), "search"
+            (binary search over the hot ids: no table-sized array, ~2 ms per 50k ids on CPU), or
+            "auto": "table" on CPU or when it takes less memory than the hot rows.
 
     Input: KJT (plain, or a RecD IKJT), batch B. Output: ``KeyedTensor`` [B, sum of dims],
     the same keys and values as ``ebc(features)``.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, hot_set: HotSet, tables: Optional[Sequence[str]] = None,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, remap: str = "auto") -> None:
         super().__init__()
+        if remap not in ("auto", "table", "search"):
+            raise ValueError(f"remap must be 'auto', 'table' or 'search', got {remap!r}")
         shapes = ebc_tables(ebc)
         chosen = [t for t in shapes if t in hot_set.tables] if tables is None else list(tables)
         for t in chosen:
@@ -156,8 +164,13 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 # EBC's size (a fused [all cold rows, D] gradient is re-mmapped by glibc each step).
                 self.register_parameter(f"cold_{t}", nn.Parameter(w[g.cold_mask(i).to(w.device)].cpu()))
             base = np.cumsum([0] + g.rows[:-1]).tolist()
-            gids = torch.cat([h + b for h, b in zip(g.hot, base)] + [torch.tensor([sum(g.rows)])])
-            self.register_buffer(f"_gids_{g.name}", gids.to(dev), persistent=False)  # [H + 1], sentinel last
+            hot_gids = torch.cat([h + b for h, b in zip(g.hot, base)])
+            # Table-sized remap when it is cheap where it lives (host memory, or less fast
+            # memory than the hot rows themselves), else binary search (lookup.split_tiers).
+            g.table_remap = (remap == "table" or remap == "auto" and (
+                dev.type == "cpu" or 4 * sum(g.rows) <= hot.numel() * hot.element_size()))
+            self.register_buffer(f"_remap_{g.name}", build_remap(hot_gids, sum(g.rows), g.table_remap).to(dev),
+                                 persistent=False)
             self.register_buffer(f"_base_{g.name}", torch.tensor([base[i] for i in g.table_of], device=dev),
                                  persistent=False)
             self.register_buffer(f"_rows_{g.name}", torch.tensor([g.rows[i] for i in g.table_of], device=dev),
@@ -175,6 +188,11 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def hot_cold_tables(self) -> List[str]:
         """The tables split into tiers."""
         return [t for g in self._groups for t in g.tables]
+
+    @property
+    def feature_to_table(self) -> Dict[str, str]:
+        """{feature: table} of the split tables (what :class:`HotBatchScheduler` classifies)."""
+        return {self._flat[fi]: g.tables[i] for g in self._groups for fi, i in zip(g.features, g.table_of)}
 
     def sync(self) -> None:
         """No-op: every row lives in exactly one tier, so the tiers never disagree (module doc)."""
@@ -217,8 +235,8 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
               counts: List[int], strides: List[int]) -> torch.Tensor:
         """One group: values [V] ids, offsets [bags + 1]; counts / strides: ids / bags per
         feature. Returns [bags, D] = hot partial sum + cold partial sums (MEAN: / length)."""
-        hot_w, gids = getattr(self, f"hot_{g.name}"), getattr(self, f"_gids_{g.name}")
-        dev = gids.device
+        hot_w, remap = getattr(self, f"hot_{g.name}"), getattr(self, f"_remap_{g.name}")
+        dev = remap.device
         values, offsets = values.to(dev, torch.long), offsets.to(dev, torch.long)
         counts_t = torch.tensor(counts, device=dev)
         limit = torch.repeat_interleave(getattr(self, f"_rows_{g.name}"), counts_t, output_size=values.numel())
@@ -230,7 +248,7 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                               f"{g.tables[g.table_of[k]]!r} (rows 0..{int(limit[i]) - 1}); fix the input ids or "
                               "the table config (the plain EBC would fail on it too)")
         base = torch.repeat_interleave(getattr(self, f"_base_{g.name}"), counts_t, output_size=values.numel())
-        split = split_tiers(values + base, gids, offsets)
+        split = split_tiers(values + base, remap, offsets, g.table_remap)
         if weights is not None:
             weights = weights.to(dev)
         pooled = None
@@ -239,7 +257,13 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                              None if weights is None else weights.index_select(0, split.hot_sel))
             self.tier_lookups["hot"] += 1
         if split.n_cold:  # skipped for all-hot batches: the cold tier is not read and gets no gradient
-            pooled = self._cold_pool(g, split, weights, strides, pooled)
+            # cold_rank counts every cold row of the group: minus the earlier tables' cold rows.
+            shifts = [sum(g.rows[:i]) - g.hot_range(i)[0] for i in g.table_of]
+            cold_ws = [getattr(self, f"cold_{g.tables[i]}") for i in g.table_of]
+            cold, lookups = cold_pools(cold_ws, shifts, split, weights, strides)
+            pooled = cold if pooled is None else pooled + cold
+            self.tier_lookups["cold"] += lookups
+            self.cold_ids += split.n_cold
         if any(g.mean):
             lengths = (offsets[1:] - offsets[:-1]).clamp(min=1)
             if not all(g.mean):
@@ -247,32 +271,6 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 lengths = torch.where(is_mean, lengths, torch.ones_like(lengths))
             pooled = pooled / lengths.unsqueeze(1).to(pooled.dtype)
         return pooled
-
-    def _cold_pool(self, g: _Group, split, weights: Optional[torch.Tensor], strides: List[int],
-                   pooled: Optional[torch.Tensor]) -> torch.Tensor:
-        """Add each feature's cold partial pools (a per-table lookup on the cold device)."""
-        bounds = np.cumsum([0] + strides).tolist()
-        starts = split.cold_offsets.index_select(0, torch.tensor(bounds, device=split.cold_offsets.device)).tolist()
-        psw = None if weights is None else weights.index_select(0, split.cold_sel)
-        parts = []
-        for k, i in enumerate(g.table_of):
-            c0, c1 = starts[k], starts[k + 1]
-            cold_w = getattr(self, f"cold_{g.tables[i]}")
-            if c0 == c1:
-                parts.append(torch.zeros(strides[k], cold_w.shape[1], dtype=cold_w.dtype, device=cold_w.device))
-                continue
-            # cold_rank counts every cold row of the group: subtract the earlier tables' cold rows.
-            h0 = g.hot_range(i)[0]
-            shift = sum(g.rows[:i]) - h0
-            cdev = cold_w.device
-            parts.append(F.embedding_bag(
-                (split.cold_rank[c0:c1] - shift).to(cdev), cold_w,
-                (split.cold_offsets[bounds[k]:bounds[k + 1] + 1] - c0).to(cdev), mode="sum",
-                include_last_offset=True, per_sample_weights=None if psw is None else psw[c0:c1].to(cdev)))
-            self.tier_lookups["cold"] += 1
-        self.cold_ids += split.n_cold
-        cold = torch.cat(parts).to(split.cold_offsets.device)
-        return cold if pooled is None else pooled + cold
 
     # -- the original single-table layout ------------------------------------------------------
 
@@ -352,7 +350,7 @@ def _original_key_order(module: HotColdEmbeddingBagCollection, state_dict: dict,
 
 
 def convert_hot_cold(model: nn.Module, hot_set: HotSet, tables: Optional[List[str]] = None,
-                     device: Optional[torch.device] = None) -> Callable[[], None]:
+                     device: Optional[torch.device] = None, remap: str = "auto") -> Callable[[], None]:
     """Swap every ``EmbeddingBagCollection`` of ``model`` that holds hot-set tables for a
     :class:`HotColdEmbeddingBagCollection`, in place; returns the undo.
 
@@ -379,7 +377,7 @@ def convert_hot_cold(model: nn.Module, hot_set: HotSet, tables: Optional[List[st
     for key, m in originals.items():  # build (and so validate) all before the first swap
         mine = [t for t in ebc_tables(m) if t in chosen]
         if mine:
-            new[key] = HotColdEmbeddingBagCollection(m, hot_set, mine, device)
+            new[key] = HotColdEmbeddingBagCollection(m, hot_set, mine, device, remap)
     for key, hc in new.items():
         for t in hc.hot_cold_tables:  # the tiers hold these rows now
             w = originals[key].embedding_bags[t].weight
