@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import List
 
 import pytest
+from two_ranks import WORLD, main, reporting, run
 import torch
 
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = 2
 FEATURES = ["a", "b", "c", "d"]
 ROWS = {"a": 11, "b": 7, "c": 13, "d": 5}
 DIM, HIDDEN, DENSE_IN = 4, 3, 2
@@ -74,8 +72,7 @@ def _loss(out, seed: int):
 def worker(rank: int, port: int, case: dict, outdir: str) -> None:
     import torch.distributed as dist
 
-    res: dict = {"rank": rank, "ok": False}
-    try:
+    with reporting(rank, outdir) as res:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
         dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
         from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -134,36 +131,11 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
         res["cases"] = []
         for placement in case["placements"]:
             res["cases"].append(run_case(placement))
-        res["ok"] = True
         dist.barrier()
-    except BaseException as e:  # report, never hang the peer silently
-        res["error"] = f"{type(e).__name__}: {e}"
-        res["traceback"] = traceback.format_exc()[-3000:]
-    Path(outdir, f"rank{rank}.json").write_text(json.dumps(res, default=str))
-    try:
-        dist.destroy_process_group()
-    except Exception:
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(case: dict, tmp_path: Path, timeout: float = 60) -> List[dict]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(case), str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    results = []
-    for r in range(WORLD):
-        path = tmp_path / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-        res = json.loads(path.read_text())
-        assert res["ok"], f"rank {r}: {res.get('error')}\n{res.get('traceback', '')}"
-        results.append(res)
-    return results
+    return run(__file__, case, tmp_path, timeout, require_ok=True)
 
 
 UNEVEN_TW = {"t_a": 0, "t_b": 0, "t_c": 1, "t_d": 0, "w_a": 1, "w_b": 0, "w_c": 0, "w_d": 0}
@@ -202,6 +174,4 @@ def test_bench_des_quick_runs_and_reports_keys(tmp_path) -> None:
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    mp.spawn(worker, args=(_free_port(), json.loads(sys.argv[1]), sys.argv[2]), nprocs=WORLD, join=True)
+    main(worker)

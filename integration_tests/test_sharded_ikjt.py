@@ -18,23 +18,18 @@ Every multi-process run is a subprocess (``python this_file.py CASE OUTDIR``) th
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from two_ranks import WORLD, main, reporting, run
 import torch
 
 pytestmark = pytest.mark.timeout(90)
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD = 2
 LR = 0.1
 # name, features, rows. t_user is shared by two features of the deduplicated group.
 TABLES = [("t_session", ["session_id"], 40), ("t_user", ["user_id", "history"], 60), ("t_item", ["item_id"], 50)]
@@ -114,8 +109,7 @@ def _local_shards(value):
 def worker(rank: int, port: int, case: dict, outdir: str) -> None:
     import torch.distributed as dist
 
-    res: dict = {"rank": rank, "ok": False}
-    try:
+    with reporting(rank, outdir) as res:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
@@ -188,38 +182,15 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
                     expect = full[r0:r0 + t.shape[0], c0:c0 + t.shape[1]]
                     worst = max(worst, float((t - expect).abs().max()))
             info["weight_maxdiff"] = worst
-        res["ok"] = True
         dist.barrier()
-    except BaseException as e:  # report, never hang the peer silently
-        res["error"] = f"{type(e).__name__}: {e}"
-        res["traceback"] = traceback.format_exc()[-3000:]
-    Path(outdir, f"rank{rank}.json").write_text(json.dumps(res, default=str))
-    try:
-        dist.destroy_process_group()
-    except Exception:
-        pass
 
 
 # ------------------------------------------------------------------------------------------
 # Test side.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(case: dict, tmp_path: Path, timeout: float = 60) -> List[dict]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(case), str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    results = []
-    for r in range(WORLD):
-        path = tmp_path / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-        results.append(json.loads(path.read_text()))
-    return results
+    return run(__file__, case, tmp_path, timeout, require_ok=False)
 
 
 def _ok(results: List[dict]) -> List[dict]:
@@ -293,6 +264,4 @@ def test_non_vbe_optimizer_fails_on_first_ikjt(tmp_path) -> None:
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    mp.spawn(worker, args=(_free_port(), json.loads(sys.argv[1]), sys.argv[2]), nprocs=WORLD, join=True)
+    main(worker)

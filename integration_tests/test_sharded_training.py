@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from two_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "movielens" / "train.py"
 pytestmark = pytest.mark.timeout(300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(args, tmp_path: Path, nproc: int = 2, restarts: int = 0, ok: bool = True) -> str:
@@ -38,7 +32,7 @@ def torchrun(args, tmp_path: Path, nproc: int = 2, restarts: int = 0, ok: bool =
     # c10d rendezvous, as TorchX launches: each restart is a new rendezvous round (a static
     # master_port store can hand a restarted rank its dead peer's stale address).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--max-restarts", str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+           "--max-restarts", str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
            str(TRAIN), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr

@@ -43,7 +43,8 @@ except ImportError:  # Python 3.10
 
 ENV_VAR = "RECD_PLUGIN"
 _OFF = {"", "0", "off", "false", "no", "none"}
-_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded"}
+_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "fae"}
+_FAE_KEYS = {"hot_set", "tables", "window"}
 _GROUP_KEYS = {"key", "features"}
 
 
@@ -60,6 +61,8 @@ class RecDConfig:
     #: modules (DMP shards only its exact types; sharded, they take IKJTs natively). None:
     #: decide at ``apply`` time (sharded when torch.distributed runs with world size > 1).
     sharded: Optional[bool] = None
+    #: FAE: hot rows in fast memory (see :class:`FAEConfig`); None: off.
+    fae: Optional["FAEConfig"] = None
 
     def is_sharded(self) -> bool:
         """``sharded``, or when unset: is torch.distributed initialized with world size > 1?"""
@@ -161,6 +164,7 @@ class RecDConfig:
         in_workers = data.get("in_workers", True)
         if not isinstance(in_workers, bool):
             raise ConfigError(f"recd 'in_workers' must be true or false, got {in_workers!r}")
+        fae = FAEConfig.from_dict(data["fae"]) if "fae" in data else None
         sharded = data.get("sharded")
         if sharded is not None and not isinstance(sharded, bool):
             raise ConfigError(f"recd 'sharded' must be true or false (omit it: decided from torch.distributed), got {sharded!r}")
@@ -174,6 +178,7 @@ class RecDConfig:
             verify_batches=verify,
             in_workers=in_workers,
             sharded=sharded,
+            fae=fae,
         )
         if config.enabled:
             config.validate()
@@ -181,10 +186,10 @@ class RecDConfig:
 
     def validate(self) -> None:
         """Checks that need no model: groups exist, are disjoint, and towers name them."""
-        if not self.groups:
+        if not self.groups and self.fae is None:
             raise ConfigError(
-                "recd is on but names no feature group; add one, e.g. "
-                "'groups.user.key=session_id; groups.user.features=user_id,history'"
+                "recd is on but names no feature group and no fae hot set; add one, e.g. "
+                "'groups.user.key=session_id; groups.user.features=user_id,history' or 'fae.hot_set=out/hot.npz'"
             )
         try:
             spec = self.spec
@@ -197,6 +202,33 @@ class RecDConfig:
                     f"recd tower {module!r} reads group {group!r}, which is not defined"
                     f"{did_you_mean(group, names)}; groups are {names}"
                 )
+
+
+@dataclass
+class FAEConfig:
+    """FAE's part of the flag: ``fae.hot_set`` (the ``.npz`` written by ``recd-plugin
+    profile``), optional ``fae.tables`` (a subset of its tables) and ``fae.window`` (regroup
+    samples into all-hot and mixed batches within this many batches; 0 classifies only)."""
+
+    hot_set: str
+    tables: Optional[List[str]] = None
+    window: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "FAEConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError("recd 'fae' must be a table: fae.hot_set = \"out/hot.npz\"")
+        _no_unknown(data, _FAE_KEYS, "recd fae")
+        if not isinstance(data.get("hot_set"), str):
+            raise ConfigError("recd fae needs 'hot_set': the .npz written by `recd-plugin profile ... --out DIR`")
+        tables = data.get("tables")
+        tables = [tables] if isinstance(tables, str) else tables
+        if tables is not None and not (isinstance(tables, list) and all(isinstance(t, str) for t in tables)):
+            raise ConfigError("recd fae 'tables' must be a list of table names")
+        window = data.get("window", 0)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ConfigError(f"recd fae 'window' must be an integer >= 0 (0: classify batches only), got {window!r}")
+        return cls(hot_set=data["hot_set"], tables=tables, window=window)
 
 
 def verify_step(left: int) -> Tuple[bool, int]:

@@ -47,31 +47,49 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
     check_model(model, config)
     # Wrap the loader before converting the model: DedupLoader may refuse the loader, and
     # nothing may change before every check has passed.
-    wrapped = None if loader is None else DedupLoader(loader, config.spec, config.verify_batches, config.in_workers,
-                                                  pad_across_ranks=config.sharded)
+    wrapped = wrap(config, loader, model)
     unconvert = convert(model, config)
 
     def undo() -> None:
         unconvert()
-        if wrapped is not None:
+        if isinstance(wrapped, DedupLoader):
             wrapped.unwrap()
 
     _UNDO[model] = undo
     return model, wrapped
 
 
-def wrap(config: RecDConfig, loader: Optional[Iterable[Any]]) -> Any:
-    """Another loader (evaluation, test) for a model that ``apply`` converted: IKJT batches too.
+def wrap(config: RecDConfig, loader: Optional[Iterable[Any]], model: Optional[nn.Module] = None) -> Any:
+    """The loader as ``apply`` wraps it; also for another loader (evaluation, test) of a model
+    that ``apply`` converted.
 
-    Needed in sharded mode, where TorchRec's sharded modules must see IKJTs on every batch
-    (they fail on a plain batch after variable-batch ones); harmless otherwise. Returns the
-    loader unchanged when the plugin is off.
+    RecD groups: IKJT batches (``DedupLoader``). Needed for every loader in sharded mode,
+    where TorchRec's sharded modules must see IKJTs on every batch (they fail on a plain
+    batch after variable-batch ones); harmless otherwise. FAE: batches classified all-hot or
+    mixed, regrouped within ``fae.window`` batches (``HotBatchScheduler``; its feature ->
+    table map comes from ``model``). Returns the loader unchanged when the plugin is off.
     """
     if not config.enabled or loader is None:
         return loader
     config.validate()
-    return DedupLoader(loader, config.spec, config.verify_batches, config.in_workers,
-                       pad_across_ranks=config.is_sharded())
+    if config.fae is not None and model is not None:
+        from recd_plugin.fae.hotset import HotSet
+        from recd_plugin.fae.schedule import HotBatchScheduler
+
+        hot = HotSet.load(config.fae.hot_set)
+        features = {f: t for t, fs in _feature_tables(model).items() for f in fs if t in hot.tables}
+        loader = HotBatchScheduler(loader, hot, features, window=config.fae.window or None)
+    if config.groups:
+        loader = DedupLoader(loader, config.spec, config.verify_batches, config.in_workers,
+                             pad_across_ranks=config.is_sharded())
+    return loader
+
+
+def _feature_tables(model: nn.Module) -> dict:
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    return {c.name: list(c.feature_names) for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+            for c in m.embedding_bag_configs()}
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -20,31 +20,23 @@ such as dense table gradients included); f = 1 - T_fixed / T_plain. The plugin's
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import torch
 from tqdm import tqdm
 
 import recd_plugin
-from recd_plugin.bench.report import machine, median, timed, write_json, write_section
+from recd_plugin.bench.report import load_example, machine, median, timed, write_json, write_section
 from recd_plugin.data import TableBatches, cardinalities, load_movielens_100k
 from recd_plugin.sparse.ikjt import build_ikjt, jagged_index_select
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "movielens" / "model.py"
 LOSS_TOLERANCE = 1e-5    # per step, SGD (Adagrad would amplify 1e-9 noise: DESIGN.md)
 WEIGHT_TOLERANCE = 1e-4  # any weight after all steps
 
 
 def _example() -> Any:
-    if not EXAMPLE.exists():
-        raise FileNotFoundError(f"{EXAMPLE} not found: run the benchmark from a source checkout of recd-plugin")
-    spec = importlib.util.spec_from_file_location("recd_example_model", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_example("examples/movielens/model.py", "recd_example_model")
 
 
 def _sample(kjt: KeyedJaggedTensor, sample: int) -> KeyedJaggedTensor:

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from recd_plugin.bench.report import machine, median, write_json, write_section
+from recd_plugin.bench.report import machine, median, publish
 
 WORLD = 2
 FIELDS = 26
@@ -164,10 +164,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_size: int = 
     if verbose:
         print(json.dumps(result, indent=2))
     md = _markdown(result)
-    print(md)
-    write_json(json_path, result)
-    if write_docs:
-        write_section("des", md)
+    publish("des", md, result, json_path, write_docs)
     return result
 
 

@@ -17,24 +17,18 @@ tables first onto the least-loaded rank, uneven table counts).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "criteo" / "models.py"
+from recd_plugin.bench.report import load_example
+
 SIDES = ("des", "table_wise", "row_wise")
 
 
 def example_models() -> Any:
-    if not EXAMPLE.exists():
-        raise FileNotFoundError(f"{EXAMPLE} not found: run the benchmark from a source checkout of recd-plugin")
-    spec = importlib.util.spec_from_file_location("recd_criteo_models", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_example("examples/criteo/models.py", "recd_criteo_models")
 
 
 def _cpu_sharder(lr: float) -> Any:

@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from recd_plugin.bench.dedup import _example
-from recd_plugin.bench.report import machine, median, write_json, write_section
+from recd_plugin.bench.report import machine, median, publish
 
 WORLD = 2
 LR = 0.05
@@ -222,10 +222,7 @@ def run(quick: bool = False, json_path: str | None = None, batch_size: int = 102
     if verbose:
         print(json.dumps(ranks, indent=1)[:4000])
     md = _markdown(result)
-    print(md)
-    write_json(json_path, result)
-    if write_docs:
-        write_section("dist", md)
+    publish("dist", md, result, json_path, write_docs)
     return result
 
 

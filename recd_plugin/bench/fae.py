@@ -31,8 +31,8 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from recd_plugin.bench.report import machine, median, timed, write_json, write_section
-from recd_plugin.data.criteo import DENSE_FIELDS, SPARSE_FIELDS, CriteoBatches, criteo_cardinalities
+from recd_plugin.bench.report import machine, median, timed, publish
+from recd_plugin.data.criteo import DENSE_FIELDS, CriteoBatches, criteo_cardinalities
 from recd_plugin.fae.access import tables_from_configs
 from recd_plugin.fae.profile import profile_accesses
 from recd_plugin.fae.trace import AccessTrace, compare_tiers, hot_sample_fraction
@@ -154,10 +154,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_size: int = 
         "batch_size": batch_size, "quick": quick, "machine": machine(),
     }
     md = _markdown(a, b, gpu_note, batch_size, quick)
-    print(md)
-    write_json(json_path, result)
-    if write_docs:
-        write_section("fae", md)
+    publish("fae", md, result, json_path, write_docs)
     return result
 
 

@@ -67,3 +67,25 @@ def write_section(name: str, markdown: str, path: Optional[Path] = None) -> Path
 def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def publish(name: str, markdown: str, result: Dict[str, Any], json_path: Optional[str], write_docs: bool) -> None:
+    """Print a benchmark's table, write its JSON, and regenerate its docs/benchmarks.md section."""
+    print(markdown)
+    write_json(json_path, result)
+    if write_docs:
+        write_section(name, markdown)
+
+
+def load_example(relative: str, module_name: str) -> Any:
+    """Import an example file (``examples/...``) of the source checkout as a module."""
+    import importlib.util
+
+    path = DOCS.parents[1] / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the benchmark from a source checkout of recd-plugin")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from recd_plugin.bench.report import machine, median, timed, write_json, write_section
+from recd_plugin.bench.report import machine, median, timed, publish
 from recd_plugin.data import load_movielens_100k
 from recd_plugin.storage import DedupReader, FlatReader, StorageSpec, epoch_check, preprocess, write_flat
 
@@ -69,8 +69,5 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_size: int = 
         f"{table.num_rows:,} samples, {summary.sessions:,} sessions, {summary.items:,} items; "
         f"every sample delivered once on both sides (count and label sum checked). Machine: {machine()}.\n"
     )
-    print(md)
-    write_json(json_path, result)
-    if write_docs:
-        write_section("storage", md)
+    publish("storage", md, result, json_path, write_docs)
     return result

@@ -64,7 +64,7 @@ def _source(args: argparse.Namespace) -> Tuple[object, Dict[str, int]]:
 
         return CriteoBatches(args.batches, args.batch_size, 0, args.max_rows), criteo_cardinalities(args.max_rows)
     if args.data == "movielens-100k":
-        from recd_plugin.data import TableBatches, cardinalities, load_movielens_100k
+        from recd_plugin.data import cardinalities, load_movielens_100k
 
         table = load_movielens_100k()
         return table, cardinalities(table)

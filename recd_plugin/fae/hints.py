@@ -40,6 +40,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import CacheParams, CacheStatistics
 
 from recd_plugin.fae.hotset import HotSet
@@ -95,12 +96,11 @@ class ProfileCacheStatistics(CacheStatistics):
 
 def planner_constraints(profile: AccessProfile, hot: HotSet, hbm_threshold: float = 0.5,
                         min_load_factor: float = 0.01, batch_size: Optional[int] = None,
-                        algorithm=None) -> Dict[str, "ParameterConstraints"]:  # noqa: F821
+                        algorithm=None) -> Dict[str, ParameterConstraints]:
     """``{table: ParameterConstraints}``: hot tables in HBM, the others UVM-cached at their
     hot share of rows (at least ``min_load_factor``). ``algorithm``: a fbgemm
     ``CacheAlgorithm`` (None: FBGEMM's default, LRU)."""
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-    from torchrec.distributed.planner import ParameterConstraints
 
     hot.check_tables(profile.tables)
     out = {}

@@ -80,6 +80,8 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
         )
     if config.is_sharded():
         _check_sharded(model, config)
+    if config.fae is not None:
+        _check_fae(model, config)
     for g in config.groups:
         for f in g.features:
             if f not in known:
@@ -115,6 +117,24 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
             )
 
 
+def _check_fae(model: nn.Module, config: RecDConfig) -> None:
+    """The hot set loads and matches the model's tables (a stale one is refused here)."""
+    from recd_plugin.fae.hotcold import ebc_tables
+    from recd_plugin.fae.hotset import HotSet
+
+    if config.is_sharded():
+        raise UnsupportedModelError(
+            "fae: the hot/cold layout works on unsharded models (DistributedModelParallel cannot shard it); "
+            "for sharded GPU training use the planner hints instead (recd_plugin.fae.hints.planner_constraints)")
+    hot = HotSet.load(config.fae.hot_set)  # type: ignore[union-attr]
+    hot.check_tables({t: shape for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+                      for t, shape in ebc_tables(m).items()})
+    for t in config.fae.tables or []:  # type: ignore[union-attr]
+        if t not in hot.tables:
+            raise UnsupportedModelError(f"fae.tables names {t!r}, which the hot set does not have "
+                                        f"(it has {sorted(hot.tables)}){did_you_mean(t, list(hot.tables))}")
+
+
 def _check_sharded(model: nn.Module, config: RecDConfig) -> None:
     """Sharded mode keeps TorchRec's modules; its EmbeddingCollection cannot read an IKJT."""
     grouped = {f for g in config.groups for f in g.all_features}
@@ -130,6 +150,18 @@ def _check_sharded(model: nn.Module, config: RecDConfig) -> None:
                 )
 
 
+@register_converter("fae_hot_cold")
+def _hot_cold(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
+    """FAE: the hot set's tables become hot/cold tiers (before the RecD swap, which then
+    leaves those modules alone: they read IKJTs themselves)."""
+    if config.fae is None:
+        return []
+    from recd_plugin.fae.hotcold import convert_hot_cold
+    from recd_plugin.fae.hotset import HotSet
+
+    return [convert_hot_cold(model, HotSet.load(config.fae.hot_set), config.fae.tables)]
+
+
 @register_converter("dedup_embeddings")
 def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
     """Swap every EC / EBC for its dedup-aware version: each one sees the IKJT, even those
@@ -138,7 +170,7 @@ def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupCont
     Sharded mode swaps nothing: DistributedModelParallel shards only TorchRec's exact module
     types, and its sharded EBC pools IKJTs natively, sending only unique rows."""
     undo: List[Undo] = []
-    if config.is_sharded():
+    if config.is_sharded() or not config.groups:  # no groups (FAE only): no IKJTs to read
         return undo
     replaced: Dict[int, nn.Module] = {}  # one replacement per module object, at every name
     for path, m in list(model.named_modules(remove_duplicate=False)):
