@@ -65,6 +65,22 @@ def test_plugin_on_matches_plugin_off_step_by_step(sharding: str, light: bool, t
         assert abs(plain_result["auc"] - recd_result["auc"]) <= 1e-5
 
 
+def test_train_pipeline_sparse_dist_plugin_on_matches_off(tmp_path: Path) -> None:
+    """TorchRec's TrainPipelineSparseDist pipelines the item tower's input all-to-all; the user
+    tower's sharded modules (fed unique rows by the tower) are left unpipelined, on purpose."""
+    losses = tmp_path / "losses"
+    out = torchrun(COMMON + ["--compare", "--pipeline", "--sharding", "row_wise", "--light", "--max-steps", "4",
+                             "--losses", str(losses)], tmp_path)
+    assert "Module 'model.user_tower.embeddings' will NOT be pipelined" in out, out[-3000:]
+    assert "Module 'model.item_tower.embeddings' will NOT be pipelined" not in out, out[-3000:]
+    for rank in range(2):
+        plain, _ = read_log(f"{losses}.plain.rank{rank}")
+        recd, _ = read_log(f"{losses}.recd.rank{rank}")
+        assert [s for s, _ in plain] == [s for s, _ in recd] == [1, 2, 3, 4]
+        for (step, a), (_, b) in zip(plain, recd):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (rank, step, a, b)
+
+
 RECD = ["--recd", str(ROOT / "examples" / "movielens" / "recd.toml"), "--sharding", "row_wise", "--light",
         "--max-steps", "6"]
 

@@ -56,10 +56,24 @@ def init() -> Tuple[int, int, torch.device]:
     return rank, dist.get_world_size(), device
 
 
+class TrainStep(torch.nn.Module):
+    """What TrainPipelineSparseDist runs: ``forward(batch) -> (loss, (loss, logits, labels))``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        logits = self.model(batch.sparse_features, batch.dense_features)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
 def shard(model: torch.nn.Module, recd: "recd_plugin.RecDConfig", sharding: str, lr: float, optimizer: str,
           batch_size: int, unique_fraction: Optional[Dict[str, float]] = None,
           ) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
-    """Plan and shard ``model``; returns (DMP model, combined optimizer)."""
+    """Plan and shard ``model`` (or a ``TrainStep`` around it); returns (DMP model, combined optimizer)."""
+    inner = model.model if isinstance(model, TrainStep) else model  # what recd_plugin.apply() converted
     world, device = dist.get_world_size(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fused = {"optimizer": EmbOptimType.EXACT_SGD if optimizer == "sgd" else EmbOptimType.EXACT_ROWWISE_ADAGRAD,
              "learning_rate": lr}
@@ -69,14 +83,14 @@ def shard(model: torch.nn.Module, recd: "recd_plugin.RecDConfig", sharding: str,
     if sharding != "auto":
         constraints = {t: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in tables}
     if recd.enabled:  # recd-plugin
-        constraints = recd_sharding.constraints(model, recd, batch_size, unique_fraction, base=constraints)
+        constraints = recd_sharding.constraints(inner, recd, batch_size, unique_fraction, base=constraints)
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
                                        constraints=constraints)
     plan = planner.collective_plan(model, sharders, dist.group.WORLD)
     if recd.enabled:  # recd-plugin
-        recd_sharding.check_plan(model, recd, plan, sharders, device.type)
+        recd_sharding.check_plan(inner, recd, plan, sharders, device.type)
         if dist.get_rank() == 0:
-            print(recd_sharding.explain(model, recd, plan, constraints))
+            print(recd_sharding.explain(inner, recd, plan, constraints))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=device,
                                    plan=plan, sharders=sharders)

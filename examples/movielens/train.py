@@ -62,6 +62,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                    help="shard with DistributedModelParallel (default: auto under torchrun with >1 process)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="dense optimizer; sharded embeddings use fused EXACT_ROWWISE_ADAGRAD, or EXACT_SGD with sgd")
+    p.add_argument("--pipeline", action="store_true",
+                   help="sharded: train with TorchRec's TrainPipelineSparseDist (no test AUC, no checkpoints)")
     p.add_argument("--losses", default=None,
                    help="append every step's loss to PATH.plain / PATH.recd (JSON lines; several ranks: .rankN)")
     p.add_argument("--checkpoint-dir", default=None, help="save sharded checkpoints here and resume from the latest")
@@ -70,7 +72,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                    help="fault drill: the last rank kills itself (SIGKILL) after this step, on the first attempt only")
     args = p.parse_args(argv)
     if args.sharding is None:
-        args.sharding = "auto" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "none"
+        args.sharding = "auto" if int(os.environ.get("WORLD_SIZE", 1)) > 1 or args.pipeline else "none"
+    if args.pipeline and (args.sharding == "none" or args.checkpoint_dir):
+        p.error("--pipeline needs sharding and does not take --checkpoint-dir (the pipeline reads batches ahead)")
     return args
 
 
@@ -119,6 +123,8 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     test_loader = loader(test_table, args.batch_size, args.workers, rank, world)
     model, train_loader = recd_plugin.apply(recd, model, train_loader)  # recd-plugin
     test_loader = recd_plugin.wrap(recd, test_loader)  # recd-plugin: sharded models need IKJTs on every batch
+    if args.pipeline:
+        return train_pipelined(args, model, train_loader, recd, rank, world)
     if args.sharding != "none":
         model, optimizer = distributed.shard(model, recd, args.sharding, args.lr, args.optimizer, args.batch_size)
     elif args.optimizer == "sgd":
@@ -170,6 +176,32 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
         stats = train_loader.stats
         print(f"recd-plugin: {stats.samples_out} samples, unique user rows "
               f"{100 * stats.unique_fraction('user'):.1f}%")
+    return result
+
+
+def train_pipelined(args: argparse.Namespace, model: torch.nn.Module, train_loader, recd: recd_plugin.RecDConfig,
+                    rank: int, world: int) -> Dict[str, float]:
+    """One epoch with TorchRec's TrainPipelineSparseDist (input all-to-alls one batch ahead)."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    step_model, optimizer = distributed.shard(distributed.TrainStep(model), recd, args.sharding, args.lr,
+                                              args.optimizer, args.batch_size)
+    pipeline = TrainPipelineSparseDist(step_model, optimizer, next(step_model.parameters()).device)
+    log, batches, total, steps, start = _loss_log(args, recd, rank, world), iter(train_loader), 0.0, 0, time.perf_counter()
+    while steps != args.max_steps:
+        try:
+            loss, _, _ = pipeline.progress(batches)  # the model output: (loss, logits, labels)
+        except StopIteration:
+            break
+        total, steps = total + loss.item(), steps + 1
+        if log:
+            log.write(json.dumps({"step": steps, "loss": loss.item()}) + "\n")
+    result = {"loss": total / max(steps, 1), "auc": float("nan"),
+              "samples_per_s": steps * args.batch_size / (time.perf_counter() - start)}
+    print(f"pipelined: loss {result['loss']:.4f}  {result['samples_per_s']:.0f} samples/s")
+    if log:
+        log.write(json.dumps(result) + "\n")
+        log.close()
     return result
 
 

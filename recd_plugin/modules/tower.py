@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.fx
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -120,6 +121,8 @@ class _TowerHooks:
         self.active: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def before(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+        if any(isinstance(x, torch.fx.Proxy) for x in (*args, *kwargs.values())):
+            return _mark_traced(args, kwargs)
         rows = self.ctx.rows(self.group)
         self.active = None
         if rows is None:
@@ -172,6 +175,28 @@ class _TowerHooks:
         first, inv = self.active
         self.active = None
         return _expand(output, inv, first.numel())
+
+
+def tower_input(x: Any) -> Any:
+    """Identity at run time; in an fx trace, the node that marks a tower's input as modified.
+
+    Why: TorchRec's ``TrainPipelineSparseDist`` traces the model and pipelines the input
+    all-to-all of every sharded module whose input comes straight from the batch, computing
+    it from the batch itself ahead of the forward. A tower's embedding modules get the
+    group's unique rows from the tower hook instead, so they must not be pipelined; this
+    node makes TorchRec see an input modification and leave them unpipelined (they then run
+    their communication inside the forward, on the unique rows).
+    """
+    return x
+
+
+def _mark_traced(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    def mark(x: Any) -> Any:
+        if isinstance(x, torch.fx.Proxy):
+            return x.tracer.create_proxy("call_function", tower_input, (x,), {})
+        return x
+
+    return tuple(mark(a) for a in args), {k: mark(v) for k, v in kwargs.items()}
 
 
 def _expand(output: Any, inv: torch.Tensor, num_unique: int) -> Any:
