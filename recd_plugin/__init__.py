@@ -1,4 +1,4 @@
-"""recd-plugin: RecD deduplication (and later FAE, DES) for existing TorchRec training.
+"""recd-plugin: RecD deduplication, FAE hot-row placement and DES for existing TorchRec training.
 
 The public API. In a TorchRec training script::
 
@@ -8,21 +8,29 @@ The public API. In a TorchRec training script::
 
 Building blocks, for users who wire things themselves: ``build_ikjt`` / ``expand`` (IKJT),
 ``DedupLoader`` / ``DedupCollate`` (dataloader transform), ``DedupEmbeddingCollection`` and
-``dedup_tower`` (dedup-aware modules). See docs/recd.md.
+``dedup_tower`` (dedup-aware modules). See docs/recd.md. FAE: ``recd_plugin.fae``
+(``HotSet``, ``profile_accesses``, ``convert_hot_cold``, ``HotBatchScheduler``); DES:
+``recd_plugin.des`` (``FactorizationMachine``, ``WideLinear``, ``FirstDenseLayer``,
+``DESSharder``); sharded training: ``recd_plugin.dist`` (``sharders``, ``constraints``,
+``check_plan``, ``Checkpointer``). See docs/getting-started.md.
 """
 
 from recd_plugin._peer import check_peer_requirements
 
 check_peer_requirements()  # before torch is imported: a clear message instead of a crash
 
-from recd_plugin.config import ENV_VAR, RecDConfig  # noqa: E402
+from recd_plugin.config import ENV_VAR, FAEConfig, RecDConfig  # noqa: E402
 from recd_plugin.errors import (  # noqa: E402
     ConfigError,
     DedupSpecError,
+    DESError,
+    HotSetError,
     MalformedBatchError,
     NotDeduplicableError,
     PeerRequirementError,
     RecDError,
+    ShardingError,
+    StorageError,
     UnsupportedModelError,
 )
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection  # noqa: E402
@@ -44,10 +52,11 @@ from recd_plugin.transforms.dedup import DedupCollate, DedupLoader, DedupStats, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "remove", "wrap", "RecDConfig", "ENV_VAR",
+    "apply", "remove", "wrap", "RecDConfig", "FAEConfig", "ENV_VAR",
     "FeatureGroup", "DedupSpec", "build_ikjt", "expand", "inverse_index", "unique_rows", "is_ikjt",
     "DedupLoader", "DedupCollate", "DedupStats", "dedup_batch",
     "DedupEmbeddingCollection", "DedupEmbeddingBagCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",
     "RecDError", "ConfigError", "DedupSpecError", "MalformedBatchError", "NotDeduplicableError",
     "PeerRequirementError", "UnsupportedModelError", "check_peer_requirements",
+    "DESError", "HotSetError", "ShardingError", "StorageError",
 ]
