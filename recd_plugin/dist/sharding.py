@@ -109,6 +109,19 @@ def _tables(model: nn.Module) -> Dict[str, Set[str]]:
     return out
 
 
+def measure_unique_fraction(batches: Iterable[Any], config: RecDConfig, limit: int = 8) -> Dict[str, float]:
+    """{group: unique rows / samples} over the first ``limit`` batches (plain torchrec
+    ``Batch``es): the measurement ``constraints`` turns into planner batch sizes."""
+    from recd_plugin.transforms.dedup import DedupStats, dedup_batch
+
+    stats = DedupStats()
+    for i, batch in enumerate(batches):
+        if i == limit:
+            break
+        stats.add(config.spec, batch.sparse_features.stride(), dedup_batch(batch, config.spec).sparse_features)
+    return {g.name: stats.unique_fraction(g.name) for g in config.groups}
+
+
 def constraints(model: nn.Module, config: RecDConfig, batch_size: int,
                 unique_fraction: Optional[Mapping[str, float]] = None,
                 base: Optional[Dict[str, ParameterConstraints]] = None) -> Dict[str, ParameterConstraints]:
