@@ -102,3 +102,15 @@ def test_sharded_mode_keeps_torchrec_modules_and_refuses_ec_outside_towers() -> 
     config = RecDConfig.from_string("groups.user.key=session_id; groups.user.features=user_id,history; sharded=true")
     with pytest.raises(Exception, match="EmbeddingCollection 'seq'"):
         recd_plugin.apply(config, WithEC())
+
+
+def test_measure_unique_fraction_counts_unique_sessions() -> None:
+    from recd_plugin.data import TableBatches, generate_sessions
+
+    table = generate_sessions(num_users=60, seed=1)
+    batches = TableBatches(table, 256)
+    config = RecDConfig.from_string("groups.user.key=session_id; groups.user.features=user_id,history")
+    got = sharding.measure_unique_fraction(batches, config, limit=3)
+    sessions = table.column("session_id").to_numpy()
+    want = sum(len(set(sessions[i * 256:(i + 1) * 256])) for i in range(3)) / (3 * 256)
+    assert got == {"user": pytest.approx(want)}
