@@ -21,6 +21,7 @@ check_peer_requirements()  # before torch is imported: a clear message instead o
 
 from recd_plugin.config import ENV_VAR, FAEConfig, RecDConfig  # noqa: E402
 from recd_plugin.errors import (  # noqa: E402
+    AnalyzeError,
     ConfigError,
     DedupSpecError,
     DESError,
@@ -58,5 +59,5 @@ __all__ = [
     "DedupEmbeddingCollection", "DedupEmbeddingBagCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",
     "RecDError", "ConfigError", "DedupSpecError", "MalformedBatchError", "NotDeduplicableError",
     "PeerRequirementError", "UnsupportedModelError", "check_peer_requirements",
-    "DESError", "HotSetError", "ShardingError", "StorageError",
+    "AnalyzeError", "DESError", "HotSetError", "ShardingError", "StorageError",
 ]

@@ -8,6 +8,7 @@
     recd-plugin preprocess EVENTS OUT [--strict] # flat events Parquet -> deduplicated layout
     recd-plugin preprocess movielens-100k OUT    # the built-in sources work too (synthetic)
     recd-plugin profile criteo-synthetic --budget 1% --out out/   # FAE hot set + coverage
+    recd-plugin analyze movielens-100k --out out/  # which of RecD / FAE / DES pays off, HTML report
     recd-plugin bench dedup --quick              # same as python -m recd_plugin.bench
 """
 
@@ -37,6 +38,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from recd_plugin.fae.command import add_arguments as add_profile_arguments
 
     add_profile_arguments(prof)
+    ana = sub.add_parser("analyze", help="advise RecD / FAE / DES for your data: report with plots and a flag")
+    from recd_plugin.analyze.command import add_arguments as add_analyze_arguments
+
+    add_analyze_arguments(ana)
     sub.add_parser("bench", help="run a benchmark (python -m recd_plugin.bench --help)", add_help=False)
     if argv[:1] == ["bench"]:
         from recd_plugin.bench.__main__ import main as bench_main
@@ -71,6 +76,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from recd_plugin.fae.command import run as run_profile
 
             run_profile(args)
+        elif args.command == "analyze":
+            from recd_plugin.analyze.command import run as run_analyze
+
+            run_analyze(args)
         elif args.command == "fetch-movielens":
             from recd_plugin.data import default_root, fetch_movielens_100k
 

@@ -61,3 +61,9 @@ class DESError(RecDError, ValueError):
     """DES (distributed equivalent substitution): an operator or placement names a table that
     does not exist, an operator is fed inputs that are not pooled sums (MEAN pooling, sequence
     / EmbeddingCollection outputs), or shapes that do not match its configuration."""
+
+
+class AnalyzeError(RecDError, ValueError):
+    """``recd-plugin analyze``: the data cannot be read (missing file, corrupt Parquet, unknown
+    source name), or the ``--model`` config does not match the data (unknown tables, bad
+    fields)."""

@@ -69,12 +69,21 @@ def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
+#: Machine-readable results beside docs/benchmarks.md: ``docs/bench/<name>.json``, written with
+#: the section (``recd-plugin analyze`` compares its predictions with them).
+BENCH_JSON_DIR = DOCS.parent / "bench"
+
+
 def publish(name: str, markdown: str, result: Dict[str, Any], json_path: Optional[str], write_docs: bool) -> None:
-    """Print a benchmark's table, write its JSON, and regenerate its docs/benchmarks.md section."""
+    """Print a benchmark's table, write its JSON, and regenerate its docs/benchmarks.md section
+    (and, with it, ``docs/bench/<name>.json``, the same result as ``--json`` writes)."""
     print(markdown)
     write_json(json_path, result)
     if write_docs:
         write_section(name, markdown)
+        BENCH_JSON_DIR.mkdir(parents=True, exist_ok=True)
+        # default=str: a stray non-JSON value (a numpy scalar) must not lose the section just written
+        (BENCH_JSON_DIR / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 def load_example(relative: str, module_name: str) -> Any:

@@ -1,0 +1,153 @@
+"""recd-plugin analyze: unique fractions vs a brute-force reference, the advice's decisions, the
+DES estimate's formula, the CLI's outputs, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recd_plugin.analyze.advice import advise_recd
+from recd_plugin.analyze.des import estimate_des
+from recd_plugin.analyze.model import ModelConfig, TableSpec, load_model_config
+from recd_plugin.analyze.recd import analyze_groups, unique_fraction
+from recd_plugin.analyze.sources import load_sample, row_codes
+from recd_plugin.cli import main
+from recd_plugin.errors import AnalyzeError, RecDError
+
+
+def brute_unique_fraction(keys, batch_size):
+    batches = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    return sum(len(set(b)) for b in batches) / len(keys)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=200), st.integers(1, 64))
+def test_unique_fraction_matches_brute_force(keys, batch_size):
+    got = unique_fraction(np.array(keys, dtype=np.int64), batch_size)
+    assert got == pytest.approx(brute_unique_fraction(keys, batch_size))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 15), min_size=1, max_size=150), st.integers(1, 40))
+def test_clustering_lowers_or_keeps_unique_fraction(keys, batch_size):
+    k = np.array(keys, dtype=np.int64)
+    assert unique_fraction(np.sort(k, kind="stable"), batch_size) <= unique_fraction(k, batch_size) + 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=4), min_size=1, max_size=40))
+def test_list_row_codes_equal_iff_rows_equal(rows):
+    codes = row_codes(pa.array(rows, type=pa.list_(pa.int64())))
+    for i in range(len(rows)):
+        for j in range(len(rows)):
+            assert (codes[i] == codes[j]) == (rows[i] == rows[j])
+
+
+def _session_parquet(path: Path, sessions: int = 60, per: int = 5, shuffle: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    sid = np.repeat(np.arange(sessions), per)
+    user = sid // 2
+    per_session = [[int(x) for x in rng.integers(0, 50, size=k % 4)] for k in range(sessions)]
+    hist = [per_session[k] for k in sid]  # constant within a session, like a user history
+    item = rng.integers(0, 100, size=sid.size)
+    order = rng.permutation(sid.size) if shuffle else np.arange(sid.size)
+    t = pa.table({"session_id": sid[order], "user_id": user[order],
+                  "history": pa.array([hist[i] for i in order], type=pa.list_(pa.int64())),
+                  "item_id": item[order], "label": rng.random(sid.size).astype(np.float32)[order]})
+    pq.write_table(t, path)
+    return path
+
+
+def test_session_columns_detected_and_shuffle_hurts(tmp_path):
+    s = load_sample(str(_session_parquet(tmp_path / "s.parquet", shuffle=True)), progress=False)
+    assert s.session_key == "session_id"
+    assert s.session_columns == ["user_id", "history"] and s.varying_columns == ["item_id"]
+    g = analyze_groups(s, batch_sizes=(16, 64))
+    assert all(c <= st_ + 1e-12 for c, st_ in zip(g.clustered, g.stored))
+    assert g.clustered[0] == pytest.approx(brute_unique_fraction(sorted(s.table.column("session_id").to_pylist()), 16))
+
+
+def test_advice_picks_recd_for_sessions_not_for_criteo(tmp_path):
+    s = load_sample(str(_session_parquet(tmp_path / "s.parquet", sessions=100, per=20)), progress=False)
+    rec = advise_recd(s, analyze_groups(s, batch_sizes=(256, 1024)), 256, 0.5)
+    assert rec.recommended and rec.flag.startswith("groups.session.key=session_id")
+    assert "features=user_id,history" in rec.flag
+    c = load_sample("criteo-synthetic", max_rows=2000, progress=False)
+    assert c.session_key is None and analyze_groups(c) is None
+    rec = advise_recd(c, None, 1024, 0.5)
+    assert not rec.recommended and "RecD does not apply" in rec.why[0]
+
+
+def test_des_estimate_is_the_analytic_formula():
+    w, b, f, d, h, dense = 4, 512, 10, 8, 24, 5
+    tables = {f"t{i}": TableSpec(f"t{i}", f"f{i}", 100, d, 2.0) for i in range(f)}
+    cfg = ModelConfig(tables, ["fm", "wide", "first_layer"], [h, 12], dense, w, b)
+    est = estimate_des(cfg, {})
+    r = (w - 1) / w
+    ids = b * r * f * (8 * 2.0 + 4)
+    k = (d + 1) + 1 + h
+    rest = h * 12 + 12 + 12 * 1 + 1
+    assert est.des == pytest.approx({"ids": ids, "partials": 2 * (w - 1) * b * k * 4,
+                                     "dense all-reduce": 2 * r * 4 * (dense * h + h + rest)})
+    assert est.table_wise == pytest.approx({"ids": 2 * ids, "pooled rows": 2 * b * r * f * (d + 1) * 4,
+                                            "dense all-reduce": 2 * r * 4 * ((dense + f * d) * h + h + rest)})
+    assert est.saving == pytest.approx(1 - sum(est.des.values()) / sum(est.table_wise.values()))
+    assert est.analytic_embedding_saving == pytest.approx(1 - k / (f * d))
+
+
+def test_cli_writes_html_and_pngs(tmp_path, capsys):
+    data = _session_parquet(tmp_path / "s.parquet", sessions=300, per=8)
+    out = tmp_path / "out"
+    assert main(["analyze", str(data), "--out", str(out), "--no-progress", "--batch-size", "256"]) == 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "<script" not in html
+    assert {p.name for p in out.glob("*.png")} == {"unique_fraction.png", "fae_skew.png", "des_bytes.png"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["advice"][0]["technique"] == "RecD" and summary["advice"][0]["recommended"]
+    assert "flag: --recd" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such Parquet file" in capsys.readouterr().err
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    assert main(["analyze", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "not a readable Parquet" in capsys.readouterr().err
+    assert main(["analyze", "movielens-1m", "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean 'movielens-100k'" in capsys.readouterr().err
+
+
+def test_model_config_naming_unknown_tables(tmp_path):
+    data = _session_parquet(tmp_path / "s.parquet")
+    cfg = tmp_path / "model.toml"
+    cfg.write_text('operators = ["fm"]\n[tables]\nuser_id = {}\nitem_idd = {dim = 16}\n')
+    with pytest.raises(AnalyzeError, match="item_idd.*did you mean 'item_id'"):
+        load_model_config(str(cfg), ["user_id", "history", "item_id"], {"user_id": 30, "history": 50, "item_id": 100})
+    assert main(["analyze", str(data), "--model", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    cfg.write_text('{"tables": ["user_id"], "operators": ["fm", "first_layer"]}')
+    json_cfg = cfg.with_suffix(".json")
+    cfg.rename(json_cfg)
+    with pytest.raises(RecDError, match="needs its width"):
+        load_model_config(str(json_cfg), ["user_id"], {"user_id": 30})
+
+
+def test_measured_results_parse_or_say_none(tmp_path):
+    from recd_plugin.analyze.measured import measured, section
+
+    assert measured("dedup", docs=tmp_path) is None  # no JSON, no docs: "no measurement yet"
+    (tmp_path / "benchmarks.md").write_text(
+        "<!-- bench:storage:start -->\n| | flat | dedup layout | ratio |\n|---|---|---|---|\n"
+        "| bytes | 648,416 | 317,834 | 2.04x |\n| read + build batches | 1 | 2 | 2.22x |\n<!-- bench:storage:end -->\n")
+    assert section("dedup", tmp_path / "benchmarks.md") is None
+    assert measured("storage", docs=tmp_path) == {"storage_ratio": 2.04, "preprocess_ratio": 2.22}
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "storage.json").write_text('{"storage_ratio": 3.0, "preprocess_ratio": 1.5}')
+    assert measured("storage", docs=tmp_path) == {"storage_ratio": 3.0, "preprocess_ratio": 1.5}
