@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 import recd_plugin
-from recd_plugin.bench.report import load_example, machine, median, timed, write_json, write_section
+from recd_plugin.bench.report import load_example, machine, median, publish, timed
 from recd_plugin.data import TableBatches, cardinalities, load_movielens_100k
 from recd_plugin.sparse.ikjt import build_ikjt, jagged_index_select
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -164,9 +164,7 @@ def run(quick: bool = False, json_path: str | None = None, batch_size: int = 102
         },
     }
     _print(result)
-    write_json(json_path, result)
-    if write_docs:
-        write_section("dedup", _markdown(result))
+    publish("dedup", _markdown(result), result, json_path, write_docs)
     for name, v in result["variants"].items():
         if v["max_loss_diff"] > LOSS_TOLERANCE or v["max_weight_diff"] > WEIGHT_TOLERANCE:
             raise SystemExit(
