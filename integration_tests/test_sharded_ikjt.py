@@ -9,7 +9,7 @@ world size (TorchRec's comm backward averages over ranks; DESIGN.md).
 
 The passing configurations: TABLE_WISE, COLUMN_WISE (unequal per-rank unique counts are
 fine), ROW_WISE (needs a sharder that lists it for "cpu" when the planner is used, and equal
-per-rank strides per key on gloo: ``_pad_to_max`` pads with empty bags). The last tests pin
+per-rank strides per key on gloo: ``recd_plugin.dist.pad.pad_to_max_over_ranks`` pads with empty bags). The last tests pin
 down what TorchRec 1.8 refuses, with its own error messages, so a change shows up here.
 
 Every multi-process run is a subprocess (``python this_file.py CASE OUTDIR``) that
@@ -63,24 +63,6 @@ def make_batch(seed: int, batch: int, n_sessions: int):
                              lengths=torch.tensor(sum((lens[k] for k in KEYS), []), dtype=torch.int32))
 
 
-def _pad_to_max(ikjt):
-    """Pad every key's row count to the maximum over ranks with empty bags (inverse unchanged).
-
-    gloo's all_gather (ROW_WISE's reduce-scatter backward) needs equal sizes on every rank.
-    Costs one tiny all_reduce per batch; the padded bags pool to zero rows nobody reads.
-    """
-    import torch.distributed as dist
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    strides = torch.tensor(ikjt.stride_per_key(), dtype=torch.long)
-    target = strides.clone()
-    dist.all_reduce(target, op=dist.ReduceOp.MAX)
-    parts = ikjt.lengths().split(strides.tolist())
-    lengths = torch.cat([torch.cat([p, p.new_zeros(t - s)]) for p, s, t in zip(parts, strides.tolist(), target.tolist())])
-    return KeyedJaggedTensor(keys=ikjt.keys(), values=ikjt.values(), weights=ikjt.weights_or_none(), lengths=lengths,
-                             stride_per_key_per_rank=[[t] for t in target.tolist()], inverse_indices=ikjt.inverse_indices())
-
-
 def _ebc(device: str):
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
@@ -120,6 +102,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
         from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
         from recd_plugin import DedupSpec, FeatureGroup, build_ikjt
+        from recd_plugin.dist.pad import pad_to_max_over_ranks
 
         class CPURowWiseSharder(EmbeddingBagCollectionSharder):
             """The stock sharder offers ROW_WISE / TABLE_ROW_WISE only for cuda (DESIGN.md)."""
@@ -156,7 +139,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             local = batches[rank]
             inp = local if mode == "plain" else build_ikjt(local, spec)
             if mode == "ikjt_pad":
-                inp = _pad_to_max(inp)
+                inp = pad_to_max_over_ranks(inp)
             info = {"mode": mode, "stride_per_key": inp.stride_per_key()}
             res["steps"].append(info)
             out = dmp(inp)

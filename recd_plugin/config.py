@@ -213,6 +213,15 @@ class FAEConfig:
     hot_set: str
     tables: Optional[List[str]] = None
     window: int = 0
+    _loaded: Any = field(default=None, repr=False, compare=False)
+
+    def load(self) -> Any:
+        """The ``HotSet`` at ``hot_set``, read once (apply's check, swap and loader share it)."""
+        if self._loaded is None:
+            from recd_plugin.fae.hotset import HotSet
+
+            self._loaded = HotSet.load(self.hot_set)
+        return self._loaded
 
     @classmethod
     def from_dict(cls, data: Any) -> "FAEConfig":

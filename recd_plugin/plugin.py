@@ -24,7 +24,7 @@ from recd_plugin.config import RecDConfig
 from recd_plugin.errors import UnsupportedModelError
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
-from recd_plugin.modules.swap import check_model, convert
+from recd_plugin.modules.swap import check_model, convert, embedding_tables
 from recd_plugin.transforms.dedup import DedupLoader
 
 M = TypeVar("M", bound=nn.Module)
@@ -73,23 +73,16 @@ def wrap(config: RecDConfig, loader: Optional[Iterable[Any]], model: Optional[nn
         return loader
     config.validate()
     if config.fae is not None and model is not None:
-        from recd_plugin.fae.hotset import HotSet
         from recd_plugin.fae.schedule import HotBatchScheduler
 
-        hot = HotSet.load(config.fae.hot_set)
-        features = {f: t for t, fs in _feature_tables(model).items() for f in fs if t in hot.tables}
+        hot = config.fae.load()
+        features = {f: t for t, fs in embedding_tables(model).items() for f in fs if t in hot.tables}
         loader = HotBatchScheduler(loader, hot, features, window=config.fae.window or None)
     if config.groups:
         loader = DedupLoader(loader, config.spec, config.verify_batches, config.in_workers,
                              pad_across_ranks=config.is_sharded())
     return loader
 
-
-def _feature_tables(model: nn.Module) -> dict:
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-    return {c.name: list(c.feature_names) for m in model.modules() if isinstance(m, EmbeddingBagCollection)
-            for c in m.embedding_bag_configs()}
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -121,10 +121,11 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     _, train_table, test_table = data
     rank, world = (dist.get_rank(), dist.get_world_size()) if args.sharding != "none" else (0, 1)
     train_loader = loader(train_table, args.batch_size, args.workers, rank, world)
+    train_batches = train_loader.dataset  # its .start is where a resumed epoch picks up
     test_loader = loader(test_table, args.batch_size, args.workers, rank, world)
     unique = None
     if recd.enabled and args.sharding != "none":  # recd-plugin: measured unique fractions for the planner
-        unique = recd_sharding.measure_unique_fraction(RankBatches(train_table, args.batch_size, rank, world), recd)
+        unique = recd_sharding.measure_unique_fraction(train_batches, recd)
     model, train_loader = recd_plugin.apply(recd, model, train_loader)  # recd-plugin
     test_loader = recd_plugin.wrap(recd, test_loader)  # recd-plugin: sharded models need IKJTs on every batch
     if args.pipeline:
@@ -146,7 +147,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     step = position["step"]
     for epoch in range(position["epoch"], args.epochs):
         first = position["batch"] if epoch == position["epoch"] else 0
-        _dataset(train_loader).start = first
+        train_batches.start = first
         total, steps, samples, start = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch} ({'recd on' if recd.enabled else 'plain'})",
                    total=args.max_steps - first if args.max_steps else len(train_loader),
@@ -217,11 +218,6 @@ def _loss_log(args: argparse.Namespace, recd: recd_plugin.RecDConfig, rank: int,
         return None
     suffix = (".recd" if recd.enabled else ".plain") + (f".rank{rank}" if world > 1 else "")
     return open(args.losses + suffix, "a")
-
-
-def _dataset(train_loader) -> RankBatches:
-    inner = train_loader.loader if hasattr(train_loader, "loader") else train_loader  # recd-plugin wraps it
-    return inner.dataset
 
 
 def main(argv: Optional[list] = None) -> None:

@@ -60,8 +60,9 @@ class DataSample:
 
 
 def _is_int(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or (
-        (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type))
+    from recd_plugin.data.columns import is_list
+
+    return pa.types.is_integer(t) or (is_list(t) and pa.types.is_integer(t.value_type))
 
 
 def _read_parquet(path: Path, max_rows: int, progress: bool) -> tuple:

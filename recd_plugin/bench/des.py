@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -35,16 +34,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from recd_plugin.bench.report import machine, median, publish
+from recd_plugin.bench.report import free_port, machine, median, publish
 
 WORLD = 2
 FIELDS = 26
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bench_model(name: str, cfg: Dict[str, Any], rank: int) -> Dict[str, Any]:
@@ -151,7 +144,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_size: int = 
            "lr": 0.5, "seed": seed, "warmup": 2, "steps": 6 if quick else 60, "eval_batches": 2 if quick else 8}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "des.json"
-        mp.spawn(worker, args=(_free_port(), cfg, str(out)), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(free_port(), cfg, str(out)), nprocs=WORLD, join=True)
         per_model = json.loads(out.read_text())
     fm, deepfm = per_model["fm"], per_model["deepfm"]
     result = {

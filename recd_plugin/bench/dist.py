@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import json
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -43,7 +42,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from recd_plugin.bench.dedup import _example
-from recd_plugin.bench.report import machine, median, publish
+from recd_plugin.bench.report import free_port, machine, median, publish
 
 WORLD = 2
 LR = 0.05
@@ -75,11 +74,6 @@ def _data(batch_size: int, steps: int) -> Any:
     return cardinalities(table), [batches[i] for i in range(min(len(batches), steps * WORLD))]
 
 
-def _tables(module: nn.Module) -> List[str]:
-    configs = module.embedding_bag_configs() if hasattr(module, "embedding_bag_configs") else module.embedding_configs()
-    return [c.name for c in configs]
-
-
 def _step(model: nn.Module, opt: Any, batch: Any) -> float:
     opt.zero_grad()
     loss = nn.functional.binary_cross_entropy_with_logits(model(batch.sparse_features, batch.dense_features),
@@ -104,6 +98,7 @@ def _worker(rank: int, port: int, cfg: Dict[str, Any], outdir: str) -> None:
     from recd_plugin.dist import sharding
     from recd_plugin.dist.comm import CommCounter
     from recd_plugin.dist.pad import pad_to_max_over_ranks
+    from recd_plugin.modules.swap import embedding_tables
     from recd_plugin.transforms.dedup import dedup_batch
 
     card, batches = _data(cfg["batch_size"], cfg["steps"])
@@ -116,7 +111,7 @@ def _worker(rank: int, port: int, cfg: Dict[str, Any], outdir: str) -> None:
     if not cfg["light"]:
         modules["user_tower.sequence"] = (base.user_tower.sequence, shard[1])
     plan = ShardingPlan({path: construct_module_sharding_plan(
-        m, per_param_sharding={t: table_wise(rank=i % WORLD, compute_kernel="fused") for i, t in enumerate(_tables(m))},
+        m, per_param_sharding={t: table_wise(rank=i % WORLD, compute_kernel="fused") for i, t in enumerate(embedding_tables(m))},
         sharder=sharder, local_size=WORLD, world_size=WORLD, device_type="cpu") for path, (m, sharder) in modules.items()})
 
     sides: Dict[str, Any] = {}
@@ -211,9 +206,7 @@ def run(quick: bool = False, json_path: str | None = None, batch_size: int = 102
 
 
 def _variant(cfg: Dict[str, Any], verbose: bool) -> Dict[str, Any]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_worker, args=(port, cfg, out), nprocs=WORLD, start_method="spawn")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]

@@ -93,10 +93,8 @@ class _DLRMLite(nn.Module):
 def cpu_training(max_rows: int, steps: int, batch_size: int, seed: int, dim: int = 16,
                  row_share: float = 0.01, warmup: int = 3) -> Dict[str, Any]:
     """Part (b): samples/s of the hot/cold layout vs the plain EBC on CPU."""
-    try:
-        from recd_plugin.fae.hotcold import convert_hot_cold
-    except ImportError as e:  # the layout is a separate module; report instead of failing (a)
-        return {"cpu_ratio": None, "note": f"hot/cold layout not available: {e}"}
+    from recd_plugin.fae.hotcold import convert_hot_cold
+
     configs = _configs(max_rows, dim)
     tables, f2t = tables_from_configs(configs)
     profile = profile_accesses(CriteoBatches(20 * (warmup + steps), batch_size, seed, max_rows), tables, f2t,

@@ -74,6 +74,15 @@ def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
 BENCH_JSON_DIR = DOCS.parent / "bench"
 
 
+def free_port() -> int:
+    """A free TCP port on localhost, for the spawned ranks' rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def publish(name: str, markdown: str, result: Dict[str, Any], json_path: Optional[str], write_docs: bool) -> None:
     """Print a benchmark's table, write its JSON, and regenerate its docs/benchmarks.md section
     (and, with it, ``docs/bench/<name>.json``, the same result as ``--json`` writes)."""

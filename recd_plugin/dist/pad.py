@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recd_plugin.sparse.plan import segment_positions
+
 
 def pad_to_max_over_ranks(kjt: KeyedJaggedTensor, group: Optional[dist.ProcessGroup] = None) -> KeyedJaggedTensor:
     """IKJT [key k: U_k rows] -> IKJT [key k: max over ranks of U_k rows], same values and
@@ -36,12 +38,12 @@ def pad_to_max_over_ranks(kjt: KeyedJaggedTensor, group: Optional[dist.ProcessGr
     dist.all_reduce(target, op=dist.ReduceOp.MAX, group=group)
     if torch.equal(target, strides):
         return kjt
-    # Each key's lengths segment gets (target - stride) zeros appended: one index_copy into
-    # a zero tensor of the padded size instead of K small concatenations.
+    # Each key's lengths segment gets (target - stride) zeros appended: key k's rows move to
+    # [start_k, start_k + stride_k) of a zero tensor of the padded size (one index_copy
+    # instead of K small concatenations).
     lengths = kjt.lengths()
-    starts = torch.cumsum(target, 0) - target
-    offset_in_key = torch.arange(lengths.numel()) - torch.repeat_interleave(torch.cumsum(strides, 0) - strides, strides)
-    where = torch.repeat_interleave(starts, strides) + offset_in_key
+    starts = (torch.cumsum(target, 0) - target).numpy()
+    where = torch.from_numpy(segment_positions(starts, strides.numpy())).to(lengths.device)
     padded = lengths.new_zeros(int(target.sum()))
     padded.index_copy_(0, where, lengths)
     return KeyedJaggedTensor(

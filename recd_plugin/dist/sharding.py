@@ -28,7 +28,7 @@ Example (each rank, after ``recd_plugin.apply``)::
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set
 
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
@@ -37,11 +37,12 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recd_plugin.config import RecDConfig
 from recd_plugin.dist import torchrec_fixes
 from recd_plugin.errors import ShardingError
+from recd_plugin.modules.swap import embedding_tables
 
 #: Fused optimizers whose TBE kernels take variable-batch inputs (fbgemm's VBE assertion);
 #: ADAM too, but only on cuda ("Optimizer adam is not supported in CPU mode").
@@ -87,25 +88,10 @@ def ikjt_tables(model: nn.Module, config: RecDConfig) -> Dict[str, Set[str]]:
     configured towers (towers hand their modules a plain KJT of unique rows)."""
     towers = tuple(p + "." for p in config.towers)
     out: Dict[str, Set[str]] = {}
-    for path, m in _embedding_modules(model):
+    for path, m in model.named_modules():
         if isinstance(m, EmbeddingBagCollection) and not (path + ".").startswith(towers):
             for c in m.embedding_bag_configs():
                 out[c.name] = set(c.feature_names)
-    return out
-
-
-def _embedding_modules(model: nn.Module) -> Iterable[Tuple[str, nn.Module]]:
-    for path, m in model.named_modules():
-        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
-            yield path, m
-
-
-def _tables(model: nn.Module) -> Dict[str, Set[str]]:
-    out: Dict[str, Set[str]] = {}
-    for _, m in _embedding_modules(model):
-        configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
-        for c in configs:
-            out[c.name] = set(c.feature_names)
     return out
 
 
@@ -137,7 +123,7 @@ def constraints(model: nn.Module, config: RecDConfig, batch_size: int,
     result = dict(base or {})
     vbe = ikjt_tables(model, config)
     group_of = {f: g.name for g in config.groups for f in g.all_features}
-    for table, features in _tables(model).items():
+    for table, features in embedding_tables(model).items():
         c = result.get(table) or ParameterConstraints()
         if table in vbe:
             c.compute_kernels = c.compute_kernels or [EmbeddingComputeKernel.FUSED.value]

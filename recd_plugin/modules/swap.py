@@ -48,6 +48,12 @@ def _configs(module: nn.Module) -> list:
     return module.embedding_configs()
 
 
+def embedding_tables(model: nn.Module) -> Dict[str, List[str]]:
+    """{table name: its feature names} over every EC / EBC of ``model``."""
+    return {c.name: list(c.feature_names) for m in model.modules()
+            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for c in _configs(m)}
+
+
 def model_features(model: nn.Module) -> Set[str]:
     """Sparse feature names read by the model's TorchRec embedding modules."""
     return {
@@ -120,13 +126,12 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
 def _check_fae(model: nn.Module, config: RecDConfig) -> None:
     """The hot set loads and matches the model's tables (a stale one is refused here)."""
     from recd_plugin.fae.hotcold import ebc_tables
-    from recd_plugin.fae.hotset import HotSet
 
     if config.is_sharded():
         raise UnsupportedModelError(
             "fae: the hot/cold layout works on unsharded models (DistributedModelParallel cannot shard it); "
             "for sharded GPU training use the planner hints instead (recd_plugin.fae.hints.planner_constraints)")
-    hot = HotSet.load(config.fae.hot_set)  # type: ignore[union-attr]
+    hot = config.fae.load()  # type: ignore[union-attr]
     hot.check_tables({t: shape for m in model.modules() if isinstance(m, EmbeddingBagCollection)
                       for t, shape in ebc_tables(m).items()})
     for t in config.fae.tables or []:  # type: ignore[union-attr]
@@ -157,9 +162,8 @@ def _hot_cold(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[U
     if config.fae is None:
         return []
     from recd_plugin.fae.hotcold import convert_hot_cold
-    from recd_plugin.fae.hotset import HotSet
 
-    return [convert_hot_cold(model, HotSet.load(config.fae.hot_set), config.fae.tables)]
+    return [convert_hot_cold(model, config.fae.load(), config.fae.tables)]
 
 
 @register_converter("dedup_embeddings")
