@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ["a", "b", "c", "d"]
 ROWS = {"a": 11, "b": 7, "c": 13, "d": 5}
 DIM, HIDDEN, DENSE_IN = 4, 3, 2
+LR, EPS = 0.1, 1e-8  # fused tables' learning rate and Adagrad epsilon
 
 
 def build_module():
@@ -78,6 +79,8 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
         from recd_plugin.des import DESSharder, des_plan
         from recd_plugin.dist.comm import CommCounter
 
@@ -89,12 +92,17 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             def forward(self, kjt, dense):
                 return self.sparse(kjt, dense)
 
-        def run_case(placement):
+        def run_case(placement, fused=None):
             one: dict = {}
             ref = build_module()
             plan = des_plan(ref, placement, world_size=WORLD)
+            fused_params = None
+            if fused is not None:
+                from fbgemm_gpu.split_embedding_configs import EmbOptimType
+                fused_params = {"optimizer": getattr(EmbOptimType, fused), "learning_rate": LR, "eps": EPS}
             dmp = DistributedModelParallel(Wrap(), env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                           device=torch.device("cpu"), plan=ShardingPlan({"sparse": plan}), sharders=[DESSharder()])
+                                           device=torch.device("cpu"), plan=ShardingPlan({"sparse": plan}),
+                                           sharders=[DESSharder(fused_params=fused_params)])
             sharded = dmp.module.sparse
             one["sharded_type"] = type(sharded).__name__
             batches = [make_batch(10 + r, case["batch"][r]) for r in range(WORLD)]
@@ -102,7 +110,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             with CommCounter() as comm:
                 out = dmp(kjt, dense)
                 _loss(out, 100 + rank).backward()
-            one["comm"] = dict(comm.by_op)
+            one["comm"], one["float_comm"] = dict(comm.by_op), dict(comm.float_by_op)
             want = ref(kjt, dense)
             one["out_shape"] = {k: list(v.shape) for k, v in out.items()}
             one["out_maxdiff"] = max(float((out[k] - want[k]).abs().max()) for k in want)
@@ -110,12 +118,27 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             ref.zero_grad()
             sum(_loss(ref(*batches[r]), 100 + r) for r in range(WORLD)).div(WORLD).backward()
             diffs = {}
+            momentum = {k.split(".")[-1]: v["momentum1"] for k, v in dmp.fused_optimizer.state_dict()["state"].items()
+                        if "momentum1" in v}
+            one["fused_state"] = sorted(momentum)
+            one["dense_optimizer_params"] = sorted(n for n, _ in in_backward_optimizer_filter(dmp.named_parameters()))
             for table, (lo, hi) in sharded.owned_rows().items():
                 got = sharded.local_table(table)
+                w0, g = ref.ebc.embedding_bags[table].weight.detach()[lo:hi], ref.ebc.embedding_bags[table].weight.grad[lo:hi]
+                if fused is not None and got.shape[1] % 4 == 0:  # updated in backward: compare the new weights
+                    if fused == "EXACT_SGD":
+                        want = w0 - LR * g
+                    else:  # row-wise Adagrad from zero state: m = mean(g^2) per row
+                        m = g.pow(2).mean(dim=1)
+                        want = w0 - LR * g / (m.sqrt() + EPS).unsqueeze(1)
+                        off = sharded._row_offset[table]
+                        diffs[f"momentum:{table}"] = float((momentum[f"dim{got.shape[1]}"][off:off + hi - lo] - m).abs().max())
+                    diffs[f"updated:{table}"] = float((got.detach() - want).abs().max())
+                    continue
                 grad = sharded.local_weights[f"dim{got.shape[1]}"].grad.to_dense()
                 off = sharded._row_offset[table]
-                diffs[f"table:{table}"] = float((grad[off:off + hi - lo] - ref.ebc.embedding_bags[table].weight.grad[lo:hi]).abs().max())
-                diffs[f"weight:{table}"] = float((got.detach() - ref.ebc.embedding_bags[table].weight.detach()[lo:hi]).abs().max())
+                diffs[f"table:{table}"] = float((grad[off:off + hi - lo] - g).abs().max())
+                diffs[f"weight:{table}"] = float((got.detach() - w0).abs().max())
             first = ref.operators["first"].field_weight.grad
             plan_first = sharded._plan["first"]
             if plan_first["tw"]:
@@ -125,12 +148,18 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             for name, p in sharded.operators.named_parameters():
                 diffs[f"op:{name}"] = float((p.grad - dict(ref.operators.named_parameters())[name].grad).abs().max())
             one["grad_maxdiff"] = diffs
+            if momentum:  # loading the fused optimizer's state writes into the TBE (checkpoint resume)
+                sd = dmp.fused_optimizer.state_dict()
+                dmp.fused_optimizer.load_state_dict({**sd, "state": {k: {n: torch.full_like(t, 7.0) for n, t in v.items()}
+                                                                     for k, v in sd["state"].items()}})
+                one["momentum_after_load"] = float(sharded._tbes[DIM].momentum1_host.max())
             one["ref_grad_scale"] = float(max(p.grad.abs().max() for p in ref.parameters()))
             return one
 
         res["cases"] = []
         for placement in case["placements"]:
-            res["cases"].append(run_case(placement))
+            for fused in case.get("fused", [None]):
+                res["cases"].append(run_case(placement, fused))
         dist.barrier()
 
 
@@ -156,9 +185,37 @@ def test_des_sharded_matches_unsharded_outputs_and_gradients(tmp_path) -> None:
             assert all(d < 1e-5 for d in res["grad_maxdiff"].values()), res["grad_maxdiff"]
             # only ids and partials travel: ids all-to-all, one reduce-scatter, its all-gather, one grad all-reduce
             assert set(res["comm"]) == {"all_to_all_single", "reduce_scatter_tensor", "all_gather_into_tensor", "all_reduce"}
+            # the counter tells ids (integer) from partials (float): the all-to-all is ids only
+            assert res["float_comm"].get("all_to_all_single", 0) == 0 < res["comm"]["all_to_all_single"]
+            for op in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+                assert res["float_comm"][op] == res["comm"][op] > 0
     # the mixed placement really has row-wise W_f blocks and the uneven one puts more tables on rank 0
     assert any("first_row_wise" in c["grad_maxdiff"] for c in results[0]["cases"])
     assert len([k for k in results[0]["cases"][0]["grad_maxdiff"] if k.startswith("table:")]) == 6
+
+
+def test_des_fused_tables_update_in_backward_like_unsharded_sgd_and_rowwise_adagrad(tmp_path) -> None:
+    """DESSharder(fused_params=...): the dim-4 tables are FBGEMM TBEs updated in backward (new
+    weights == unsharded weights after one SGD / row-wise Adagrad step on the gradient of
+    (1/W) sum_r loss_r), the dim-1 wide tables keep sparse gradients, the fused weights stay
+    out of the dense optimizer and Adagrad's momentum is in the fused optimizer's state."""
+    batch = [4, 3]
+    results = _run({"placements": [UNEVEN_TW, MIXED_RW], "batch": batch, "fused": ["EXACT_SGD", "EXACT_ROWWISE_ADAGRAD"]},
+                   tmp_path)
+    for rank_res in results:
+        cases = rank_res["cases"]
+        assert len(cases) == 4
+        for res, fused in zip(cases, ["EXACT_SGD", "EXACT_ROWWISE_ADAGRAD"] * 2):
+            assert res["out_maxdiff"] < 1e-5, res
+            assert all(d < 1e-5 for d in res["grad_maxdiff"].values()), (fused, res["grad_maxdiff"])
+            assert any(k.startswith("updated:") for k in res["grad_maxdiff"])  # fused tables were checked
+            assert any(k.startswith("table:w_") for k in res["grad_maxdiff"])  # and the sparse ones too
+            assert not any("local_weights.dim4" in n for n in res["dense_optimizer_params"])
+            assert any("local_weights.dim1" in n for n in res["dense_optimizer_params"])
+            assert res["fused_state"] == (["dim4"] if fused == "EXACT_ROWWISE_ADAGRAD" else [])
+            if fused == "EXACT_ROWWISE_ADAGRAD":
+                assert any(k.startswith("momentum:") for k in res["grad_maxdiff"])
+                assert res["momentum_after_load"] == 7.0
 
 
 def test_bench_des_quick_runs_and_reports_keys(tmp_path) -> None:

@@ -213,7 +213,7 @@ class FAEConfig:
     hot_set: str
     tables: Optional[List[str]] = None
     window: int = 0
-    _loaded: Any = field(default=None, repr=False, compare=False)
+    _loaded: Any = field(default=None, init=False, repr=False, compare=False)
 
     def load(self) -> Any:
         """The ``HotSet`` at ``hot_set``, read once (apply's check, swap and loader share it)."""

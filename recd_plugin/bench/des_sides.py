@@ -1,10 +1,13 @@
-"""The three sides of the DES benchmark, built per rank: DES, TorchRec table-wise, row-wise.
+"""The sides of the DES benchmark, built per rank: DES (fused and sparse), TorchRec table-wise, row-wise.
 
 Every side wraps the *same* example model (examples/criteo/models.py) built with the same
 seed, so all start from the same weights:
 
-* ``des``: ``DistributedModelParallel(plan={"sparse": des_plan(...)}, sharders=[DESSharder()])``,
-  one ``torch.optim.SGD`` over all parameters (embedding gradients are sparse);
+* ``des``: ``DistributedModelParallel(plan={"sparse": des_plan(...)}, sharders=[DESSharder(fused_params)])``
+  with EXACT_SGD fused like TorchRec's sides below (the dim-16 tables are FBGEMM TBEs updated
+  in backward; the 1-dim wide tables keep sparse gradients), ``torch.optim.SGD`` on the rest;
+* ``des_sparse``: ``DESSharder()`` without fused_params, one ``torch.optim.SGD`` over all
+  parameters (embedding gradients are sparse);
 * ``table_wise`` / ``row_wise``: TorchRec's ``EmbeddingBagCollectionSharder`` on ``sparse.ebc``
   (a subclass that also offers ROW_WISE on cpu, DESIGN.md), FUSED kernel with EXACT_SGD
   applied in backward (the 1-dim wide tables: DENSE kernel, FBGEMM's fused TBE needs a
@@ -24,7 +27,7 @@ import torch.distributed as dist
 
 from recd_plugin.bench.report import load_example
 
-SIDES = ("des", "table_wise", "row_wise")
+SIDES = ("des", "des_sparse", "table_wise", "row_wise")
 
 
 def example_models() -> Any:
@@ -62,10 +65,14 @@ def build_side(side: str, make_model: Callable[[], torch.nn.Module], placement: 
     world = dist.get_world_size()
     env = ShardingEnv.from_process_group(dist.group.WORLD)
     model = make_model()
-    if side == "des":
+    if side in ("des", "des_sparse"):
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+        fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr} if side == "des" else None
         plan = ShardingPlan({"sparse": des_plan(model.sparse, placement, world_size=world)})
-        dmp = DistributedModelParallel(model, env=env, device=torch.device("cpu"), plan=plan, sharders=[DESSharder()])
-        opt = torch.optim.SGD(dmp.parameters(), lr=lr)
+        dmp = DistributedModelParallel(model, env=env, device=torch.device("cpu"), plan=plan,
+                                       sharders=[DESSharder(fused_params=fused)])
+        opt = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=lr)
     else:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         sharder = _cpu_sharder(lr)

@@ -44,16 +44,18 @@ state_dict holds this rank's local slices (plain tensors, not ShardedTensor); va
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.distributed.types import (EmbeddingModuleShardingPlan, LazyNoWait, NoWait, ParameterSharding, ShardedModule,
                                         ShardingEnv, ShardingType)
+from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.des.collectives import exchange_ids, reduce_scatter_partials, sync_replicated_grads
+from recd_plugin.des.fused import DESFusedOptimizer, fusable, fused_tbe, fused_weight
 from recd_plugin.des.module import DESEmbeddingOperators
 from recd_plugin.des.operators import FactorizationMachine, FirstDenseLayer
 from recd_plugin.errors import DESError, did_you_mean
@@ -84,11 +86,13 @@ class _Combine(nn.Module):
         return self.op.combine(partials, dense)
 
 
-class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tensor], Dict[str, Any]]):
-    """The sharded form; ``forward(features [B_r samples], dense [B_r, ...] | None) -> {name: [B_r, out]}``."""
+class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tensor], Dict[str, Any]], FusedOptimizerModule):
+    """The sharded form; ``forward(features [B_r samples], dense [B_r, ...] | None) -> {name: [B_r, out]}``.
+    With ``fused_params`` the local tables of dimensions divisible by 4 are FBGEMM TBEs that
+    update in backward (fused.py); ``fused_optimizer`` is what DMP collects for them."""
 
     def __init__(self, module: DESEmbeddingOperators, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, fused_params: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__()
         self._group, self._world, self._rank = env.process_group, env.world_size, env.rank
         configs = {t.name: t for t in module.tables}
@@ -116,15 +120,28 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         self._dims = sorted({configs[t].embedding_dim for t in local_tables})
         self._row_offset: Dict[str, int] = {}
         self.local_weights = nn.ParameterDict()
+        self._tbes: Dict[int, nn.Module] = {}  # dim -> fused TBE (a plain dict: not a submodule, state_dict unchanged)
         for d in self._dims:
-            blocks, off = [], 0
+            blocks, off, order = [], 0, []
             for t in local_tables:
                 if configs[t].embedding_dim == d:
                     lo, hi = self._owners[t][self._rank]
                     self._row_offset[t] = off
                     off += hi - lo
+                    order.append(t)
                     blocks.append(module.ebc.embedding_bags[t].weight.detach()[lo:hi])
-            self.local_weights[f"dim{d}"] = nn.Parameter(torch.cat(blocks).clone())
+            if fused_params is not None and fusable(d):
+                fields = [t for t, _, _ in self._local_fields if configs[t].embedding_dim == d]
+                self._tbes[d] = fused_tbe([b.shape[0] for b in blocks], d, [order.index(t) for t in fields],
+                                          fused_params, device or torch.device("cpu"))
+                self.local_weights[f"dim{d}"] = fused_weight(self._tbes[d])
+                with torch.no_grad():
+                    self.local_weights[f"dim{d}"].copy_(torch.cat(blocks))
+            else:
+                self.local_weights[f"dim{d}"] = nn.Parameter(torch.cat(blocks).clone())
+        lr = float((fused_params or {}).get("learning_rate", 0.01))
+        self._fused_optimizer = DESFusedOptimizer({f"local_weights.dim{d}": self.local_weights[f"dim{d}"] for d in self._tbes},
+                                                  {f"local_weights.dim{d}": tbe for d, tbe in self._tbes.items()}, lr)
         slot_of = {(t, f): j for j, (t, f, _) in enumerate(self._local_fields)}
         self._field_dim = [configs[t].embedding_dim for t, _, _ in self._local_fields]
         # operators: replicated copies; the W_f of owned table-wise fields become local blocks
@@ -184,15 +201,20 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
             js = [j for j, dj in enumerate(self._field_dim) if dj == d]
             lens = torch.zeros(len(js), world, b_max, dtype=torch.long)
             idx = []
+            fused = self._tbes.get(d)
             for k, j in enumerate(js):
                 table, _, slot = self._local_fields[j]
                 where[j] = (d, k)
                 for s in range(world):
                     lens[k, s, : batch_sizes[s]] = recv_lengths[slot][s]
-                    idx.append(recv_values[slot][s].long() + self._row_offset[table])
+                    # the TBE adds its own per-table offsets; the flat weight needs ours
+                    idx.append(recv_values[slot][s].long() + (0 if fused is not None else self._row_offset[table]))
             offsets = torch.cat([lens.new_zeros(1), lens.reshape(-1).cumsum(0)])
-            groups[d] = F.embedding_bag(torch.cat(idx), self.local_weights[f"dim{d}"], offsets, mode="sum", sparse=True,
-                                        include_last_offset=True).view(len(js), n, d)
+            if fused is not None:  # [N, fields * d], field-major bags like the embedding_bag below
+                groups[d] = fused(torch.cat(idx), offsets).view(n, len(js), d).permute(1, 0, 2)
+            else:
+                groups[d] = F.embedding_bag(torch.cat(idx), self.local_weights[f"dim{d}"], offsets, mode="sum",
+                                            sparse=True, include_last_offset=True).view(len(js), n, d)
 
         def fields(js: List[Optional[int]], dim: int) -> Optional[torch.Tensor]:
             """[N, len(js), dim] pooled fields (zeros for None); one gather, not one select per
@@ -253,6 +275,11 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
     @property
     def unsharded_module_type(self) -> Type[DESEmbeddingOperators]:
         return DESEmbeddingOperators
+
+    @property
+    def fused_optimizer(self) -> DESFusedOptimizer:
+        """The fused tables' optimizer (no parameters without ``fused_params``)."""
+        return self._fused_optimizer
 
     def owned_rows(self) -> Dict[str, Tuple[int, int]]:
         """{table: (first row, end row)} this rank holds."""

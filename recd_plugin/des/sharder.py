@@ -25,11 +25,24 @@ from recd_plugin.errors import DESError, did_you_mean
 
 
 class DESSharder(ModuleSharder[DESEmbeddingOperators]):
-    """TorchRec sharder for :class:`DESEmbeddingOperators` (TABLE_WISE and ROW_WISE, cpu/cuda)."""
+    """TorchRec sharder for :class:`DESEmbeddingOperators` (TABLE_WISE and ROW_WISE, cpu/cuda).
+
+    ``fused_params`` (TorchRec's keys: ``optimizer``, ``learning_rate``, ...): the local tables
+    become FBGEMM TBEs updated in backward (see ``recd_plugin.des.fused``); without it they
+    get sparse gradients for a torch optimizer."""
+
+    def __init__(self, fused_params: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__()
+        self._fused_params = fused_params
+
+    @property
+    def fused_params(self) -> Optional[Dict[str, Any]]:
+        """The ``fused_params`` given (None: sparse gradients, no fused tables)."""
+        return self._fused_params
 
     def shard(self, module: DESEmbeddingOperators, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
               device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> ShardedDESEmbeddingOperators:
-        return ShardedDESEmbeddingOperators(module, params, env, device)
+        return ShardedDESEmbeddingOperators(module, params, env, device, fused_params=self._fused_params)
 
     @property
     def module_type(self) -> Type[DESEmbeddingOperators]:

@@ -13,7 +13,9 @@ chunk except its own ((W-1)/W of the input: its own chunk never leaves the rank,
 the all-to-all split it keeps); for all-gather, its input once per other rank ((W-1) x); for
 all-reduce, 2 (W-1)/W of the input (reduce-scatter + all-gather, the ring optimum); for
 broadcast, (W-1) x on the source and 0 elsewhere; send/isend, the tensor. ``by_op`` breaks the
-total down by function name, ``calls`` counts calls.
+total down by function name, ``calls`` counts calls, ``float_by_op`` keeps the floating-point
+part (embeddings, partial results, gradients) apart from the integer part (ids, lengths,
+splits), which is how the benchmarks tell embedding traffic from id traffic.
 
 DDP's gradient all-reduce runs in its C++ reducer, not through these functions: call
 :func:`count_ddp` on the model (it installs PyTorch's stock ``allreduce_hook``, which calls
@@ -44,6 +46,18 @@ _OPS = (
 
 def _nbytes(t: Any) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _is_float(op: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+    """Whether the tensor(s) one call of ``op`` sends are floating point (first argument that
+    carries data: the input of all-to-all / reduce-scatter / all-gather, the tensor otherwise)."""
+    names = {"all_to_all_single": (1, "input"), "all_to_all": (1, "input_tensor_list"), "reduce_scatter": (1, "input_list"),
+             "reduce_scatter_tensor": (1, "input"), "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input")}
+    i, name = names.get(op, (0, "tensor"))
+    t = kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
+    if isinstance(t, (list, tuple)):
+        t = t[0] if t else None
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
 def _sent(op: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> int:
@@ -89,6 +103,8 @@ class CommCounter:
         self.ops = tuple(ops)
         self.by_op: Dict[str, int] = {}
         self.calls: Dict[str, int] = {}
+        #: the floating-point share of ``by_op`` (ids and lengths are integer tensors)
+        self.float_by_op: Dict[str, int] = {}
         #: with ``record``: every call as (op, bytes sent), in call order
         self.records: Optional[List[Tuple[str, int]]] = [] if record else None
         self._saved: Dict[str, Callable[..., Any]] = {}
@@ -100,6 +116,7 @@ class CommCounter:
     def reset(self) -> None:
         self.by_op.clear()
         self.calls.clear()
+        self.float_by_op.clear()
         if self.records is not None:
             self.records.clear()
 
@@ -109,6 +126,8 @@ class CommCounter:
             sent = _sent(op, args, kwargs)
             self.by_op[op] = self.by_op.get(op, 0) + sent
             self.calls[op] = self.calls.get(op, 0) + 1
+            if _is_float(op, args, kwargs):
+                self.float_by_op[op] = self.float_by_op.get(op, 0) + sent
             if self.records is not None:
                 self.records.append((op, sent))
             return fn(*args, **kwargs)
