@@ -48,13 +48,18 @@ def _nbytes(t: Any) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
+#: where each op's outgoing data is: (position, keyword) of its input tensor (or tensor list)
+_DATA = {"all_to_all_single": (1, "input"), "all_to_all": (1, "input_tensor_list"), "reduce_scatter": (1, "input_list"),
+         "reduce_scatter_tensor": (1, "input"), "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input")}
+
+
+def _arg(args: Sequence[Any], kwargs: Dict[str, Any], i: int, name: str) -> Any:
+    return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
+
+
 def _is_float(op: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
-    """Whether the tensor(s) one call of ``op`` sends are floating point (first argument that
-    carries data: the input of all-to-all / reduce-scatter / all-gather, the tensor otherwise)."""
-    names = {"all_to_all_single": (1, "input"), "all_to_all": (1, "input_tensor_list"), "reduce_scatter": (1, "input_list"),
-             "reduce_scatter_tensor": (1, "input"), "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input")}
-    i, name = names.get(op, (0, "tensor"))
-    t = kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
+    """Whether the tensor(s) one call of ``op`` sends are floating point."""
+    t = _arg(args, kwargs, *_DATA.get(op, (0, "tensor")))
     if isinstance(t, (list, tuple)):
         t = t[0] if t else None
     return isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -63,7 +68,7 @@ def _is_float(op: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
 def _sent(op: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> int:
     """Bytes this rank sends in one call of ``op``."""
     def arg(i: int, name: str) -> Any:
-        return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
+        return _arg(args, kwargs, i, name)
 
     group = kwargs.get("group")
     if op == "all_to_all_single":
