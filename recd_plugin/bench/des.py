@@ -41,12 +41,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from recd_plugin.bench.report import free_port, machine, median, publish
+from recd_plugin.dist.comm import EMBEDDING_OPS
 
 WORLD = 2
 FIELDS = 26
-#: the collectives that carry embeddings / partial results (their float part; ids are integers)
-EMBEDDING_OPS = ("all_to_all_single", "all_to_all", "reduce_scatter_tensor", "reduce_scatter",
-                 "all_gather_into_tensor", "all_gather")
 
 
 def _bench_model(name: str, cfg: Dict[str, Any], rank: int) -> Dict[str, Any]:

@@ -43,6 +43,7 @@ from torch import nn
 
 from recd_plugin.bench.dedup import _example
 from recd_plugin.bench.report import free_port, machine, median, publish
+from recd_plugin.dist.comm import EMBEDDING_OPS
 
 WORLD = 2
 LR = 0.05
@@ -50,8 +51,6 @@ LOSS_TOLERANCE = 1e-5
 FLAG = ("groups.user.key=session_id; "
         "groups.user.features=user_id,user_age,user_gender,user_occupation,user_zip,history; "
         "towers.user_tower=user")
-EMBEDDING_OPS = ("all_to_all_single", "all_to_all", "reduce_scatter_tensor", "reduce_scatter",
-                 "all_gather_into_tensor", "all_gather")
 
 
 class UserSide(nn.Module):

@@ -51,6 +51,9 @@ def _nbytes(t: Any) -> int:
 #: where each op's outgoing data is: (position, keyword) of its input tensor (or tensor list)
 _DATA = {"all_to_all_single": (1, "input"), "all_to_all": (1, "input_tensor_list"), "reduce_scatter": (1, "input_list"),
          "reduce_scatter_tensor": (1, "input"), "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input")}
+#: the collectives that carry embeddings (pooled rows, partial results, their gradients) and
+#: ids, as opposed to all-reduce (DDP's dense gradients) and point-to-point
+EMBEDDING_OPS = tuple(_DATA)
 
 
 def _arg(args: Sequence[Any], kwargs: Dict[str, Any], i: int, name: str) -> Any:
