@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -70,7 +71,10 @@ def _member(name: str, obj: Any) -> List[str]:
         return out + [""]
     if callable(obj):
         return [f"### `{name}{_signature(obj)}`", "", _doc(obj), ""]
-    return [f"### `{name}`", "", f"`{obj!r}`"[:300], ""]
+    # functions inside values print as their names: a repr's memory address would change the
+    # generated page on every run
+    text = re.sub(r"<function (\S+) at 0x[0-9a-f]+>", r"\1", repr(obj))
+    return [f"### `{name}`", "", f"`{text}`"[:300], ""]
 
 
 def page(module_name: str) -> Optional[str]:
