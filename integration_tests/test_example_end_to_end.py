@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from two_ranks import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "movielens" / "train.py"
 
 
-def _run(args, env=None, timeout=600) -> str:
+def _run(args, env=None, timeout=HANG_GUARD_S) -> str:
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, **(env or {})), timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"

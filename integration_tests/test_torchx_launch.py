@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from two_ranks import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "movielens"
 
@@ -22,7 +24,7 @@ def _torchx(args, cwd: Path) -> str:
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     env.pop("RECD_PLUGIN", None)
     proc = subprocess.run([sys.executable, "-m", "torchx.cli.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     return out

@@ -19,6 +19,10 @@ from recd_plugin._peer import check_peer_requirements
 
 check_peer_requirements()  # before torch is imported: a clear message instead of a crash
 
+from recd_plugin import _fx_warning  # noqa: E402
+
+_fx_warning.install()  # torch.fx's is_fx_tracing notice is not for our users (see _fx_warning.py)
+
 from recd_plugin.config import ENV_VAR, FAEConfig, RecDConfig  # noqa: E402
 from recd_plugin.errors import (  # noqa: E402
     AnalyzeError,

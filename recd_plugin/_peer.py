@@ -30,13 +30,10 @@ __all__ = ["check_peer_requirements", "PeerRequirementError", "SKIP_ENV_VAR"]
 #: Environment variable that disables the check when set to 1/true/yes/on.
 SKIP_ENV_VAR = "RECD_PLUGIN_SKIP_PEER_CHECK"
 
-# ---- supported ranges (minimum inclusive; "tested" is the pinned stack in requirements/) ----
+# ---- supported ranges (minimum inclusive) ----
 TORCH_MIN = "2.6"
-TORCH_TESTED = "2.13.0"
 TORCHREC_MIN = "1.2"
-TORCHREC_TESTED = "1.8.0"
 FBGEMM_MIN = "1.2"
-FBGEMM_TESTED = "1.8.0"
 
 #: Distribution names that provide each peer (first one is the canonical name).
 TORCH_DISTRIBUTIONS: Tuple[str, ...] = ("torch",)
@@ -59,8 +56,8 @@ FBGEMM_DISTRIBUTIONS: Tuple[str, ...] = (
 #: means one overwrote the other's files (and uninstalling either breaks the survivor).
 FBGEMM_CONFLICTING: Tuple[str, str] = ("fbgemm-gpu", "fbgemm-gpu-cpu")
 
-# Keep in sync with requirements/cpu.txt and requirements/torchrec.txt (tests/test_peer.py
-# checks that the two agree).
+# The two tested stacks; tests/test_peer.py checks them against requirements/.
+#: The default pinned CPU stack: requirements/cpu.txt + requirements/torchrec.txt (`make test`).
 CPU_STACK_PINS: Dict[str, str] = {
     "torch": "2.13.0+cpu",
     "fbgemm-gpu-cpu": "1.8.0",
@@ -68,6 +65,24 @@ CPU_STACK_PINS: Dict[str, str] = {
     "torchmetrics": "1.0.3",
     "torchrec": "1.8.0",
 }
+#: The current TorchRec release: requirements/latest.txt + requirements/torchrec-latest.txt
+#: (`make test-latest`).
+LATEST_STACK_PINS: Dict[str, str] = {
+    "torch": "2.14.1",
+    "fbgemm-gpu-cpu": "1.9.0",
+    "tensordict": "0.15.3",
+    "torchmetrics": "1.0.3",
+    "torchrec": "1.9.2",
+}
+
+
+def _tested(name: str) -> str:
+    return " and ".join(dict.fromkeys(p[name].split("+")[0] for p in (CPU_STACK_PINS, LATEST_STACK_PINS)))
+
+
+TORCH_TESTED = _tested("torch")              # "2.13.0 and 2.14.1"
+TORCHREC_TESTED = _tested("torchrec")        # "1.8.0 and 1.9.2"
+FBGEMM_TESTED = _tested("fbgemm-gpu-cpu")    # "1.8.0 and 1.9.0"
 
 CPU_INSTALL_HINT = "\n".join(
     [

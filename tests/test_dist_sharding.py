@@ -84,6 +84,16 @@ def test_check_plan_refuses_an_optimizer_without_variable_batch_support() -> Non
         sharding.check_plan(model, CONFIG, plan, [ebc_sharder])
 
 
+def test_vbe_optimizers_are_what_the_installed_fbgemm_takes() -> None:
+    cpu, cuda = sharding.vbe_optimizers("cpu"), sharding.vbe_optimizers("cuda")
+    assert {EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD} <= cpu <= cuda
+    assert EmbOptimType.EXACT_ADAGRAD not in cuda  # fbgemm has no variable-batch Adagrad
+    assert EmbOptimType.ADAM in cuda and EmbOptimType.ADAM not in cpu  # no CPU Adam in fbgemm
+    rmsprop = getattr(EmbOptimType, "ROWWISE_RMSPROP_AR", None)
+    if rmsprop is not None:  # fbgemm >= 1.9: the release that added it to its variable-batch set
+        assert rmsprop in cuda
+
+
 def test_sharded_mode_keeps_torchrec_modules_and_refuses_ec_outside_towers() -> None:
     import recd_plugin
     from torchrec import EmbeddingCollection, EmbeddingConfig

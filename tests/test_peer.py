@@ -219,17 +219,39 @@ def _pins(path: Path) -> Dict[str, str]:
     return pins
 
 
-def test_hint_pins_match_requirements_files() -> None:
-    cpu = REPO / "requirements" / "cpu.txt"
-    rec = REPO / "requirements" / "torchrec.txt"
-    if not (cpu.exists() and rec.exists()):
+@pytest.mark.parametrize("pins, files", [
+    (_peer.CPU_STACK_PINS, ("cpu.txt", "torchrec.txt")),
+    (_peer.LATEST_STACK_PINS, ("latest.txt", "torchrec-latest.txt")),
+], ids=["default", "latest"])
+def test_tested_stacks_match_requirements_files(pins: Dict[str, str], files: tuple) -> None:
+    paths = [REPO / "requirements" / f for f in files]
+    if not all(p.exists() for p in paths):
         pytest.skip("requirements/ not present (installed package, not a checkout)")
-    pins = {**_pins(cpu), **_pins(rec)}
-    for name, version in _peer.CPU_STACK_PINS.items():
-        assert pins.get(name) == version, (name, version, pins.get(name))
-    assert _peer.TORCH_TESTED == pins["torch"].split("+")[0]
-    assert _peer.TORCHREC_TESTED == pins["torchrec"]
-    assert _peer.FBGEMM_TESTED == pins["fbgemm-gpu-cpu"]
+    pinned = {k: v for p in paths for k, v in _pins(p).items()}
+    for name, version in pins.items():
+        assert pinned.get(name) == version, (files, name, version, pinned.get(name))
+    for tested, name in [(_peer.TORCH_TESTED, "torch"), (_peer.TORCHREC_TESTED, "torchrec"),
+                         (_peer.FBGEMM_TESTED, "fbgemm-gpu-cpu")]:
+        assert pinned[name].split("+")[0] in tested.split(" and "), (name, tested)
+
+
+def test_install_doc_names_both_tested_stacks() -> None:
+    doc = (REPO / "docs" / "install.md").read_text()
+    for pins in (_peer.CPU_STACK_PINS, _peer.LATEST_STACK_PINS):
+        for name in ("torch", "torchrec", "fbgemm-gpu-cpu"):
+            assert f"{name} {pins[name].split('+')[0]}" in doc, (name, pins[name])
+
+
+def test_running_stack_is_one_of_the_tested_ones() -> None:
+    """The suite runs on one of the two tested stacks (make test / make test-latest)."""
+    from importlib import metadata
+
+    try:
+        running = {n: metadata.version(n).split("+")[0] for n in ("torch", "torchrec", "fbgemm-gpu-cpu")}
+    except metadata.PackageNotFoundError:
+        pytest.skip("not the project's CPU stack (e.g. a CUDA fbgemm-gpu): nothing to compare")
+    stacks = [{n: p[n].split("+")[0] for n in running} for p in (_peer.CPU_STACK_PINS, _peer.LATEST_STACK_PINS)]
+    assert running in stacks, (running, stacks)
 
 
 def test_pyproject_never_pulls_the_users_torch_stack() -> None:
@@ -247,3 +269,28 @@ def test_pyproject_never_pulls_the_users_torch_stack() -> None:
     names = [re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower() for d in declared]
     forbidden = ("torch", "torchrec", "fbgemm", "nvidia", "torchmetrics", "tensordict", "torchx", "triton")
     assert names and not [n for n in names if n.startswith(forbidden)], names
+
+
+def test_fx_tracing_warning_silenced_only_where_the_plugin_triggers_it() -> None:
+    """torch.fx's once-per-process is_fx_tracing notice: not printed for the plugin's own
+    KJT building, still printed (once) for the user's."""
+    script = (
+        "import torch, recd_plugin\n"
+        "from recd_plugin import DedupSpec, FeatureGroup, build_ikjt\n"
+        "import sys\n"
+        "from recd_plugin.data import generate_sessions, TableBatches\n"
+        "b = TableBatches(generate_sessions(num_users=4, seed=0), 8)[0]\n"
+        "build_ikjt(b.sparse_features, DedupSpec([FeatureGroup('u', ['user_id'], key='session_id')]))\n"
+        "sys.stderr.write('PLUGIN-DONE\\n'); sys.stderr.flush()\n"
+        "from torchrec.sparse.jagged_tensor import JaggedTensor\n"
+        "JaggedTensor(values=torch.ones(2), lengths=torch.tensor([1, 1]))\n"
+    )
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plugin_part, marker, user_part = proc.stderr.partition("PLUGIN-DONE")
+    assert marker, proc.stderr[-3000:]
+    assert "is_fx_tracing will return true" not in plugin_part, plugin_part[-3000:]
+    assert user_part.count("is_fx_tracing will return true") == 1, user_part[-3000:]

@@ -5,7 +5,7 @@
   the ids of the *whole global batch* for its rows.
 * :func:`reduce_scatter_partials` - the operators' partials of the global batch, summed over
   ranks and scattered to the ranks that own the samples; backward is the matching
-  ``all_gather_into_tensor`` of the partial gradients.
+  ``all_gather_single`` of the partial gradients.
 * :func:`sync_replicated_grads` - identity forward; backward all-reduces the gradients of
   the small replicated parameters (operator biases, ``W_x``, the ``W_f`` of row-wise tables)
   in one flat all-reduce.
@@ -21,7 +21,9 @@ rank's rows and already carry the 1/W: those are summed (divisor 1).
 Uneven batches: gloo's ``allgather`` refuses unequal sizes (``invalid tensor size``), so
 every rank's samples occupy a slot of ``B_max = max_r B_r`` rows in the global layout
 ``[W * B_max, K]``; the padding rows are empty bags (zero partials, zero gradients). gloo
-does implement ``reduce_scatter_tensor`` (checked with torch 2.13), so no all-reduce + slice.
+does implement reduce-scatter (checked with torch 2.13 and 2.14), so no all-reduce + slice.
+``reduce_scatter_single`` / ``all_gather_single`` are the names both torch releases have
+(2.14 deprecates ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` in their favour).
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ class _ReduceScatter(torch.autograd.Function):
         ctx.group, ctx.grad_divisor = group, grad_divisor
         world = dist.get_world_size(group)
         out = partials.new_empty(partials.shape[0] // world, *partials.shape[1:])
-        dist.reduce_scatter_tensor(out, partials.contiguous(), op=dist.ReduceOp.SUM, group=group)
+        dist.reduce_scatter_single(out, partials.contiguous(), op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         world = dist.get_world_size(ctx.group)
         full = grad.new_empty(grad.shape[0] * world, *grad.shape[1:])
-        dist.all_gather_into_tensor(full, grad.contiguous(), group=ctx.group)
+        dist.all_gather_single(full, grad.contiguous(), group=ctx.group)
         return full / ctx.grad_divisor, None, None
 
 

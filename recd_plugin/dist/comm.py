@@ -26,7 +26,7 @@ Example::
     from recd_plugin.dist.comm import CommCounter
     with CommCounter() as comm:
         loss = model(batch).sum(); loss.backward()
-    comm.bytes, comm.by_op       # e.g. 81920, {"all_to_all_single": 65536, "reduce_scatter_tensor": 16384}
+    comm.bytes, comm.by_op       # e.g. 81920, {"all_to_all_single": 65536, "reduce_scatter_single": 16384}
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ import torch
 import torch.distributed as dist
 
 #: The wrapped functions and how to count what one call sends.
+#: ``*_single`` are torch 2.13+'s names for ``reduce_scatter_tensor`` / ``all_gather_into_tensor``
+#: (deprecated in 2.14, where they call the ``*_single`` functions of ``distributed_c10d``
+#: directly, not through these attributes: one call is never counted twice). A name the
+#: installed torch lacks is skipped.
 _OPS = (
-    "all_to_all_single", "all_to_all", "reduce_scatter_tensor", "reduce_scatter", "all_gather_into_tensor",
-    "all_gather", "all_reduce", "broadcast", "send", "isend",
+    "all_to_all_single", "all_to_all", "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter",
+    "all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "send", "isend",
 )
 
 
@@ -50,7 +54,8 @@ def _nbytes(t: Any) -> int:
 
 #: where each op's outgoing data is: (position, keyword) of its input tensor (or tensor list)
 _DATA = {"all_to_all_single": (1, "input"), "all_to_all": (1, "input_tensor_list"), "reduce_scatter": (1, "input_list"),
-         "reduce_scatter_tensor": (1, "input"), "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input")}
+         "reduce_scatter_single": (1, "input"), "reduce_scatter_tensor": (1, "input"), "all_gather": (1, "tensor"),
+         "all_gather_single": (1, "input_tensor"), "all_gather_into_tensor": (1, "input_tensor")}
 #: the collectives that carry embeddings (pooled rows, partial results, their gradients) and
 #: ids, as opposed to all-reduce (DDP's dense gradients) and point-to-point
 EMBEDDING_OPS = tuple(_DATA)
@@ -92,10 +97,10 @@ def _sent(op: str, args: Sequence[Any], kwargs: Dict[str, Any]) -> int:
         inputs = arg(1, "input_list") or []
         rank = dist.get_rank(group)
         return sum(_nbytes(t) for i, t in enumerate(inputs) if i != rank)
-    if op == "reduce_scatter_tensor":
+    if op in ("reduce_scatter_single", "reduce_scatter_tensor"):
         return _nbytes(arg(1, "input")) * (world - 1) // world
-    if op in ("all_gather", "all_gather_into_tensor"):
-        return _nbytes(arg(1, "tensor" if op == "all_gather" else "input")) * (world - 1)
+    if op in ("all_gather", "all_gather_single", "all_gather_into_tensor"):
+        return _nbytes(arg(*_DATA[op])) * (world - 1)
     if op == "all_reduce":
         return 2 * _nbytes(arg(0, "tensor")) * (world - 1) // world
     if op == "broadcast":
@@ -145,6 +150,8 @@ class CommCounter:
         if self._saved:
             raise RuntimeError("CommCounter is already active")
         for op in self.ops:
+            if not hasattr(dist, op):
+                continue
             self._saved[op] = getattr(dist, op)
             setattr(dist, op, self._wrap(op, self._saved[op]))
         return self

@@ -27,8 +27,12 @@ Example (each rank, after ``recd_plugin.apply``)::
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set
+import warnings
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set
+
+import torch
 
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
@@ -44,11 +48,45 @@ from recd_plugin.dist import torchrec_fixes
 from recd_plugin.errors import ShardingError
 from recd_plugin.modules.swap import embedding_tables
 
-#: Fused optimizers whose TBE kernels take variable-batch inputs (fbgemm's VBE assertion);
-#: ADAM too, but only on cuda ("Optimizer adam is not supported in CPU mode").
-VBE_OPTIMIZERS = {EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-                  EmbOptimType.ENSEMBLE_ROWWISE_ADAGRAD, EmbOptimType.NONE}
-VBE_OPTIMIZERS_CUDA = VBE_OPTIMIZERS | {EmbOptimType.ADAM}
+
+@functools.lru_cache(maxsize=None)
+def vbe_optimizers(device_type: str = "cpu") -> FrozenSet[EmbOptimType]:
+    """The fused optimizers whose TBE takes variable-batch (IKJT) inputs on ``device_type``,
+    asked of the installed fbgemm rather than copied from it (the set grows between releases:
+    fbgemm 1.9 added ROWWISE_RMSPROP_AR).
+
+    cpu: every optimizer for which a 4-row CPU TBE builds and runs a variable-batch forward and
+    backward (fbgemm's CPU mode takes fewer optimizers than cuda). cuda: fbgemm's own
+    variable-batch check (``_generate_vbe_metadata``) on each optimizer, which runs before any
+    kernel, so it is answered without a GPU. A fraction of a millisecond per optimizer, once.
+    """
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen as TBE)
+
+    ids, offsets, vbe = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3]), [[2]]  # 2 bags, 1 feature
+    spec = [(4, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)]
+    ok = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if device_type == "cpu":
+            for opt in EmbOptimType:
+                try:
+                    TBE(spec, optimizer=opt)(ids, offsets, batch_size_per_feature_per_rank=vbe).sum().backward()
+                except (AssertionError, RuntimeError, NotImplementedError, ValueError):
+                    continue
+                ok.add(opt)
+            return frozenset(ok)
+        probe = TBE(spec, optimizer=EmbOptimType.EXACT_SGD)
+        for opt in EmbOptimType:
+            probe.optimizer = opt
+            try:
+                probe._generate_vbe_metadata(offsets, vbe)
+            except AssertionError:
+                continue
+            ok.add(opt)
+    return frozenset(ok)
+
 #: Sharding types that take IKJTs (verified on CPU/gloo; ROW_WISE with padding, dist/pad.py).
 VBE_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value,
                       ShardingType.TABLE_COLUMN_WISE.value, ShardingType.ROW_WISE.value]
@@ -141,7 +179,7 @@ def check_plan(model: nn.Module, config: RecDConfig, plan: ShardingPlan,
                sharder_list: Iterable[ModuleSharder[nn.Module]], device_type: str = "cpu") -> None:
     """ShardingError unless every table that receives IKJTs can take them under ``plan``."""
     vbe = ikjt_tables(model, config)
-    allowed = VBE_OPTIMIZERS_CUDA if device_type == "cuda" else VBE_OPTIMIZERS
+    allowed = vbe_optimizers(device_type)
     for module_path, module_plan in plan.plan.items():
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             if table not in vbe:
