@@ -12,7 +12,7 @@ Building blocks, for users who wire things themselves: ``build_ikjt`` / ``expand
 (``HotSet``, ``profile_accesses``, ``convert_hot_cold``, ``HotBatchScheduler``); DES:
 ``recd_plugin.des`` (``FactorizationMachine``, ``WideLinear``, ``FirstDenseLayer``,
 ``DESSharder``); sharded training: ``recd_plugin.dist`` (``sharders``, ``constraints``,
-``check_plan``, ``Checkpointer``). See docs/getting-started.md.
+``Checkpointer``). See docs/getting-started.md.
 """
 
 from recd_plugin._peer import check_peer_requirements

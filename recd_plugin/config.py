@@ -5,6 +5,7 @@ project's config)::
 
     [recd]
     verify_batches = 1              # compare the first N batches' ids exactly (0 off, -1 all)
+    probe_batches = 4               # measure groups on N batches first; keep only those that pay (0: keep all)
     in_workers = true               # build IKJTs inside DataLoader workers
     # sharded = true                # model goes under DistributedModelParallel (default: auto)
 
@@ -43,7 +44,7 @@ except ImportError:  # Python 3.10
 
 ENV_VAR = "RECD_PLUGIN"
 _OFF = {"", "0", "off", "false", "no", "none"}
-_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "fae"}
+_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "fae", "probe_batches"}
 _FAE_KEYS = {"hot_set", "tables", "window"}
 _GROUP_KEYS = {"key", "features"}
 
@@ -57,20 +58,32 @@ class RecDConfig:
     towers: Dict[str, str] = field(default_factory=dict)
     verify_batches: int = 1
     in_workers: bool = True
+    #: ``apply`` measures every group on this many loader batches first and leaves on TorchRec's
+    #: plain path each group whose dedup would not pay (``transforms/probe.py``); 0 keeps all.
+    probe_batches: int = 4
     #: The model will be sharded by DistributedModelParallel: keep TorchRec's own embedding
-    #: modules (DMP shards only its exact types; sharded, they take IKJTs natively). None:
-    #: decide at ``apply`` time (sharded when torch.distributed runs with world size > 1).
+    #: modules (DMP's default sharders shard only their exact types), feed them aligned IKJTs
+    #: and gather their outputs. None: decide at ``apply`` time (see ``is_sharded``).
     sharded: Optional[bool] = None
     #: FAE: hot rows in fast memory (see :class:`FAEConfig`); None: off.
     fae: Optional["FAEConfig"] = None
 
     def is_sharded(self) -> bool:
-        """``sharded``, or when unset: is torch.distributed initialized with world size > 1?"""
+        """``sharded``, or when unset: does this process run under torch.distributed (initialized,
+        at any world size, or launched by torchrun / TorchX, which set ``LOCAL_RANK``)?
+
+        Why any world size: a 1-process DistributedModelParallel job (``torchrun
+        --nproc_per_node 1``, TorchX ``-j 1x1``) shards too, and DMP's default sharders shard
+        only TorchRec's exact module types. Sharded mode is also right for a model that ends up
+        not sharded: TorchRec's modules read the aligned IKJTs, and their outputs are gathered.
+        """
         if self.sharded is not None:
             return self.sharded
         import torch.distributed as dist
 
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if dist.is_available() and dist.is_initialized():
+            return True
+        return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
 
     @property
     def spec(self) -> DedupSpec:
@@ -161,6 +174,9 @@ class RecDConfig:
         verify = data.get("verify_batches", 1)
         if not isinstance(verify, int) or isinstance(verify, bool) or verify < -1:
             raise ConfigError(f"recd 'verify_batches' must be an integer >= 0, or -1 for every batch; got {verify!r}")
+        probe = data.get("probe_batches", 4)
+        if not isinstance(probe, int) or isinstance(probe, bool) or probe < 0:
+            raise ConfigError(f"recd 'probe_batches' must be an integer >= 0 (0: keep every group), got {probe!r}")
         in_workers = data.get("in_workers", True)
         if not isinstance(in_workers, bool):
             raise ConfigError(f"recd 'in_workers' must be true or false, got {in_workers!r}")
@@ -177,6 +193,7 @@ class RecDConfig:
             towers=dict(towers),
             verify_batches=verify,
             in_workers=in_workers,
+            probe_batches=probe,
             sharded=sharded,
             fae=fae,
         )

@@ -6,10 +6,13 @@ In an ordinary TorchRec training script, after building the model and the loader
     config = recd_plugin.RecDConfig.load(args.recd)   # flag, else $RECD_PLUGIN, else off
     model, loader = recd_plugin.apply(config, model, loader)
 
-With the plugin off, both come back untouched (the same objects). With it on, the model's
-embedding modules and the configured towers are converted in place (``recd_plugin.remove``
-undoes that) and the loader is wrapped to yield IKJT batches. Every check runs before the
-model is changed, so a bad config leaves the model as it was.
+With the plugin off, both come back untouched (the same objects). With it on, ``apply`` first
+measures every feature group on the loader's first ``probe_batches`` batches and keeps only
+the groups whose deduplication pays on this machine (one printed line per group says why;
+``transforms/probe.py``); with none left, both come back untouched. Then the model's embedding
+modules and the configured towers are converted in place (``recd_plugin.remove`` undoes that)
+and the loader is wrapped to yield IKJT batches. Every check runs before the model is changed,
+so a bad config leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from recd_plugin.config import RecDConfig
 from recd_plugin.errors import UnsupportedModelError
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
-from recd_plugin.modules.swap import check_model, convert, embedding_tables
+from recd_plugin.modules.swap import check_model, convert, embedding_tables, feature_dims
 from recd_plugin.transforms.dedup import DedupLoader
+from recd_plugin.transforms.probe import decide, keep_groups, probe_batches
 
 M = TypeVar("M", bound=nn.Module)
 _UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
@@ -43,8 +47,11 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
     if model in _UNDO:
         raise UnsupportedModelError("recd-plugin is already applied to this model; call remove() first")
     config.validate()
-    config = dataclasses.replace(config, sharded=config.is_sharded())  # decided once, here
     check_model(model, config)
+    _keep_groups_that_pay(config, model, loader)
+    if not config.groups and config.fae is None:
+        return model, loader  # nothing pays: TorchRec's plain path, untouched
+    config = dataclasses.replace(config, sharded=config.is_sharded())  # decided once, here
     # Wrap the loader before converting the model: DedupLoader may refuse the loader, and
     # nothing may change before every check has passed.
     wrapped = wrap(config, loader, model)
@@ -57,6 +64,32 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
 
     _UNDO[model] = undo
     return model, wrapped
+
+
+def _keep_groups_that_pay(config: RecDConfig, model: nn.Module, loader: Optional[Iterable[Any]]) -> None:
+    """Measure each group on the loader's first batches (``transforms/probe.py``); narrow
+    ``config`` in place to the groups that pay, so that ``wrap(config, other_loader)`` later
+    matches the converted model. One line per group says what was decided and why."""
+    if not config.groups:
+        return
+    batches, why_not = probe_batches(loader, config.probe_batches)
+    if batches is None:
+        if loader is not None and config.probe_batches > 0:
+            _say(f"recd-plugin: every group deduplicated unmeasured: {why_not}")
+        return
+    decisions = decide(config.spec, batches, feature_dims(model), config.towers.values(), config.probe_batches)
+    for d in decisions:
+        _say(d.line())
+    narrowed = keep_groups(config, decisions)
+    config.groups, config.towers = narrowed.groups, narrowed.towers
+
+
+def _say(line: str) -> None:
+    """Print once per job: on rank 0 (or the only process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(line, flush=True)
 
 
 def wrap(config: RecDConfig, loader: Optional[Iterable[Any]], model: Optional[nn.Module] = None) -> Any:
@@ -80,7 +113,7 @@ def wrap(config: RecDConfig, loader: Optional[Iterable[Any]], model: Optional[nn
         loader = HotBatchScheduler(loader, hot, features, window=config.fae.window or None)
     if config.groups:
         loader = DedupLoader(loader, config.spec, config.verify_batches, config.in_workers,
-                             pad_across_ranks=config.is_sharded())
+                             aligned=config.is_sharded())
     return loader
 
 

@@ -1,18 +1,17 @@
-"""recd_plugin.dist.sharding: sharders, planner constraints and the up-front plan check (no
-process group needed: plans are built with torchrec.distributed.sharding_plan helpers)."""
+"""recd_plugin.dist.sharding: sharders and planner hints (no process group needed: plans are
+built with torchrec.distributed.sharding_plan helpers)."""
 
 from __future__ import annotations
 
 import pytest
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, row_wise, table_wise
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
 
 from recd_plugin import RecDConfig
 from recd_plugin.dist import sharding
-from recd_plugin.errors import ShardingError
 
 CONFIG = RecDConfig.from_string("groups.user.key=session_id; groups.user.features=user_id; sharded=true; "
                                 "towers.tower=user")
@@ -45,63 +44,24 @@ def test_sharders_offer_row_wise_on_cpu() -> None:
         assert "table_row_wise" not in s.sharding_types("cpu")  # weights do not move on CPU (design notes)
 
 
-def test_ikjt_tables_are_the_ebcs_outside_towers() -> None:
-    assert set(sharding.ikjt_tables(Model(), CONFIG)) == {"t_session", "t_item"}
-
-
-def test_constraints_plan_deduplicated_rows_and_fused_kernel() -> None:
+def test_constraints_plan_deduplicated_rows_only_for_grouped_tables() -> None:
     cons = sharding.constraints(Model(), CONFIG, batch_size=1000, unique_fraction={"user": 0.031})
-    assert cons["t_user"].batch_sizes == [31] and cons["t_session"].batch_sizes == [31]
-    assert cons["t_item"].batch_sizes is None  # per-sample feature: B rows
-    assert cons["t_item"].compute_kernels == ["fused"] and "data_parallel" not in cons["t_item"].sharding_types
-    assert cons["t_user"].compute_kernels is None  # inside a tower: plain KJT, any kernel
+    assert cons["t_user"].batch_sizes == [31]          # grouped: the unique rows' ids are looked up
+    assert "t_item" not in cons                        # per-sample: left to the planner as it is
+    mine = {"t_user": ParameterConstraints(batch_sizes=[7])}
+    assert sharding.constraints(Model(), CONFIG, 1000, {"user": 0.031}, base=mine)["t_user"].batch_sizes == [7]
 
 
-def test_check_plan_accepts_fused_table_wise_and_row_wise() -> None:
-    model, [ebc_sharder, _] = Model(), sharding.sharders({"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1})
-    plan = _plan(model, {"t_session": table_wise(rank=0, compute_kernel="fused"), "t_item": row_wise(compute_kernel="fused")}, ebc_sharder)
-    sharding.check_plan(model, CONFIG, plan, [ebc_sharder])
-    assert "t_item: row_wise, fused" in sharding.explain(model, CONFIG, plan, {})
-
-
-@pytest.mark.parametrize("bad,match", [
-    ({"t_session": table_wise(rank=0, compute_kernel="dense"), "t_item": table_wise(rank=1, compute_kernel="fused")},
-     "compute kernel 'dense'"),
-    ({"t_session": data_parallel(), "t_item": table_wise(rank=1, compute_kernel="fused")}, "data_parallel"),
-])
-def test_check_plan_refuses_what_cannot_take_ikjts(bad, match) -> None:
+def test_explain_names_each_table_and_the_hint() -> None:
     model, [ebc_sharder, _] = Model(), sharding.sharders()
-    with pytest.raises(ShardingError, match=match) as e:
-        sharding.check_plan(model, CONFIG, _plan(model, bad, ebc_sharder), [ebc_sharder])
-    assert "t_session" in str(e.value)
+    plan = _plan(model, {"t_session": table_wise(rank=0), "t_item": row_wise()}, ebc_sharder)
+    text = sharding.explain(model, CONFIG, plan, {"t_session": ParameterConstraints(batch_sizes=[12])})
+    assert "ebc.t_item: row_wise" in text and "planned for 12 unique rows/step" in text
 
 
-def test_check_plan_refuses_an_optimizer_without_variable_batch_support() -> None:
-    model, [ebc_sharder, _] = Model(), sharding.sharders({"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.1})
-    fused = {t: table_wise(rank=r, compute_kernel="fused") for r, t in enumerate(["t_session", "t_item"])}
-    plan = _plan(model, fused, ebc_sharder)
-    with pytest.raises(ShardingError, match="EXACT_ROWWISE_ADAGRAD"):
-        sharding.check_plan(model, CONFIG, plan, [ebc_sharder])
-
-
-def test_vbe_optimizers_are_what_the_installed_fbgemm_takes() -> None:
-    cpu, cuda = sharding.vbe_optimizers("cpu"), sharding.vbe_optimizers("cuda")
-    assert {EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD} <= cpu <= cuda
-    assert EmbOptimType.EXACT_ADAGRAD not in cuda  # fbgemm has no variable-batch Adagrad
-    assert EmbOptimType.ADAM in cuda and EmbOptimType.ADAM not in cpu  # no CPU Adam in fbgemm
-    rmsprop = getattr(EmbOptimType, "ROWWISE_RMSPROP_AR", None)
-    if rmsprop is not None:  # fbgemm >= 1.9: the release that added it to its variable-batch set
-        assert rmsprop in cuda
-
-
-def test_sharded_mode_keeps_torchrec_modules_and_refuses_ec_outside_towers() -> None:
+def test_sharded_mode_keeps_torchrec_modules_including_an_ec_outside_towers() -> None:
     import recd_plugin
     from torchrec import EmbeddingCollection, EmbeddingConfig
-
-    model = Model()
-    recd_plugin.apply(CONFIG, model)
-    assert type(model.ebc) is EmbeddingBagCollection and type(model.tower.ebc) is EmbeddingBagCollection
-    recd_plugin.remove(model)
 
     class WithEC(Model):
         def __init__(self) -> None:
@@ -109,9 +69,12 @@ def test_sharded_mode_keeps_torchrec_modules_and_refuses_ec_outside_towers() -> 
             self.seq = EmbeddingCollection(tables=[EmbeddingConfig(name="t_hist", embedding_dim=8, num_embeddings=9,
                                                                    feature_names=["history"])])
 
+    model = WithEC()
     config = RecDConfig.from_string("groups.user.key=session_id; groups.user.features=user_id,history; sharded=true")
-    with pytest.raises(Exception, match="EmbeddingCollection 'seq'"):
-        recd_plugin.apply(config, WithEC())
+    recd_plugin.apply(config, model)
+    # DMP's default sharders shard exactly these types; their outputs are gathered by hooks
+    assert type(model.ebc) is EmbeddingBagCollection and type(model.seq) is EmbeddingCollection
+    recd_plugin.remove(model)
 
 
 def test_measure_unique_fraction_counts_unique_sessions() -> None:

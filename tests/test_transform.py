@@ -124,7 +124,7 @@ def test_dedup_loader_in_dataloader_workers() -> None:
 def test_apply_wraps_a_dataloader_in_workers_and_dedups_in_process_when_told() -> None:
     dataset = SessionBatches(SIZES[:2])
     inputs = [dataset[i] for i in range(len(dataset))]
-    flag = "groups.user.key=session_id; groups.user.features=user_id,history; groups.item.features=item_id"
+    flag = "groups.user.key=session_id; groups.user.features=user_id,history; groups.item.features=item_id; probe_batches=0"
     model, loader = recd_plugin.apply(RecDConfig.from_string(flag), RecModel(),
                                       DataLoader(dataset, batch_size=None, num_workers=2))
     assert isinstance(loader, DedupLoader) and loader.in_workers
@@ -289,7 +289,7 @@ def test_empty_batch_through_a_verifying_loader() -> None:
 def test_remove_gives_the_dataloader_its_collate_back() -> None:
     dl = DataLoader(SessionBatches(SIZES[:2]), batch_size=None, num_workers=1)
     original = dl.collate_fn
-    flag = "groups.user.key=session_id; groups.user.features=user_id,history; groups.item.features=item_id"
+    flag = "groups.user.key=session_id; groups.user.features=user_id,history; groups.item.features=item_id; probe_batches=0"
     model, loader = recd_plugin.apply(RecDConfig.from_string(flag), RecModel(), dl)
     assert isinstance(dl.collate_fn, DedupCollate)
     recd_plugin.remove(model)
@@ -346,7 +346,7 @@ def test_verify_every_batch_with_minus_one() -> None:
 
 def test_remove_stops_persistent_workers_that_hold_the_plugins_collate() -> None:
     dl = DataLoader(SessionBatches(SIZES[:2]), batch_size=None, num_workers=1, persistent_workers=True)
-    flag = "groups.user.key=session_id; groups.user.features=user_id,history; groups.item.features=item_id"
+    flag = "groups.user.key=session_id; groups.user.features=user_id,history; groups.item.features=item_id; probe_batches=0"
     model, loader = recd_plugin.apply(RecDConfig.from_string(flag), RecModel(), dl)
     assert all(recd_plugin.is_ikjt(b.sparse_features) for b in loader)  # workers run DedupCollate
     recd_plugin.remove(model)

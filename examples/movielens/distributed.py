@@ -87,10 +87,8 @@ def shard(model: torch.nn.Module, recd: "recd_plugin.RecDConfig", sharding: str,
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
                                        constraints=constraints)
     plan = planner.collective_plan(model, sharders, dist.group.WORLD)
-    if recd.enabled:  # recd-plugin
-        recd_sharding.check_plan(inner, recd, plan, sharders, device.type)
-        if dist.get_rank() == 0:
-            print(recd_sharding.explain(inner, recd, plan, constraints))
+    if recd.enabled and dist.get_rank() == 0:  # recd-plugin
+        print(recd_sharding.explain(inner, recd, plan, constraints))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=device,
                                    plan=plan, sharders=sharders)

@@ -27,7 +27,6 @@ its ``DedupEmbeddingBagCollection``), on rank 0's batches.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import tempfile
@@ -96,7 +95,7 @@ def _worker(rank: int, port: int, cfg: Dict[str, Any], outdir: str) -> None:
     import recd_plugin
     from recd_plugin.dist import sharding
     from recd_plugin.dist.comm import CommCounter
-    from recd_plugin.dist.pad import pad_to_max_over_ranks
+    from recd_plugin.sparse.ikjt import unique_count
     from recd_plugin.modules.swap import embedding_tables
     from recd_plugin.transforms.dedup import dedup_batch
 
@@ -118,7 +117,6 @@ def _worker(rank: int, port: int, cfg: Dict[str, Any], outdir: str) -> None:
         model = copy.deepcopy(base)
         if name == "recd":
             recd_plugin.apply(config, model)
-            sharding.check_plan(model, config, plan, shard)
         initial = model.state_dict()
         dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
                                        device=torch.device("cpu"), plan=plan, sharders=shard)
@@ -126,16 +124,13 @@ def _worker(rank: int, port: int, cfg: Dict[str, Any], outdir: str) -> None:
         dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                       lambda ps: torch.optim.SGD(ps, lr=LR))
         sides[name] = (dmp, CombinedOptimizer([dmp.fused_optimizer, dense]))
-    ikjts = [dedup_batch(b, config.spec) for b in mine]  # built off the clock, as in DataLoader workers
+    ikjts = [dedup_batch(b, config.spec, aligned=True) for b in mine]  # built off the clock, as in DataLoader workers
     dedup_rows = {f for g in config.groups for f in g.features}  # the features the model reads
     rows = sum(b.sparse_features.stride() * len(dedup_rows) for b in mine)
-    unique = sum(s for b in ikjts for k, s in zip(b.sparse_features.keys(), b.sparse_features.stride_per_key())
-                 if k in dedup_rows)
+    unique = sum(unique_count(b.sparse_features, k) for b in ikjts for k in b.sparse_features.keys() if k in dedup_rows)
 
     def run(name: str, batch: Any) -> float:
         model, opt = sides[name]
-        if name == "recd":
-            batch = dataclasses.replace(batch, sparse_features=pad_to_max_over_ranks(batch.sparse_features))
         return _step(model, opt, batch)
 
     res: Dict[str, Any] = {"losses": {"plain": [], "recd": []}, "seconds": {"plain": [], "recd": []},

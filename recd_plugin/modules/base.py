@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple, Type, TypeVar
 
 import torch
+import torch.fx
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
@@ -37,6 +38,10 @@ class DedupModule:
         inverse indices on the way (``KeyedJaggedTensor.permute``/``split``, feature
         processors) is refused: TorchRec's path would misread it.
         """
+        if isinstance(features, torch.fx.Proxy):
+            # Traced (TorchRec's TrainPipelineSparseDist traces the model to find its sharded
+            # modules): trace TorchRec's own forward, which is written to be traceable.
+            return features, None
         features = maybe_td_to_kjt(features, None)
         inverse = features.inverse_indices_or_none()
         if inverse is None and features.variable_stride_per_key():

@@ -54,6 +54,18 @@ def embedding_tables(model: nn.Module) -> Dict[str, List[str]]:
             if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for c in _configs(m)}
 
 
+def feature_dims(model: nn.Module) -> Dict[str, int]:
+    """{feature: embedding dim} over every EC / EBC of ``model`` (summed over tables that
+    share the feature)."""
+    dims: Dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
+            for c in _configs(m):
+                for f in c.feature_names:
+                    dims[f] = dims.get(f, 0) + c.embedding_dim
+    return dims
+
+
 def model_features(model: nn.Module) -> Set[str]:
     """Sparse feature names read by the model's TorchRec embedding modules."""
     return {
@@ -84,8 +96,6 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
             "the model has no torchrec EmbeddingBagCollection or EmbeddingCollection; "
             "recd-plugin deduplicates their inputs, so there is nothing to speed up"
         )
-    if config.is_sharded():
-        _check_sharded(model, config)
     if config.fae is not None:
         _check_fae(model, config)
     for g in config.groups:
@@ -140,21 +150,6 @@ def _check_fae(model: nn.Module, config: RecDConfig) -> None:
                                         f"(it has {sorted(hot.tables)}){did_you_mean(t, list(hot.tables))}")
 
 
-def _check_sharded(model: nn.Module, config: RecDConfig) -> None:
-    """Sharded mode keeps TorchRec's modules; its EmbeddingCollection cannot read an IKJT."""
-    grouped = {f for g in config.groups for f in g.all_features}
-    towers = tuple(p + "." for p in config.towers)
-    for path, m in model.named_modules():
-        if isinstance(m, EmbeddingCollection) and not (path + ".").startswith(towers):
-            read = sorted(grouped & {f for c in m.embedding_configs() for f in c.feature_names})
-            if read:
-                raise UnsupportedModelError(
-                    f"sharded mode: EmbeddingCollection {path!r} reads deduplicated feature(s) {read} "
-                    "outside a tower; TorchRec's sharded EmbeddingCollection ignores IKJT inverse indices. "
-                    "Put the module inside a tower (towers.<path> = <group>) or drop those features from the group"
-                )
-
-
 @register_converter("fae_hot_cold")
 def _hot_cold(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
     """FAE: the hot set's tables become hot/cold tiers (before the RecD swap, which then
@@ -190,6 +185,27 @@ def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupCont
 
         undo.append(restore)
     return undo
+
+
+def gathered_paths(model: nn.Module, config: RecDConfig) -> List[str]:
+    """Paths of the EBCs / ECs outside towers that read a grouped feature: in sharded mode
+    they keep TorchRec's type and get their outputs gathered (``modules/gather.py``)."""
+    grouped = {f for g in config.groups for f in g.all_features}
+    towers = tuple(p + "." for p in config.towers)
+    return [path for path, m in model.named_modules()
+            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
+            and not (path + ".").startswith(towers)
+            and grouped & {f for c in _configs(m) for f in c.feature_names}]
+
+
+@register_converter("gather_outputs")
+def _gather_outputs(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
+    """Sharded mode: TorchRec's modules read aligned IKJTs; gather their grouped rows."""
+    if not config.is_sharded() or not config.groups:
+        return []
+    from recd_plugin.modules.gather import OutputGather
+
+    return [OutputGather.attach(model, ctx, gathered_paths(model, config)).remove]
 
 
 @register_converter("dedup_towers")

@@ -37,7 +37,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from recd_plugin.config import verify_step
 from recd_plugin.errors import NotDeduplicableError, UnsupportedModelError
-from recd_plugin.sparse.ikjt import DedupSpec, jagged_index_select, unique_rows
+from recd_plugin.sparse.ikjt import DedupSpec, group_rows, jagged_index_select, unique_rows
 
 
 class DedupContext:
@@ -75,6 +75,10 @@ class DedupContext:
         self._kjt = kjt
         self._cache = {}
 
+    def current(self) -> Optional[KeyedJaggedTensor]:
+        """The KJT the root model was called with, during its forward; else None."""
+        return self._kjt
+
     def rows(self, group: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(first [U], inverse [B]) of ``group`` in the current batch; None if not an IKJT."""
         if group in self._cache:
@@ -82,17 +86,10 @@ class DedupContext:
         kjt = self._kjt
         if kjt is None or kjt.inverse_indices_or_none() is None:
             return None
-        names, inverse = kjt.inverse_indices()
-        feature = self.spec.group(group).all_features[0]
-        inv = inverse[names.index(feature)]
-        num_unique = kjt.stride_per_key()[kjt.keys().index(feature)]
-        first = torch.full((num_unique,), inv.numel(), dtype=torch.long, device=inv.device)
-        first.scatter_reduce_(0, inv, torch.arange(inv.numel(), device=inv.device), reduce="amin")
-        # Rows no sample reads (empty bags padded in for equal per-rank counts, sharded mode)
-        # take sample 0's dense inputs: any valid row will do, their outputs are never read.
-        first.masked_fill_(first == inv.numel(), 0)
-        self._cache[group] = (first, inv)
-        return first, inv
+        # Rows no sample reads (empty bags padded in for equal per-rank counts) take sample
+        # 0's dense inputs: any valid row will do, their outputs are never read.
+        self._cache[group] = group_rows(kjt, self.spec.group(group).all_features[0])
+        return self._cache[group]
 
 
 def _find_kjt(items: List[Any]) -> Optional[KeyedJaggedTensor]:

@@ -15,8 +15,22 @@ gap; its output is a plain ``KeyedJaggedTensor`` that TorchRec consumes unchange
     expand(ikjt)                           # == kjt, exactly
 
 Features in no group get the identity inverse, and every batch is emitted as an IKJT even
-when nothing repeats: a sharded TorchRec module must never see a mix of VBE and non-VBE
-batches (see DESIGN.md, VBE restrictions).
+when nothing repeats, so a module never sees a mix of variable-batch and plain batches.
+
+Two layouts, one meaning (``expand`` restores the plain KJT from either):
+
+* **compact** (default): a grouped key holds its U unique rows (a TorchRec variable-batch
+  KJT); ``inverse_indices`` map each sample to a row in [0, U). The dedup modules of
+  ``recd_plugin.modules`` read it, unsharded.
+* **aligned** (``build_ikjt(kjt, spec, aligned=True)``): an ordinary KJT of batch B; a grouped
+  key keeps its ids only on the first sample of each unique row, the duplicates' rows are
+  empty, and ``inverse_indices`` map each sample to the sample in [0, B) that carries its row
+  (identity for ungrouped keys). Why: a variable-batch KJT sends *every* table of a sharded
+  TorchRec module down its variable-batch path (fbgemm's VBE metadata and kernels), which on
+  the per-sample tables costs more than deduplication saves. An aligned IKJT is a plain KJT to
+  TorchRec: per-sample features take the plain path untouched, grouped tables look up and
+  send only the unique rows' ids, and the pooled rows are gathered from the first samples
+  (``recd_plugin.modules.gather``) only where the output is used.
 """
 
 from __future__ import annotations
@@ -244,16 +258,19 @@ def _check_constant_lengths(lengths: np.ndarray, group: FeatureGroup, index_of: 
         raise not_constant(group.all_features[int(bad[0])], group)
 
 
-def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec) -> KeyedJaggedTensor:
-    """Deduplicate a plain KJT into an IKJT (a TorchRec variable-batch KJT).
+def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec, aligned: bool = False) -> KeyedJaggedTensor:
+    """Deduplicate a plain KJT into an IKJT.
 
     Args:
         kjt: plain KJT, keys K, batch B (``lengths`` [K * B]).
         spec: feature groups to deduplicate.
+        aligned: the aligned layout (see the module docstring) instead of the compact one.
     Returns:
-        KJT with the same keys in the same order; a grouped key holds U_g unique rows
+        compact: KJT with the same keys in the same order; a grouped key holds U_g unique rows
         (``stride_per_key_per_rank[k] == [U_g]``), an ungrouped one its B rows;
-        ``inverse_indices == (keys, [K, B] int64)``.
+        ``inverse_indices == (keys, [K, B] int64)`` into [0, U_g).
+        aligned: KJT of batch B, same keys; a grouped key's duplicate rows have length 0;
+        ``inverse_indices == (keys, [K, B] int64)`` into [0, B), each sample's carrier.
     """
     lengths, offsets = _check_kjt(kjt)
     keys = kjt.keys()
@@ -296,6 +313,24 @@ def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec) -> KeyedJaggedTensor:
     # Kept rows in key order, increasing; then one gather of the values on their device.
     out_lengths, positions = plan.jagged_positions(lengths, offsets, np.flatnonzero(keep))
     at = torch.from_numpy(positions).to(values.device)
+    if aligned:
+        # Same values; duplicates become empty rows, and each sample points at its carrier
+        # (the first sample of its unique row): first[inverse] per grouped key.
+        carrier = np.empty_like(inverse)
+        carrier[:] = np.arange(batch)
+        for g in spec.groups:
+            k0 = index_of[g.all_features[0]]
+            first = np.flatnonzero(keep[k0])
+            for f in g.all_features:
+                carrier[index_of[f]] = first[inverse[index_of[f]]]
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=values.index_select(0, at),
+            weights=weights.index_select(0, at) if weights is not None else None,
+            lengths=torch.from_numpy(lengths * keep.reshape(-1)).to(device=values.device, dtype=kjt.lengths().dtype),
+            stride=batch,
+            inverse_indices=(list(keys), torch.from_numpy(carrier).to(values.device)),
+        )
     return KeyedJaggedTensor(
         keys=keys,
         values=values.index_select(0, at),
@@ -310,6 +345,47 @@ def is_ikjt(kjt: KeyedJaggedTensor) -> bool:
     return kjt.inverse_indices_or_none() is not None
 
 
+def is_aligned(kjt: KeyedJaggedTensor) -> bool:
+    """True for an IKJT in the aligned layout (inverse indices on a KJT of one batch size)."""
+    return kjt.inverse_indices_or_none() is not None and not kjt.variable_stride_per_key()
+
+
+def carrier_rows(carrier: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Aligned inverse [B] (each sample's carrier sample) -> (first [U]: the carriers,
+    increasing; inverse [B]: each sample's unique row in [0, U)). Device-agnostic."""
+    batch = carrier.numel()
+    is_first = carrier == torch.arange(batch, device=carrier.device)
+    first = torch.nonzero(is_first).flatten()
+    rank = torch.cumsum(is_first.long(), 0) - 1
+    return first, rank.index_select(0, carrier)
+
+
+def group_rows(ikjt: KeyedJaggedTensor, feature: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(first [U], inverse [B]) of ``feature``'s group in either layout: the sample that first
+    carries each unique row, and each sample's unique row in [0, U). Unique rows no sample reads
+    (empty bags padded in for equal per-rank counts) get sample 0 as their ``first``."""
+    names, tensor = ikjt.inverse_indices()
+    inv = tensor[names.index(feature)]
+    if not ikjt.variable_stride_per_key():
+        return carrier_rows(inv)
+    num_unique = ikjt.stride_per_key()[ikjt.keys().index(feature)]
+    first = torch.full((num_unique,), inv.numel(), dtype=torch.long, device=inv.device)
+    first.scatter_reduce_(0, inv, torch.arange(inv.numel(), device=inv.device), reduce="amin")
+    first.masked_fill_(first == inv.numel(), 0)
+    return first, inv
+
+
+def unique_count(ikjt: KeyedJaggedTensor, feature: str) -> int:
+    """Number of unique rows of ``feature`` in an IKJT of either layout (B for a plain KJT)."""
+    if ikjt.inverse_indices_or_none() is None:
+        return ikjt.stride()
+    if ikjt.variable_stride_per_key():
+        return ikjt.stride_per_key()[ikjt.keys().index(feature)]
+    names, tensor = ikjt.inverse_indices()
+    carrier = tensor[names.index(feature)]
+    return int((carrier == torch.arange(carrier.numel(), device=carrier.device)).sum())
+
+
 def inverse_index(ikjt: KeyedJaggedTensor, feature: str) -> torch.Tensor:
     """[B] int64: for each sample, the row of ``feature`` in the IKJT (identity for a plain KJT)."""
     inv = ikjt.inverse_indices_or_none()
@@ -322,7 +398,8 @@ def inverse_index(ikjt: KeyedJaggedTensor, feature: str) -> torch.Tensor:
 
 
 def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str], check: bool = True) -> KeyedJaggedTensor:
-    """Plain KJT (batch U) of the unique rows of ``features``, which must share one group.
+    """Plain KJT (batch U) of the unique rows of ``features``, which must share one group
+    (either layout).
 
     ``check=False`` skips verifying that the features share one inverse index (for callers
     that take ``features`` from one ``FeatureGroup`` of the spec the IKJT was built with).
@@ -334,6 +411,17 @@ def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str], check: bool = 
     if check and (len({strides[f] for f in features}) > 1 or not all(
             torch.equal(inverse_index(ikjt, f), inverse_index(ikjt, features[0])) for f in features)):
         raise DedupSpecError(f"features {list(features)} are in different groups (their inverse indices differ)")
+    if is_aligned(ikjt):
+        # The carriers' rows of each feature: one jagged gather over the whole KJT.
+        first, _ = group_rows(ikjt, features[0])
+        batch, keys = ikjt.stride(), ikjt.keys()
+        select = torch.cat([first + keys.index(f) * batch for f in features])
+        values, lengths, positions = jagged_index_select(ikjt.values(), ikjt.lengths(), select)
+        weights = ikjt.weights_or_none()
+        return KeyedJaggedTensor(
+            keys=list(features), values=values, lengths=lengths.to(ikjt.lengths().dtype),
+            weights=weights.index_select(0, positions) if weights is not None else None, stride=first.numel(),
+        )
     jts = ikjt.to_dict()
     weights = [jts[f].weights_or_none() for f in features]
     return KeyedJaggedTensor(

@@ -25,9 +25,8 @@ from torch.utils.data import DataLoader
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.config import verify_step
-from recd_plugin.dist.pad import pad_to_max_over_ranks
 from recd_plugin.errors import MalformedBatchError
-from recd_plugin.sparse.ikjt import DedupSpec, build_ikjt, expand, not_constant
+from recd_plugin.sparse.ikjt import DedupSpec, build_ikjt, expand, not_constant, unique_count
 
 
 @dataclass
@@ -47,18 +46,18 @@ class DedupStats:
         self.batches += 1
         self.samples_in += batch_in
         self.samples_out += ikjt.stride()
-        strides = dict(zip(ikjt.keys(), ikjt.stride_per_key()))
         for g in spec.groups:
             self.rows[g.name] = self.rows.get(g.name, 0) + ikjt.stride()
-            self.unique_rows[g.name] = self.unique_rows.get(g.name, 0) + strides[g.all_features[0]]
+            self.unique_rows[g.name] = self.unique_rows.get(g.name, 0) + unique_count(ikjt, g.all_features[0])
 
 
-def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False) -> Any:
+def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False, aligned: bool = False) -> Any:
     """Same batch with ``sparse_features`` replaced by its IKJT.
 
     Args:
         batch: ``Batch`` (dense_features [B, D], sparse_features KJT batch B, labels [B]).
         verify: expand the IKJT and check it equals the input (raises NotDeduplicableError).
+        aligned: the aligned IKJT layout (sharded mode; see ``recd_plugin.sparse.ikjt``).
     """
     kjt = getattr(batch, "sparse_features", None)
     if not dataclasses.is_dataclass(batch) or not isinstance(kjt, KeyedJaggedTensor):
@@ -71,7 +70,7 @@ def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False) -> Any:
         raise MalformedBatchError(
             f"batch has {labels.shape[0]} labels but its KJT has batch size {kjt.stride()}"
         )
-    ikjt = build_ikjt(kjt, spec)
+    ikjt = build_ikjt(kjt, spec, aligned=aligned)
     if verify:
         check_roundtrip(kjt, ikjt, spec)
     return dataclasses.replace(batch, sparse_features=ikjt)
@@ -96,15 +95,23 @@ def check_roundtrip(kjt: KeyedJaggedTensor, ikjt: KeyedJaggedTensor, spec: Dedup
 class DedupCollate:
     """Picklable ``collate_fn``: the user's collate, then ``dedup_batch`` (runs in workers)."""
 
-    def __init__(self, collate_fn: Optional[Callable[[Any], Any]], spec: DedupSpec, verify_batches: int = 1) -> None:
+    def __init__(self, collate_fn: Optional[Callable[[Any], Any]], spec: DedupSpec, verify_batches: int = 1,
+                 aligned: bool = False) -> None:
         self.collate_fn = collate_fn
         self.spec = spec
+        self.aligned = aligned
         self.verify_left = verify_batches  # per worker process: each checks its first batches
 
     def __call__(self, samples: Any) -> Any:
         batch = self.collate_fn(samples) if self.collate_fn is not None else samples
         verify, self.verify_left = verify_step(self.verify_left)
-        return dedup_batch(batch, self.spec, verify)
+        return dedup_batch(batch, self.spec, verify, self.aligned)
+
+
+def check_not_deduplicated(loader: Any) -> None:
+    """MalformedBatchError if ``loader`` already yields the plugin's IKJTs (wrapped twice)."""
+    if isinstance(loader, DedupLoader) or isinstance(getattr(loader, "collate_fn", None), DedupCollate):
+        raise MalformedBatchError("this DataLoader is already deduplicated by recd-plugin")
 
 
 class DedupLoader:
@@ -115,20 +122,18 @@ class DedupLoader:
     """
 
     def __init__(self, loader: Iterable[Any], spec: DedupSpec, verify_batches: int = 1, in_workers: bool = True,
-                 pad_across_ranks: bool = False) -> None:
+                 aligned: bool = False) -> None:
         self.loader = loader
         self.spec = spec
-        #: sharded mode: pad every key to the maximum row count over ranks (recd_plugin.dist.pad),
-        #: in this process: DataLoader workers cannot join collectives.
-        self.pad_across_ranks = pad_across_ranks
+        #: sharded mode: aligned IKJTs (plain KJTs of batch B to TorchRec; see sparse/ikjt.py)
+        self.aligned = aligned
         self.stats = DedupStats()
         self._verify_left = verify_batches
         self.in_workers = False
+        check_not_deduplicated(loader)
         if in_workers and isinstance(loader, DataLoader) and loader.num_workers > 0:
             collate = loader.collate_fn
-            if isinstance(collate, DedupCollate):
-                raise MalformedBatchError("this DataLoader is already deduplicated by recd-plugin")
-            loader.collate_fn = DedupCollate(collate, spec, verify_batches)
+            loader.collate_fn = DedupCollate(collate, spec, verify_batches, aligned)
             self.in_workers = True
             self._original_collate = collate
 
@@ -157,9 +162,7 @@ class DedupLoader:
                 # Also taken when workers were started before the wrap (persistent_workers
                 # keeps the old collate_fn): deduplicate here rather than pass plain batches.
                 verify, self._verify_left = verify_step(self._verify_left)
-                out = dedup_batch(batch, self.spec, verify)
+                out = dedup_batch(batch, self.spec, verify, self.aligned)
                 batch_in = batch.sparse_features.stride()
             self.stats.add(self.spec, batch_in, out.sparse_features)
-            if self.pad_across_ranks:
-                out = dataclasses.replace(out, sparse_features=pad_to_max_over_ranks(out.sparse_features))
             yield out

@@ -1,0 +1,143 @@
+"""Expand the outputs of TorchRec's own embedding modules that read aligned IKJTs.
+
+Sharded mode keeps the model's TorchRec ``EmbeddingBagCollection`` / ``EmbeddingCollection``
+(DistributedModelParallel's default sharders shard only those exact types) and feeds them
+*aligned* IKJTs (``build_ikjt(..., aligned=True)``): to TorchRec an ordinary KJT of batch B, so
+no table takes TorchRec's variable-batch path, in which a per-sample table pays fbgemm's VBE
+metadata and kernels for nothing. A grouped feature's ids sit only on the first sample of each
+unique row; TorchRec's sharded modules look up and send only those ids and leave the other
+samples' rows empty (pooled: zero). A forward hook on each such module then gathers every
+sample's row from its carrier sample:
+
+* ``KeyedTensor`` (EBC): one ``index_select`` per run of adjacent columns of one group;
+* ``Dict[str, JaggedTensor]`` (EC): one jagged gather per grouped feature.
+
+Backward is the matching ``index_add``: the carrier's gradient is the sum over its samples,
+exactly the plain path's gradient of a row that every sample of the session looked up.
+TorchRec's *unsharded* EBC applies ``inverse_indices`` itself, so its output is left alone.
+
+Why hooks, re-attached by path: DistributedModelParallel replaces the module object at each
+path by its sharded version (hooks on the original are not carried over), after ``apply``. The
+root model survives DMP, so a forward pre-hook on it puts the gather hook on whatever module
+sits at each path, once per module object (a dictionary lookup per step)::
+
+    gather = OutputGather.attach(model, ctx, ["sparse_arch.embedding_bag_collection"])
+    model = DistributedModelParallel(model, ...)   # the hook follows to the sharded module
+    gather.remove()
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from recd_plugin.modules.tower import DedupContext
+from recd_plugin.sparse.ikjt import is_aligned, jagged_index_select
+
+
+def _feature(name: str) -> str:
+    """TorchRec names a shared feature's output ``feature@table``."""
+    return name.split("@", 1)[0]
+
+
+def _carriers(kjt: KeyedJaggedTensor, names: Sequence[str], group_of: Dict[str, str]) -> List[Optional[Tuple[str, torch.Tensor]]]:
+    """(group, carrier [B]) for each output name that belongs to a group; None otherwise."""
+    inv_names, tensor = kjt.inverse_indices()
+    index = {n: i for i, n in enumerate(inv_names)}
+    out: List[Optional[Tuple[str, torch.Tensor]]] = []
+    for name in names:
+        f = _feature(name)
+        g = group_of.get(f)
+        out.append((g, tensor[index[f]]) if g is not None and f in index else None)
+    return out
+
+
+def gather_keyed_tensor(kt: KeyedTensor, carriers: List[Optional[Tuple[str, torch.Tensor]]]) -> KeyedTensor:
+    """[B, sum D] pooled rows -> the same with each grouped key's rows taken from its carriers."""
+    values = kt.values()
+    blocks: List[torch.Tensor] = []
+    start = 0
+    run_group: Optional[str] = None
+    run_carrier: Optional[torch.Tensor] = None
+    run_start = 0
+    for width, c in zip(kt.length_per_key(), carriers):
+        group = c[0] if c is not None else None
+        if group != run_group:  # close the run of adjacent columns of one group (or of none)
+            if start > run_start:
+                block = values[:, run_start:start]
+                blocks.append(block if run_carrier is None else block.index_select(0, run_carrier))
+            run_group, run_carrier, run_start = group, (c[1] if c is not None else None), start
+        start += width
+    if start > run_start:
+        block = values[:, run_start:start]
+        blocks.append(block if run_carrier is None else block.index_select(0, run_carrier))
+    return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(),
+                       values=blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1), key_dim=kt.key_dim())
+
+
+def gather_jagged(jt: JaggedTensor, carrier: torch.Tensor) -> JaggedTensor:
+    """B jagged rows, duplicates empty -> every sample's row copied from its carrier."""
+    values, lengths, positions = jagged_index_select(jt.values(), jt.lengths(), carrier)
+    weights = jt.weights_or_none()
+    return JaggedTensor(values=values, lengths=lengths.to(jt.lengths().dtype),
+                        weights=weights.index_select(0, positions) if weights is not None else None)
+
+
+class OutputGather:
+    """The gather hooks of one model: which module paths, and the hook on each."""
+
+    def __init__(self, ctx: DedupContext, paths: Sequence[str]) -> None:
+        self.ctx = ctx
+        self.paths = list(paths)
+        self.group_of = {f: g.name for g in ctx.spec.groups for f in g.all_features}
+        self._hooked: Dict[str, Tuple[nn.Module, RemovableHandle]] = {}
+        self._root_handle: Optional[RemovableHandle] = None
+
+    @classmethod
+    def attach(cls, model: nn.Module, ctx: DedupContext, paths: Sequence[str]) -> "OutputGather":
+        gather = cls(ctx, paths)
+        gather._root_handle = model.register_forward_pre_hook(gather._follow)
+        gather._follow(model, ())
+        return gather
+
+    def remove(self) -> None:
+        for _, handle in self._hooked.values():
+            handle.remove()
+        self._hooked.clear()
+        if self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None
+
+    def _follow(self, root: nn.Module, args: Any) -> None:
+        for path in self.paths:
+            module = root.get_submodule(path)
+            hooked = self._hooked.get(path)
+            if hooked is not None and hooked[0] is module:
+                continue
+            if hooked is not None:
+                hooked[1].remove()
+            self._hooked[path] = (module, module.register_forward_hook(functools.partial(self._after, path)))
+
+    def _after(self, path: str, module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
+        own = args[0] if args and isinstance(args[0], KeyedJaggedTensor) else None
+        if isinstance(module, EmbeddingBagCollection) and own is not None and own.inverse_indices_or_none() is not None:
+            return None  # TorchRec's unsharded EBC applied the inverse indices itself
+        # The batch's IKJT as the root model received it: code between the batch and this
+        # module may have dropped the inverse indices (KeyedJaggedTensor.permute does).
+        kjt = own if own is not None and is_aligned(own) else self.ctx.current()
+        if kjt is None or not is_aligned(kjt):
+            return None
+        if isinstance(output, KeyedTensor):
+            carriers = _carriers(kjt, output.keys(), self.group_of)
+            return gather_keyed_tensor(output, carriers) if any(c is not None for c in carriers) else None
+        if isinstance(output, dict):
+            names = list(output)
+            carriers = _carriers(kjt, names, self.group_of)
+            return {n: gather_jagged(output[n], c[1]) if c is not None else output[n] for n, c in zip(names, carriers)}
+        return None
