@@ -76,18 +76,27 @@ class _IgnoresInverse(nn.Module):
         return self.inner(plain)
 
 
+class _LazyIgnoresInverse(_IgnoresInverse):
+    """Also returns its output as TorchRec's sharded modules do: a LazyAwaitable."""
+
+    def forward(self, kjt: KeyedJaggedTensor):
+        from torchrec.distributed.types import LazyNoWait
+
+        return LazyNoWait(super().forward(kjt))
+
+
 @pytest.mark.parametrize("towers", ["", "; towers.user_tower=user; towers.encoder=user"])
-@pytest.mark.parametrize("replace", [False, True])
-def test_sharded_mode_matches_plugin_off_and_follows_replaced_modules(towers: str, replace: bool) -> None:
+@pytest.mark.parametrize("replace", [None, _IgnoresInverse, _LazyIgnoresInverse])
+def test_sharded_mode_matches_plugin_off_and_follows_replaced_modules(towers: str, replace) -> None:
     torch.manual_seed(0)
     model, ref = RecModel(), RecModel()
     ref.load_state_dict(model.state_dict())
     batches = [session_batch(seed, batch=24, sessions=4) for seed in range(3)]
-    config = RecDConfig.from_string(FLAG + towers)
+    config = RecDConfig.from_string(FLAG + towers + "; probe_batches=0")
     model, loader = recd_plugin.apply(config, model, batches)
     assert type(model.ebc) is EmbeddingBagCollection and type(model.ec) is EmbeddingCollection  # kept for DMP
     if replace:  # after apply, as DistributedModelParallel does
-        model.ebc, model.ec = _IgnoresInverse(model.ebc), _IgnoresInverse(model.ec)
+        model.ebc, model.ec = replace(model.ebc), replace(model.ec)
     for batch, plain in zip(loader, batches):
         kjt = batch.sparse_features
         assert is_aligned(kjt) and kjt.stride() == 24 and unique_count(kjt, "history") < 24
@@ -113,6 +122,23 @@ def test_without_the_gather_a_module_that_ignores_inverse_indices_would_be_wrong
     aligned = build_ikjt(batch.sparse_features, RecDConfig.from_string(FLAG).spec, aligned=True)
     ignoring = _IgnoresInverse(model.ebc)
     assert not torch.allclose(ignoring(aligned).values(), model.ebc(batch.sparse_features).values())
+
+
+def test_an_output_the_gather_cannot_expand_is_refused_not_passed_on() -> None:
+    class Odd(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, kjt: KeyedJaggedTensor):
+            return self.inner(kjt).values()  # a bare tensor: which columns are which is lost
+
+    model = RecModel()
+    batches = [session_batch(0, batch=24, sessions=4)]
+    model, loader = recd_plugin.apply(RecDConfig.from_string(FLAG + "; probe_batches=0"), model, batches)
+    model.ebc = Odd(model.ebc)
+    with pytest.raises(recd_plugin.UnsupportedModelError, match="cannot expand"):
+        model(next(iter(loader)))
 
 
 def test_sharded_mode_is_automatic_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ same thing, prints a table and regenerates its section of docs/benchmarks.md::
     python -m recd_plugin.bench dedup --json out.json --no-docs
     python -m recd_plugin.bench fae --quick         # FAE tier traffic + hot/cold layout
     python -m recd_plugin.bench des --quick         # DES vs TorchRec sharding, 2 gloo ranks
+    python -m recd_plugin.bench models --quick      # TorchRec's DLRM, DLRM_DCN, two-tower, MovieLens
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
     """Run a benchmark; ``reexec`` (command line only) restarts the process with MALLOC_ENV."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m recd_plugin.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=["dedup", "storage", "des", "dist", "fae"], help="which benchmark")
+    parser.add_argument("name", choices=["dedup", "storage", "des", "dist", "fae", "models"], help="which benchmark")
     parser.add_argument("--quick", action="store_true", help="fewer steps, for a fast check")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--batch-size", type=int, default=None, help="default 1024 (fae: 2048)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--verbose", action="store_true", help="print every timed step")
+    parser.add_argument("--models", nargs="+", default=None, help="models: only these models")
+    parser.add_argument("--modes", nargs="+", default=None, help="models: only these modes (unsharded dmp1 dmp2)")
     args = parser.parse_args(argv)
     if reexec:
         ensure_allocator_env(argv)
@@ -54,6 +57,11 @@ def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
 
         des.run(quick=args.quick, json_path=args.json, batch_size=batch_size, seed=args.seed,
                 write_docs=not args.no_docs, verbose=args.verbose)
+    elif args.name == "models":
+        from recd_plugin.bench import models
+
+        models.run(quick=args.quick, json_path=args.json, batch_sizes=[args.batch_size] if args.batch_size else None,
+                   write_docs=not args.no_docs, verbose=args.verbose, models=args.models, modes=args.modes)
     elif args.name == "fae":
         from recd_plugin.bench import fae
 

@@ -10,7 +10,12 @@ samples' rows empty (pooled: zero). A forward hook on each such module then gath
 sample's row from its carrier sample:
 
 * ``KeyedTensor`` (EBC): one ``index_select`` per run of adjacent columns of one group;
-* ``Dict[str, JaggedTensor]`` (EC): one jagged gather per grouped feature.
+* ``Dict[str, JaggedTensor]`` (EC): one jagged gather per grouped feature;
+* a sharded module's ``LazyAwaitable`` of either: the gather joins its callbacks, so it runs
+  when TorchRec resolves the output (after the output all-to-all, still overlapped).
+
+Any other output is refused with an error: passing on rows that only carriers filled would be
+silently wrong.
 
 Backward is the matching ``index_add``: the carrier's gradient is the sum over its samples,
 exactly the plain path's gradient of a row that every sample of the session looked up.
@@ -34,9 +39,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from torchrec.distributed.types import Awaitable
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from recd_plugin.errors import UnsupportedModelError
 from recd_plugin.modules.tower import DedupContext
 from recd_plugin.sparse.ikjt import is_aligned, jagged_index_select
 
@@ -133,11 +140,23 @@ class OutputGather:
         kjt = own if own is not None and is_aligned(own) else self.ctx.current()
         if kjt is None or not is_aligned(kjt):
             return None
+        if isinstance(output, Awaitable):
+            # A sharded module returns a LazyAwaitable of its output (TorchRec resolves it on
+            # first use); gather when it resolves, so the output dist still overlaps compute.
+            output.callbacks.append(functools.partial(self._gather, path, kjt))
+            return None
+        return self._gather(path, kjt, output)
+
+    def _gather(self, path: str, kjt: KeyedJaggedTensor, output: Any) -> Any:
         if isinstance(output, KeyedTensor):
             carriers = _carriers(kjt, output.keys(), self.group_of)
-            return gather_keyed_tensor(output, carriers) if any(c is not None for c in carriers) else None
-        if isinstance(output, dict):
+            return gather_keyed_tensor(output, carriers) if any(c is not None for c in carriers) else output
+        if isinstance(output, dict) and all(isinstance(v, JaggedTensor) for v in output.values()):
             names = list(output)
             carriers = _carriers(kjt, names, self.group_of)
             return {n: gather_jagged(output[n], c[1]) if c is not None else output[n] for n, c in zip(names, carriers)}
-        return None
+        # Never pass on rows that only the carriers filled: that would be silently wrong.
+        raise UnsupportedModelError(
+            f"recd-plugin: embedding module {path!r} returned a {type(output).__name__}, which the plugin "
+            "cannot expand to the batch (expected a KeyedTensor, a dict of JaggedTensors, or TorchRec's "
+            "awaitable of one). Set sharded=false in the flag, or report the module type.")

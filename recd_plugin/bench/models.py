@@ -1,0 +1,459 @@
+"""``recd-plugin bench models``: the plugin on TorchRec's own models, as a user's script runs them.
+
+Models: ``torchrec.models.dlrm.DLRM`` and ``DLRM_DCN`` from the installed TorchRec wheel, each
+through ``DLRMTrain`` (26 sparse features C1..C26, C1..C13 session-level, grouped by content);
+a two-tower model built like TorchRec's retrieval example (one EBC, query tower = MLP over the
+13 session-level embeddings, candidate tower = MLP over the 13 per-sample ones, dot-product
+logit); and the project's MovieLens model (``light`` and ``transformer``) on MovieLens-100k.
+
+Data: session-structured synthetic Criteo-like batches (sessions of 16 consecutive samples
+share C1..C13: u = 1/16), and a no-duplicates control (sessions of 1: u = 1). MovieLens: its
+own sessions, and the control with a session id per sample.
+
+Modes: ``unsharded`` (one process), ``dmp1`` / ``dmp2``: DistributedModelParallel with the
+default planner and DMP's default sharders, trained by ``TrainPipelineSparseDist``, on 1 and 2
+gloo ranks. The plugin is switched on with ``recd_plugin.apply`` before DMP, nothing else, as
+in a user's script; its probe decides which groups pay (``route`` in the JSON).
+
+Per case: the two sides (same initial weights, same batches, SGD) alternate in blocks of one
+pass over the batches; samples/s from the median step time over >= 30 timed steps after a
+warm-up pass (``--quick``: 8). ``f`` is measured unsharded: 1 - T_one / T_plain, with T_one the
+plugin's step on the same batches with every sample's session features taken from the
+batch's first sample (U = 1: all deduplicable work done once); bound = 1 / ((1 - f) + f u).
+dmp2 also counts the floating-point bytes of the embedding collectives per step
+(``comm_ratio`` plain / plugin) and the dup factor (grouped rows / unique rows).
+
+    recd-plugin bench models              # all cases, writes its section of docs/benchmarks.md
+    recd-plugin bench models --quick      # fewer steps, a fast check
+    recd-plugin bench models --json out.json --no-docs
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from recd_plugin.bench.report import free_port, machine, median, publish
+
+MODELS = ["dlrm", "dlrm_dcn", "two_tower", "movielens_light", "movielens_transformer"]
+MODES = ["unsharded", "dmp1", "dmp2"]
+SESSION = 16
+DIM = 16
+MAX_ROWS = 20_000
+LR = 0.05
+LOSS_TOLERANCE = 1e-5
+SESSION_FIELDS = [f"C{i}" for i in range(1, 14)]
+SAMPLE_FIELDS = [f"C{i}" for i in range(14, 27)]
+DLRM_FLAG = "groups.session.features=" + ",".join(SESSION_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models (built as TorchRec's examples build them) and their step.
+
+
+def _tables(fields: List[str]) -> List[Any]:
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from recd_plugin.data.criteo import criteo_cardinalities
+
+    rows = criteo_cardinalities(MAX_ROWS)
+    return [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DIM, num_embeddings=rows[f], feature_names=[f])
+            for f in fields]
+
+
+class RetrievalTwoTower(nn.Module):
+    """Like TorchRec's retrieval example: one EBC; query and candidate MLP towers; dot product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchrec import EmbeddingBagCollection
+        from torchrec.modules.mlp import MLP
+
+        self.ebc = EmbeddingBagCollection(tables=_tables(SESSION_FIELDS + SAMPLE_FIELDS))
+        self.query_proj = MLP(in_size=DIM * len(SESSION_FIELDS), layer_sizes=[64, 32])
+        self.candidate_proj = MLP(in_size=DIM * len(SAMPLE_FIELDS), layer_sizes=[64, 32])
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(self, batch: Any) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        pooled = self.ebc(batch.sparse_features).to_dict()
+        query = self.query_proj(torch.cat([pooled[f] for f in SESSION_FIELDS], dim=1))
+        candidate = self.candidate_proj(torch.cat([pooled[f] for f in SAMPLE_FIELDS], dim=1))
+        logits = (query * candidate).sum(dim=1)
+        loss = self.loss_fn(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+class MovieLensStep(nn.Module):
+    """The MovieLens example model as a pipeline runs it: ``forward(batch) -> (loss, ...)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        logits = self.model(batch.sparse_features, batch.dense_features)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+def build(name: str, card: Optional[Dict[str, int]] = None) -> Tuple[nn.Module, str]:
+    """(model whose forward(batch) returns (loss, ...), the plugin flag for it)."""
+    torch.manual_seed(0)
+    if name in ("dlrm", "dlrm_dcn"):
+        from torchrec import EmbeddingBagCollection
+        from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+
+        ebc = EmbeddingBagCollection(tables=_tables(SESSION_FIELDS + SAMPLE_FIELDS))
+        kwargs = dict(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[64, DIM],
+                      over_arch_layer_sizes=[64, 1])
+        dlrm = DLRM(**kwargs) if name == "dlrm" else DLRM_DCN(**kwargs, dcn_num_layers=2, dcn_low_rank_dim=8)
+        return DLRMTrain(dlrm), DLRM_FLAG
+    if name == "two_tower":
+        return RetrievalTwoTower(), DLRM_FLAG + "; towers.query_proj=session"
+    from recd_plugin.bench.dedup import _example
+
+    example = _example()
+    return MovieLensStep(example.TwoTower(card, light=name == "movielens_light")), example.RECD_FLAG.replace(
+        "towers.user_tower", "towers.model.user_tower")
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: Any) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss, _ = model(batch)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def _with_sessions(batch: Any, session: int) -> Any:
+    """Criteo-like batch -> the same with C1..C13 constant over runs of ``session`` samples."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    kjt = batch.sparse_features
+    b = kjt.stride()
+    values = kjt.values().clone().view(len(kjt.keys()), b)  # one id per sample and key
+    first = (torch.arange(b) // session) * session
+    for f in SESSION_FIELDS:
+        k = kjt.keys().index(f)
+        values[k] = values[k].index_select(0, first)
+    return dataclasses.replace(batch, sparse_features=KeyedJaggedTensor(
+        keys=kjt.keys(), values=values.reshape(-1), lengths=kjt.lengths(), stride=b))
+
+
+def synthetic(batch_size: int, count: int, session: int, seed: int = 0) -> List[Any]:
+    from recd_plugin.data.criteo import criteo_batches
+
+    return [_with_sessions(b, session) for b in criteo_batches(count, batch_size, seed=seed, max_rows=MAX_ROWS)]
+
+
+def movielens(batch_size: int, count: int, unique: bool) -> Tuple[Dict[str, int], List[Any]]:
+    """MovieLens-100k batches spread over the data; ``unique``: a session id per sample."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recd_plugin.data import TableBatches, cardinalities, load_movielens_100k
+
+    table = load_movielens_100k()
+    ds = TableBatches(table, batch_size, drop_last=True)
+    idx = [int(i) % len(ds) for i in np.linspace(0, len(ds) - 1, count)] if count <= len(ds) else \
+        [i % len(ds) for i in range(count)]
+    batches = [ds[i] for i in idx]
+    if unique:
+        out = []
+        for n, b in enumerate(batches):
+            kjt = b.sparse_features
+            jt = kjt.to_dict()
+            sid = kjt.keys().index("session_id")
+            jt_values = [jt[k].values() if i != sid else torch.arange(kjt.stride()) + n * kjt.stride()
+                         for i, k in enumerate(kjt.keys())]
+            out.append(dataclasses.replace(b, sparse_features=KeyedJaggedTensor(
+                keys=kjt.keys(), values=torch.cat(jt_values).to(kjt.values().dtype), lengths=kjt.lengths(),
+                stride=kjt.stride())))
+        batches = out
+    return cardinalities(table), batches
+
+
+def one_session(batch: Any, flag: str) -> Any:
+    """The batch with every grouped feature of every sample taken from sample 0 (U = 1)."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    import recd_plugin
+    from recd_plugin.sparse.ikjt import jagged_index_select
+
+    grouped = {f for g in recd_plugin.RecDConfig.from_string(flag).groups for f in g.all_features}
+    kjt = batch.sparse_features
+    b, keys = kjt.stride(), kjt.keys()
+    select = torch.cat([torch.zeros(b, dtype=torch.long) + k * b if key in grouped else torch.arange(b) + k * b
+                        for k, key in enumerate(keys)])
+    values, lengths, positions = jagged_index_select(kjt.values(), kjt.lengths(), select)
+    weights = kjt.weights_or_none()
+    return dataclasses.replace(batch, sparse_features=KeyedJaggedTensor(
+        keys=keys, values=values, lengths=lengths.to(kjt.lengths().dtype),
+        weights=weights.index_select(0, positions) if weights is not None else None, stride=b))
+
+
+def case_data(model: str, batch_size: int, count: int, unique: bool) -> Tuple[Optional[Dict[str, int]], List[Any]]:
+    if model.startswith("movielens"):
+        return movielens(batch_size, count, unique)
+    return None, synthetic(batch_size, count, 1 if unique else SESSION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sides.
+
+
+class _Side:
+    """One side of a case: a model, its optimizer and its batches, stepped directly or by
+    TorchRec's TrainPipelineSparseDist (DMP modes)."""
+
+    def __init__(self, model: nn.Module, batches: List[Any], dmp: bool) -> None:
+        self.batches = batches
+        if not dmp:
+            self.model, self.opt, self.pipeline = model, torch.optim.SGD(model.parameters(), lr=LR), None
+            return
+        import torch.distributed as dist
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+        from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        device = torch.device("cpu")
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=dist.get_world_size(), compute_device="cpu"))
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from torchrec.distributed.embedding import EmbeddingCollectionSharder
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+        # TorchRec's stock sharders (DMP's defaults), with SGD at our learning rate in the fused tables.
+        fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
+        sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
+        plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+        self.model = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+        self.model.load_state_dict(initial)  # sharding re-initializes tables: keep the same weights
+        dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(self.model.named_parameters())),
+                                      lambda ps: torch.optim.SGD(ps, lr=LR))
+        self.opt = CombinedOptimizer([self.model.fused_optimizer, dense])
+        self.pipeline = TrainPipelineSparseDist(self.model, self.opt, device)
+
+    def run_pass(self, timings: Optional[List[float]], losses: Optional[List[float]]) -> None:
+        if self.pipeline is None:
+            for b in self.batches:
+                start = time.perf_counter()
+                loss = _step(self.model, self.opt, b)
+                if timings is not None:
+                    timings.append(time.perf_counter() - start)
+                if losses is not None:
+                    losses.append(loss)
+            return
+        it = iter(self.batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                loss, _, _ = self.pipeline.progress(it)
+            except StopIteration:
+                break
+            if timings is not None:
+                timings.append(time.perf_counter() - start)
+            if losses is not None:
+                losses.append(float(loss))
+
+
+def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank: int = 0,
+           world: int = 1) -> Tuple[Dict[str, _Side], Dict[str, Any]]:
+    """Plain and plugin sides of one case, plus what the plugin decided and the data."""
+    import recd_plugin
+    from recd_plugin.sparse.ikjt import unique_count
+
+    card, batches = case_data(name, batch_size, count * world, unique)
+    mine = batches[rank::world]
+    base, flag = build(name, card)
+    plugin_model = copy.deepcopy(base)
+    config = recd_plugin.RecDConfig.from_string(flag)
+    plugin_model, loader = recd_plugin.apply(config, plugin_model, mine)
+    plugin_batches = list(loader)
+    route = "dedup" if config.groups else "plain"
+    grouped = [f for g in recd_plugin.RecDConfig.from_string(flag).groups for f in g.all_features]
+    rows = sum(b.sparse_features.stride() for b in mine)
+    spec = recd_plugin.RecDConfig.from_string(flag).spec
+    first = grouped[0]
+    unique_rows = sum(unique_count(recd_plugin.build_ikjt(b.sparse_features, spec), first) for b in mine)
+    sides = {"plain": _Side(base, mine, dmp), "plugin": _Side(plugin_model, plugin_batches, dmp)}
+    info = {"route": route, "unique_fraction": unique_rows / rows, "dup_factor": rows / unique_rows,
+            "config": config, "flag": flag, "plain_batches": mine, "card": card}
+    return sides, info
+
+
+def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, dmp: bool,
+             rank: int = 0, world: int = 1, count_comm: bool = False) -> Dict[str, Any]:
+    """Both sides of one case, alternating in blocks of one pass; ``rounds`` timed passes
+    after one warm-up pass (whose losses are compared)."""
+    from recd_plugin.dist.comm import EMBEDDING_OPS, CommCounter
+
+    sides, info = _sides(name, batch_size, steps, unique, dmp, rank, world)
+    losses: Dict[str, List[float]] = {"plain": [], "plugin": []}
+    times: Dict[str, List[float]] = {"plain": [], "plugin": []}
+    comm: Dict[str, float] = {}
+    for side in ("plain", "plugin"):  # warm-up pass: the compared losses (and counted bytes)
+        if count_comm:
+            with CommCounter() as counter:
+                sides[side].run_pass(None, losses[side])
+            comm[side] = sum(counter.float_by_op.get(op, 0) for op in EMBEDDING_OPS) / max(len(losses[side]), 1)
+        else:
+            sides[side].run_pass(None, losses[side])
+    for _ in range(rounds):
+        for side in ("plain", "plugin"):
+            sides[side].run_pass(times[side], None)
+    t_plain, t_plugin = median(times["plain"]), median(times["plugin"])
+    out = {"model": name, "batch": batch_size, "unique_fraction": info["unique_fraction"],
+           "dup_factor": info["dup_factor"], "route": info["route"],
+           "ratio": t_plain / t_plugin, "samples_per_s_plain": batch_size / t_plain,
+           "samples_per_s_plugin": batch_size / t_plugin, "timed_steps": len(times["plain"]),
+           "max_loss_diff": max((abs(a - b) for a, b in zip(losses["plain"], losses["plugin"])), default=0.0),
+           "compared_steps": min(len(losses["plain"]), len(losses["plugin"]))}
+    if count_comm:
+        out["embedding_bytes_plain"], out["embedding_bytes_plugin"] = comm["plain"], comm["plugin"]
+        out["comm_ratio"] = comm["plain"] / comm["plugin"] if comm["plugin"] else float("nan")
+    if not dmp:  # f: the plugin's step with all deduplicable work done once (U = 1), after the timing
+        fixed = sides["plugin"]
+        fixed.batches = _through_plugin([one_session(b, info["flag"]) for b in info["plain_batches"]], info["config"])
+        t_one: List[float] = []
+        for _ in range(rounds):
+            fixed.run_pass(t_one, None)
+        f = max(0.0, 1.0 - median(t_one) / t_plain) if info["route"] == "dedup" else 0.0
+        out["f"] = f
+        out["bound"] = 1.0 / ((1.0 - f) + f * info["unique_fraction"])
+    return out
+
+
+def _through_plugin(batches: List[Any], config: Any) -> List[Any]:
+    from recd_plugin.transforms.dedup import dedup_batch
+
+    if not config.groups:
+        return batches
+    return [dedup_batch(b, config.spec, aligned=config.is_sharded()) for b in batches]
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+
+
+def _grid(quick: bool, batch_sizes: List[int]) -> List[Tuple[str, int, bool]]:
+    return [(m, b, u) for m in MODELS for b in batch_sizes for u in (False, True)]
+
+
+def _worker(rank: int, port: int, world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: int,
+            outdir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
+    results = []
+    for name, batch, unique in tqdm(grid, desc=f"models, dmp{world} (cases)", disable=rank != 0 or None, leave=False):
+        r = run_case(name, batch, unique, steps, rounds, True, rank, world, count_comm=world > 1)
+        results.append(_reduce(r, world))
+    Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def _reduce(r: Dict[str, Any], world: int) -> Dict[str, Any]:
+    """Agree over ranks: the slowest rank's step times set the pace; loss diff is the worst."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 / r["samples_per_s_plain"], 1.0 / r["samples_per_s_plugin"], r["max_loss_diff"]],
+                     dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    r = dict(r, samples_per_s_plain=1.0 / float(t[0]), samples_per_s_plugin=1.0 / float(t[1]),
+             max_loss_diff=float(t[2]))
+    r["ratio"] = r["samples_per_s_plugin"] / r["samples_per_s_plain"]
+    return r
+
+
+def run_dmp(world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: int) -> List[Dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(free_port(), world, grid, steps, rounds, out), nprocs=world, join=True)
+        return json.loads(Path(out, "rank0.json").read_text())
+
+
+def run(quick: bool = False, json_path: Optional[str] = None, batch_sizes: Optional[List[int]] = None,
+        write_docs: bool = True, verbose: bool = False, models: Optional[List[str]] = None,
+        modes: Optional[List[str]] = None) -> Dict[str, Any]:
+    steps, rounds = (6, 2) if quick else (12, 3)  # timed steps: 12 or 36 per side
+    grid = [c for c in _grid(quick, batch_sizes or [1024, 32]) if models is None or c[0] in models]
+    cases: List[Dict[str, Any]] = []
+    for mode in modes or MODES:
+        if mode == "unsharded":
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as one rank of the DMP modes
+            try:
+                for name, batch, unique in tqdm(grid, desc="models, unsharded (cases)", leave=False, disable=None):
+                    cases.append(dict(run_case(name, batch, unique, steps, rounds, False), mode=mode))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            world = int(mode[-1])
+            cases += [dict(c, mode=mode) for c in run_dmp(world, grid, steps, rounds)]
+    f_of = {(c["model"], c["batch"], c["unique_fraction"] >= 1.0): c for c in cases if c["mode"] == "unsharded"}
+    for c in cases:  # DMP cases: f measured on the same model and batch unsharded
+        ref = f_of.get((c["model"], c["batch"], c["unique_fraction"] >= 1.0))
+        if "f" not in c and ref is not None:
+            c["f"] = ref["f"]
+            c["bound"] = 1.0 / ((1.0 - c["f"]) + c["f"] * c["unique_fraction"])
+    result = {"machine": machine(), "quick": quick, "timed_steps": steps * rounds, "cases": cases}
+    _print(result)
+    publish("models", _markdown(result), result, json_path, write_docs)
+    bad = [c for c in cases if c["max_loss_diff"] > LOSS_TOLERANCE]
+    if bad:
+        raise SystemExit(f"models benchmark: plugin and plain diverged ({bad[0]['model']}, {bad[0]['mode']}, "
+                         f"batch {bad[0]['batch']}: max loss diff {bad[0]['max_loss_diff']:.1e}): a bug, please report it")
+    return result
+
+
+def _print(result: Dict[str, Any]) -> None:
+    print(f"recd-plugin on TorchRec's models, {result['machine']}")
+    print(f"{'model':22}{'mode':10}{'batch':>6}{'u':>7}{'route':>7}{'ratio':>7}{'bound':>7}{'f':>6}{'comm':>7}{'dloss':>9}")
+    for c in result["cases"]:
+        print(f"{c['model']:22}{c['mode']:10}{c['batch']:6d}{c['unique_fraction']:7.3f}{c['route']:>7}"
+              f"{c['ratio']:7.2f}{c.get('bound', float('nan')):7.2f}{c.get('f', float('nan')):6.2f}"
+              f"{c.get('comm_ratio', float('nan')):7.2f}{c['max_loss_diff']:9.1e}")
+
+
+def _markdown(result: Dict[str, Any]) -> str:
+    lines = [
+        "## TorchRec's models (`recd-plugin bench models" + (" --quick" if result["quick"] else "") + "`)",
+        "",
+        f"Machine: {result['machine']}. Median of {result['timed_steps']} timed steps per side after a warm-up "
+        "pass, sides alternating on the same batches, SGD; DMP modes: default planner and sharders, "
+        "TrainPipelineSparseDist, gloo, one thread per rank. `route`: what the plugin's probe chose "
+        "(`plain`: the group did not pay and was left on TorchRec's plain path). `comm`: floating-point "
+        "bytes of the embedding collectives per step, plain / plugin (dmp2).",
+        "",
+        "| model | mode | batch | u | route | plain samples/s | plugin samples/s | ratio | f | bound | ratio / bound | comm | dup factor | max loss diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["cases"]:
+        bound = c.get("bound", float("nan"))
+        lines.append(
+            f"| {c['model']} | {c['mode']} | {c['batch']} | {c['unique_fraction']:.3f} | {c['route']} | "
+            f"{c['samples_per_s_plain']:.0f} | {c['samples_per_s_plugin']:.0f} | {c['ratio']:.2f} | "
+            f"{c.get('f', float('nan')):.2f} | {bound:.2f} | {100 * c['ratio'] / bound:.0f}% | "
+            f"{c.get('comm_ratio', float('nan')):.2f} | {c['dup_factor']:.1f} | {c['max_loss_diff']:.1e} |")
+    return "\n".join(lines)
