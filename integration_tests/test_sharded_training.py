@@ -80,6 +80,19 @@ def test_train_pipeline_sparse_dist_plugin_on_matches_off(tmp_path: Path) -> Non
             assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (rank, step, a, b)
 
 
+def test_one_process_dmp_with_the_pipeline_needs_no_flag(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 1`` (TorchX ``-j 1x1``) + TrainPipelineSparseDist: sharded mode
+    is chosen by itself (no ``sharded=true`` in the flag), and plugin on matches plugin off."""
+    losses = tmp_path / "losses"
+    torchrun(COMMON + ["--compare", "--pipeline", "--light", "--max-steps", "4", "--losses", str(losses)],
+             tmp_path, nproc=1)
+    plain, _ = read_log(f"{losses}.plain")
+    recd, _ = read_log(f"{losses}.recd")
+    assert [s for s, _ in plain] == [s for s, _ in recd] == [1, 2, 3, 4]
+    for (step, a), (_, b) in zip(plain, recd):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, a, b)
+
+
 RECD = ["--recd", str(ROOT / "examples" / "movielens" / "recd.toml"), "--sharding", "row_wise", "--light",
         "--max-steps", "6"]
 

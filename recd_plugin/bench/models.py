@@ -275,7 +275,7 @@ class _Side:
 
 
 def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank: int = 0,
-           world: int = 1) -> Tuple[Dict[str, _Side], Dict[str, Any]]:
+           world: int = 1, flag_suffix: str = "") -> Tuple[Dict[str, _Side], Dict[str, Any]]:
     """Plain and plugin sides of one case, plus what the plugin decided and the data."""
     import recd_plugin
     from recd_plugin.sparse.ikjt import unique_count
@@ -283,6 +283,7 @@ def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank
     card, batches = case_data(name, batch_size, count * world, unique)
     mine = batches[rank::world]
     base, flag = build(name, card)
+    flag += flag_suffix
     plugin_model = copy.deepcopy(base)
     config = recd_plugin.RecDConfig.from_string(flag)
     plugin_model, loader = recd_plugin.apply(config, plugin_model, mine)
@@ -300,12 +301,13 @@ def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank
 
 
 def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, dmp: bool,
-             rank: int = 0, world: int = 1, count_comm: bool = False) -> Dict[str, Any]:
+             rank: int = 0, world: int = 1, count_comm: bool = False, flag_suffix: str = "") -> Dict[str, Any]:
     """Both sides of one case, alternating in blocks of one pass; ``rounds`` timed passes
-    after one warm-up pass (whose losses are compared)."""
+    after one warm-up pass (whose losses are compared). ``flag_suffix`` is appended to the
+    model's plugin flag (tests: ``"; probe_batches=0"`` forces the dedup route)."""
     from recd_plugin.dist.comm import EMBEDDING_OPS, CommCounter
 
-    sides, info = _sides(name, batch_size, steps, unique, dmp, rank, world)
+    sides, info = _sides(name, batch_size, steps, unique, dmp, rank, world, flag_suffix)
     losses: Dict[str, List[float]] = {"plain": [], "plugin": []}
     times: Dict[str, List[float]] = {"plain": [], "plugin": []}
     comm: Dict[str, float] = {}
@@ -358,7 +360,7 @@ def _grid(quick: bool, batch_sizes: List[int]) -> List[Tuple[str, int, bool]]:
 
 
 def _worker(rank: int, port: int, world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: int,
-            outdir: str) -> None:
+            outdir: str, flag_suffix: str = "") -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -366,7 +368,7 @@ def _worker(rank: int, port: int, world: int, grid: List[Tuple[str, int, bool]],
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     results = []
     for name, batch, unique in tqdm(grid, desc=f"models, dmp{world} (cases)", disable=rank != 0 or None, leave=False):
-        r = run_case(name, batch, unique, steps, rounds, True, rank, world, count_comm=world > 1)
+        r = run_case(name, batch, unique, steps, rounds, True, rank, world, world > 1, flag_suffix)
         results.append(_reduce(r, world))
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -385,11 +387,13 @@ def _reduce(r: Dict[str, Any], world: int) -> Dict[str, Any]:
     return r
 
 
-def run_dmp(world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: int) -> List[Dict[str, Any]]:
+def run_dmp(world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: int,
+            flag_suffix: str = "") -> List[Dict[str, Any]]:
+    """``grid`` of (model, batch, unique) cases on ``world`` spawned gloo ranks; rank 0's results."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(free_port(), world, grid, steps, rounds, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(free_port(), world, grid, steps, rounds, out, flag_suffix), nprocs=world, join=True)
         return json.loads(Path(out, "rank0.json").read_text())
 
 

@@ -227,7 +227,7 @@ def convert(model: nn.Module, config: RecDConfig) -> Callable[[], None]:
 
     Call ``check_model(model, config)`` first (``recd_plugin.apply`` does).
     """
-    ctx = DedupContext.attach(model, config.spec)
+    ctx = DedupContext.attach(model, config.spec, pad_over_ranks=config.is_sharded())
     undo: List[Undo] = [ctx.detach]
     for fn in CONVERTERS.values():
         undo.extend(fn(model, config, ctx))

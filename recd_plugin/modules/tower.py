@@ -37,23 +37,28 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from recd_plugin.config import verify_step
 from recd_plugin.errors import NotDeduplicableError, UnsupportedModelError
-from recd_plugin.sparse.ikjt import DedupSpec, group_rows, jagged_index_select, unique_rows
+from recd_plugin._ranks import all_reduce_ints
+from recd_plugin.sparse.ikjt import DedupSpec, group_rows, is_aligned, jagged_index_select, select_rows, unique_rows
 
 
 class DedupContext:
     """Per-forward inverse indices of each feature group, taken from the model's IKJT input."""
 
-    def __init__(self, spec: DedupSpec) -> None:
+    def __init__(self, spec: DedupSpec, pad_over_ranks: bool = False) -> None:
         self.spec = spec
+        #: sharded mode: every rank hands its towers the same number of rows, the maximum of
+        #: U over ranks (ROW_WISE sharding's backward all-gathers per-rank pieces, which gloo
+        #: and nccl need equal); the extra rows repeat sample 0 and are never read.
+        self.pad_over_ranks = pad_over_ranks
         self._kjt: Optional[KeyedJaggedTensor] = None
         self._cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.handles: List[RemovableHandle] = []
 
     @classmethod
-    def attach(cls, model: nn.Module, spec: DedupSpec) -> "DedupContext":
+    def attach(cls, model: nn.Module, spec: DedupSpec, pad_over_ranks: bool = False) -> "DedupContext":
         """Record the IKJT at each forward of ``model``; forget it when the forward ends, so a
         tower called directly afterwards never reuses a stale inverse index."""
-        ctx = cls(spec)
+        ctx = cls(spec, pad_over_ranks)
         ctx.handles = [
             model.register_forward_pre_hook(ctx._capture, with_kwargs=True),
             model.register_forward_hook(ctx._forget, always_call=True),
@@ -88,7 +93,11 @@ class DedupContext:
             return None
         # Rows no sample reads (empty bags padded in for equal per-rank counts) take sample
         # 0's dense inputs: any valid row will do, their outputs are never read.
-        self._cache[group] = group_rows(kjt, self.spec.group(group).all_features[0])
+        first, inv = group_rows(kjt, self.spec.group(group).all_features[0])
+        if self.pad_over_ranks:
+            [most] = all_reduce_ints([first.numel()], "max")
+            first = torch.cat([first, first.new_zeros(most - first.numel())])
+        self._cache[group] = (first, inv)
         return self._cache[group]
 
 
@@ -140,7 +149,10 @@ class _TowerHooks:
                     return x
                 # The whole sub-model reads the batch: hand it the group's unique rows as a
                 # plain KJT of batch U, so its embedding lookups run on U rows, unexpanded.
-                reduced.append(unique_rows(x, features, check=False))  # one group: same inverse
+                if is_aligned(x):  # (padded to the rows every rank hands its tower)
+                    reduced.append(select_rows(x, features, first))
+                else:
+                    reduced.append(unique_rows(x, features, check=False))  # one group: same inverse
                 return reduced[-1]
             if hasattr(x, "lengths") and not isinstance(x, torch.Tensor):
                 raise UnsupportedModelError(

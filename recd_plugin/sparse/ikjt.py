@@ -412,16 +412,7 @@ def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str], check: bool = 
             torch.equal(inverse_index(ikjt, f), inverse_index(ikjt, features[0])) for f in features)):
         raise DedupSpecError(f"features {list(features)} are in different groups (their inverse indices differ)")
     if is_aligned(ikjt):
-        # The carriers' rows of each feature: one jagged gather over the whole KJT.
-        first, _ = group_rows(ikjt, features[0])
-        batch, keys = ikjt.stride(), ikjt.keys()
-        select = torch.cat([first + keys.index(f) * batch for f in features])
-        values, lengths, positions = jagged_index_select(ikjt.values(), ikjt.lengths(), select)
-        weights = ikjt.weights_or_none()
-        return KeyedJaggedTensor(
-            keys=list(features), values=values, lengths=lengths.to(ikjt.lengths().dtype),
-            weights=weights.index_select(0, positions) if weights is not None else None, stride=first.numel(),
-        )
+        return select_rows(ikjt, features, group_rows(ikjt, features[0])[0])
     jts = ikjt.to_dict()
     weights = [jts[f].weights_or_none() for f in features]
     return KeyedJaggedTensor(
@@ -430,6 +421,19 @@ def unique_rows(ikjt: KeyedJaggedTensor, features: Sequence[str], check: bool = 
         lengths=torch.cat([jts[f].lengths() for f in features]),
         weights=torch.cat(weights) if all(w is not None for w in weights) else None,  # type: ignore[arg-type]
         stride=strides[features[0]],
+    )
+
+
+def select_rows(kjt: KeyedJaggedTensor, features: Sequence[str], rows: torch.Tensor) -> KeyedJaggedTensor:
+    """Plain KJT (batch M) of samples ``rows`` [M] of ``features``, from a KJT of one batch size
+    (plain or aligned): one jagged gather over the whole KJT."""
+    batch, keys = kjt.stride(), kjt.keys()
+    select = torch.cat([rows + keys.index(f) * batch for f in features])
+    values, lengths, positions = jagged_index_select(kjt.values(), kjt.lengths(), select)
+    weights = kjt.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=list(features), values=values, lengths=lengths.to(kjt.lengths().dtype),
+        weights=weights.index_select(0, positions) if weights is not None else None, stride=rows.numel(),
     )
 
 

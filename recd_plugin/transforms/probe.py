@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from recd_plugin._ranks import all_reduce_ints
 from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup, build_ikjt, unique_count
 from recd_plugin.transforms.dedup import check_not_deduplicated
 
@@ -113,7 +114,7 @@ def decide(spec: DedupSpec, batches: Iterable[Any], dims: Dict[str, int], tower_
             unique[g.name] += unique_count(ikjt, g.all_features[0])
             ids[g.name] += sum(lengths[f] for f in g.features if dims.get(f))
     names = [g.name for g in spec.groups]
-    counts = _sum_over_ranks([samples] + [unique[n] for n in names] + [ids[n] for n in names])
+    counts = all_reduce_ints([samples] + [unique[n] for n in names] + [ids[n] for n in names])
     samples, unique = counts[0], dict(zip(names, counts[1:1 + len(names)]))
     ids = dict(zip(names, counts[1 + len(names):]))
     towers = set(tower_groups)
@@ -121,35 +122,9 @@ def decide(spec: DedupSpec, batches: Iterable[Any], dims: Dict[str, int], tower_
                          sum(dims.get(f, 0) for f in g.features), first_batch, device, g.name in towers)
            for g in spec.groups]
     # Every rank must take the same route: a group is kept only where every rank keeps it.
-    agreed = _min_over_ranks([int(d.kept) for d in out])
+    agreed = all_reduce_ints([int(d.kept) for d in out], "min")
     return [d if d.kept == bool(k) else dataclasses.replace(
         d, kept=False, reason=d.reason + "; another rank measured that it would not pay") for d, k in zip(out, agreed)]
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(values: List[int], op: str) -> List[int]:
-    if not _distributed() or not values:
-        return values
-    import torch.distributed as dist
-
-    # nccl reduces only CUDA tensors; gloo takes CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def _sum_over_ranks(values: List[int]) -> List[int]:
-    return _all_reduce(values, "sum")
-
-
-def _min_over_ranks(values: List[int]) -> List[int]:
-    return _all_reduce(values, "min")
 
 
 def _decide_group(g: FeatureGroup, u: float, ids_per_sample: float, dim: int, batch: int,
