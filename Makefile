@@ -64,7 +64,7 @@ test-latest: venv-latest
 
 # Every benchmark; each rewrites its section of docs/benchmarks.md and docs/bench/<name>.json.
 bench: venv
-	for b in dedup storage dist fae des; do $(VPY) -m recd_plugin.bench $$b || exit 1; done
+	for b in dedup storage dist fae des models; do $(VPY) -m recd_plugin.bench $$b || exit 1; done
 
 # API reference: docs/api/*.md from the docstrings (recd_plugin/analyze/apidoc.py).
 apidoc: venv

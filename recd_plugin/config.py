@@ -59,7 +59,7 @@ class RecDConfig:
     verify_batches: int = 1
     in_workers: bool = True
     #: ``apply`` measures every group on this many loader batches first and leaves on TorchRec's
-    #: plain path each group whose dedup would not pay (``transforms/probe.py``); 0 keeps all.
+    #: plain path each group whose dedup would not pay (``modules/probe.py``); 0 keeps all.
     probe_batches: int = 4
     #: The model will be sharded by DistributedModelParallel: keep TorchRec's own embedding
     #: modules (DMP's default sharders shard only their exact types), feed them aligned IKJTs

@@ -9,7 +9,7 @@ In an ordinary TorchRec training script, after building the model and the loader
 With the plugin off, both come back untouched (the same objects). With it on, ``apply`` first
 measures every feature group on the loader's first ``probe_batches`` batches and keeps only
 the groups whose deduplication pays on this machine (one printed line per group says why;
-``transforms/probe.py``); with none left, both come back untouched. Then the model's embedding
+``modules/probe.py``); with none left, both come back untouched. Then the model's embedding
 modules and the configured towers are converted in place (``recd_plugin.remove`` undoes that)
 and the loader is wrapped to yield IKJT batches. Every check runs before the model is changed,
 so a bad config leaves the model as it was.
@@ -27,9 +27,9 @@ from recd_plugin.config import RecDConfig
 from recd_plugin.errors import UnsupportedModelError
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
-from recd_plugin.modules.swap import check_model, convert, embedding_tables, feature_dims
+from recd_plugin.modules.probe import decide, keep_groups, probe_batches
+from recd_plugin.modules.swap import check_model, convert, embedding_tables
 from recd_plugin.transforms.dedup import DedupLoader
-from recd_plugin.transforms.probe import decide, keep_groups, probe_batches
 
 M = TypeVar("M", bound=nn.Module)
 _UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
@@ -67,7 +67,7 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
 
 
 def _keep_groups_that_pay(config: RecDConfig, model: nn.Module, loader: Optional[Iterable[Any]]) -> None:
-    """Measure each group on the loader's first batches (``transforms/probe.py``); narrow
+    """Measure each group on the loader's first batches (``modules/probe.py``); narrow
     ``config`` in place to the groups that pay, so that ``wrap(config, other_loader)`` later
     matches the converted model. One line per group says what was decided and why."""
     if not config.groups:
@@ -77,7 +77,7 @@ def _keep_groups_that_pay(config: RecDConfig, model: nn.Module, loader: Optional
         if loader is not None and config.probe_batches > 0:
             _say(f"recd-plugin: every group deduplicated unmeasured: {why_not}")
         return
-    decisions = decide(config.spec, batches, feature_dims(model), config.towers.values(), config.probe_batches)
+    decisions = decide(model, config, batches, config.probe_batches, aligned=config.is_sharded())
     for d in decisions:
         _say(d.line())
     narrowed = keep_groups(config, decisions)

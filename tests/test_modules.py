@@ -42,7 +42,9 @@ from recd_plugin import (
     dedup_tower,
 )
 
-USER_FLAG = "groups.user.key=session_id; groups.user.features=user_id,history"
+# probe_batches=0: these tests check the dedup route itself, whichever route the probe
+# (tests/test_probe.py) would pick for such small batches on this machine.
+USER_FLAG = "groups.user.key=session_id; groups.user.features=user_id,history; probe_batches=0"
 FULL_FLAG = USER_FLAG + "; towers.user_tower=user; towers.encoder=user"
 
 
@@ -470,7 +472,7 @@ def test_tower_taking_the_kjt_runs_the_user_side_on_unique_rows_and_matches(seed
     model, ref = _KJTTowerModel(), _KJTTowerModel()
     ref.load_state_dict(model.state_dict(), strict=True)
     batch = session_batch(seed, batch=24, sessions=4)
-    flag = "groups.user.key=session_id; groups.user.features=user_id,history; towers.user_side=user"
+    flag = "groups.user.key=session_id; groups.user.features=user_id,history; towers.user_side=user; probe_batches=0"
     model, loader = recd_plugin.apply(RecDConfig.from_string(flag), model, [batch])
     seen: List[int] = []
     model.user_side.mlp.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
@@ -512,7 +514,7 @@ def test_a_module_under_two_names_is_converted_at_both() -> None:
     model, ref = _SharedEC(), _SharedEC()
     ref.load_state_dict(model.state_dict())
     batch = session_batch(0, batch=24, sessions=4)
-    flag = "groups.user.key=session_id; groups.user.features=history"
+    flag = "groups.user.key=session_id; groups.user.features=history; probe_batches=0"
     model, loader = recd_plugin.apply(RecDConfig.from_string(flag), model, [batch])
     assert model.ec is model.alias and type(model.alias) is DedupEmbeddingCollection
     torch.testing.assert_close(model(next(iter(loader))), ref(batch))

@@ -1,5 +1,5 @@
 """Never slower: ``apply`` measures each group on the loader's first batches and leaves on the
-plain path every group whose dedup would not pay (recd_plugin/transforms/probe.py)."""
+plain path every group whose dedup would not pay (recd_plugin/modules/probe.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from conftest import RecModel, has_hooks, session_batch
 import recd_plugin
 from recd_plugin import ConfigError, RecDConfig
-from recd_plugin.transforms.probe import GroupDecision, decide, step_costs
+from recd_plugin.modules.probe import MARGIN, GroupDecision, decide
 
 USER = "groups.user.key=session_id; groups.user.features=user_id,history"
 
@@ -40,12 +40,13 @@ def test_no_duplicates_leaves_the_model_and_loader_untouched(capsys: pytest.Capt
     assert "group 'user' left on TorchRec's plain path" in out and "unique fraction 1.00" in out
 
 
-def test_a_tower_group_with_repeats_is_kept_and_says_so(capsys: pytest.CaptureFixture) -> None:
-    batches = [session_batch(s, batch=24, sessions=4) for s in range(3)]
+def test_a_dense_tower_group_with_many_saved_rows_is_kept_and_says_so(capsys: pytest.CaptureFixture) -> None:
+    batches = [session_batch(s, batch=600, sessions=4) for s in range(2)]  # ~596 rows saved per step
     config = RecDConfig.from_string(USER + "; towers.user_tower=user")
     model, loader = recd_plugin.apply(config, RecModel(), batches)
     assert [g.name for g in config.groups] == ["user"] and loader is not batches
-    assert "group 'user' deduplicated: unique fraction 0.167; a tower reads it" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "group 'user' deduplicated" in out and ("user_tower" in out or "ms deduplicated" in out)
     recd_plugin.remove(model)
 
 
@@ -71,12 +72,32 @@ def test_bad_probe_batches_is_a_config_error(bad: str) -> None:
         RecDConfig.from_string(USER + f"; probe_batches={bad}")
 
 
-def test_decide_weighs_measured_saving_against_measured_gather() -> None:
-    spec = RecDConfig.from_string(USER).spec
-    dims = {"user_id": 8, "history": 8}
-    repeats = [session_batch(s, batch=64, sessions=2) for s in range(2)]
-    [d] = decide(spec, repeats, dims, tower_groups=[])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_decide_times_the_models_own_modules_and_leaves_them_untouched(aligned: bool) -> None:
+    torch.manual_seed(0)
+    model = RecModel()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = RecDConfig.from_string(USER)
+    [d] = decide(model, config, [session_batch(s, batch=64, sessions=2) for s in range(2)], limit=2, aligned=aligned)
     assert isinstance(d, GroupDecision) and d.unique_fraction == pytest.approx(2 / 64)
-    assert d.kept == (d.saved_ms > d.cost_ms) and d.saved_ms > 0 and d.cost_ms > 0
-    lookup, gather = step_costs(64, 2.0, 16, torch.device("cpu"))
-    assert lookup > 0 and gather > 0
+    assert d.plain_ms > 0 and d.dedup_ms > 0
+    assert d.kept == (d.dedup_ms <= MARGIN * d.plain_ms)
+    assert ("aligned IKJT" if aligned else "compact IKJT") in d.reason
+    # Nothing moved: weights, gradients, hooks, train mode.
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert not has_hooks(model) and model.training and model.user_tower.training
+
+
+def test_a_tower_that_takes_the_kjt_is_timed_in_eval_mode_and_restored() -> None:
+    """The KJT-taking tower of test_modules (user side with its own embeddings) is timed."""
+    from test_modules import _KJTTowerModel
+
+    torch.manual_seed(0)
+    model = _KJTTowerModel()
+    config = RecDConfig.from_string(USER + "; towers.user_side=user")
+    batches = [session_batch(s, batch=64, sessions=2) for s in range(2)]
+    [d] = decide(model, config, batches, limit=2, aligned=False)
+    assert d.plain_ms > 0 and d.dedup_ms > 0 and model.user_side.training

@@ -197,7 +197,7 @@ def test_feature_not_constant_within_session_fails_at_first_batch_before_any_ste
     model = RecModel()
     initial = copy.deepcopy(model.state_dict())
     bad = [session_batch(i, per_sample_history=True) for i in range(3)]
-    config = RecDConfig.from_string("groups.user.key=session_id; groups.user.features=user_id,history")
+    config = RecDConfig.from_string("groups.user.key=session_id; groups.user.features=user_id,history; probe_batches=0")
     model, loader = recd_plugin.apply(config, model, bad)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     steps = 0

@@ -148,15 +148,21 @@ class OutputGather:
         return self._gather(path, kjt, output)
 
     def _gather(self, path: str, kjt: KeyedJaggedTensor, output: Any) -> Any:
-        if isinstance(output, KeyedTensor):
-            carriers = _carriers(kjt, output.keys(), self.group_of)
-            return gather_keyed_tensor(output, carriers) if any(c is not None for c in carriers) else output
-        if isinstance(output, dict) and all(isinstance(v, JaggedTensor) for v in output.values()):
-            names = list(output)
-            carriers = _carriers(kjt, names, self.group_of)
-            return {n: gather_jagged(output[n], c[1]) if c is not None else output[n] for n, c in zip(names, carriers)}
-        # Never pass on rows that only the carriers filled: that would be silently wrong.
-        raise UnsupportedModelError(
-            f"recd-plugin: embedding module {path!r} returned a {type(output).__name__}, which the plugin "
-            "cannot expand to the batch (expected a KeyedTensor, a dict of JaggedTensors, or TorchRec's "
-            "awaitable of one). Set sharded=false in the flag, or report the module type.")
+        return gather_output(output, kjt, self.group_of, path)
+
+
+def gather_output(output: Any, kjt: KeyedJaggedTensor, group_of: Dict[str, str], path: str = "") -> Any:
+    """An EBC's ``KeyedTensor`` or an EC's ``Dict[str, JaggedTensor]`` computed on the aligned
+    IKJT ``kjt`` -> every sample's rows taken from its carrier (``group_of``: feature -> group)."""
+    if isinstance(output, KeyedTensor):
+        carriers = _carriers(kjt, output.keys(), group_of)
+        return gather_keyed_tensor(output, carriers) if any(c is not None for c in carriers) else output
+    if isinstance(output, dict) and all(isinstance(v, JaggedTensor) for v in output.values()):
+        names = list(output)
+        carriers = _carriers(kjt, names, group_of)
+        return {n: gather_jagged(output[n], c[1]) if c is not None else output[n] for n, c in zip(names, carriers)}
+    # Never pass on rows that only the carriers filled: that would be silently wrong.
+    raise UnsupportedModelError(
+        f"recd-plugin: embedding module {path!r} returned a {type(output).__name__}, which the plugin "
+        "cannot expand to the batch (expected a KeyedTensor, a dict of JaggedTensors, or TorchRec's "
+        "awaitable of one). Set sharded=false in the flag, or report the module type.")

@@ -54,18 +54,6 @@ def embedding_tables(model: nn.Module) -> Dict[str, List[str]]:
             if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for c in _configs(m)}
 
 
-def feature_dims(model: nn.Module) -> Dict[str, int]:
-    """{feature: embedding dim} over every EC / EBC of ``model`` (summed over tables that
-    share the feature)."""
-    dims: Dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
-            for c in _configs(m):
-                for f in c.feature_names:
-                    dims[f] = dims.get(f, 0) + c.embedding_dim
-    return dims
-
-
 def model_features(model: nn.Module) -> Set[str]:
     """Sparse feature names read by the model's TorchRec embedding modules."""
     return {

@@ -183,7 +183,7 @@ class _TowerHooks:
             return None
         first, inv = self.active
         self.active = None
-        return _expand(output, inv, first.numel())
+        return expand_output(output, inv, first.numel())
 
 
 def tower_input(x: Any) -> Any:
@@ -208,13 +208,13 @@ def _mark_traced(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[A
     return tuple(mark(a) for a in args), {k: mark(v) for k, v in kwargs.items()}
 
 
-def _expand(output: Any, inv: torch.Tensor, num_unique: int) -> Any:
+def expand_output(output: Any, inv: torch.Tensor, num_unique: int) -> Any:
     """Expand every tensor of ``output`` with ``num_unique`` rows back to one row per sample."""
     if isinstance(output, torch.Tensor):
         return output.index_select(0, inv) if output.dim() > 0 and output.shape[0] == num_unique else output
     if isinstance(output, KeyedTensor):
         return KeyedTensor(keys=output.keys(), length_per_key=output.length_per_key(),
-                           values=_expand(output.values(), inv, num_unique), key_dim=output.key_dim())
+                           values=expand_output(output.values(), inv, num_unique), key_dim=output.key_dim())
     if isinstance(output, JaggedTensor):
         if output.lengths().numel() != num_unique:
             return output
@@ -226,11 +226,11 @@ def _expand(output: Any, inv: torch.Tensor, num_unique: int) -> Any:
         raise UnsupportedModelError("a dedup tower returned a KeyedJaggedTensor; towers return tensors, "
                                     "KeyedTensors or JaggedTensors (one row per unique session)")
     if isinstance(output, tuple):
-        return tuple(_expand(o, inv, num_unique) for o in output)
+        return tuple(expand_output(o, inv, num_unique) for o in output)
     if isinstance(output, list):
-        return [_expand(o, inv, num_unique) for o in output]
+        return [expand_output(o, inv, num_unique) for o in output]
     if isinstance(output, dict):
-        return {k: _expand(v, inv, num_unique) for k, v in output.items()}
+        return {k: expand_output(v, inv, num_unique) for k, v in output.items()}
     return output
 
 

@@ -1,0 +1,245 @@
+"""Never slower: time each group's route on the model's own modules, keep only groups that pay.
+
+``apply`` calls :func:`decide` before it changes anything. It reads the first
+``probe_batches`` batches of the loader (a fresh pass: the loader must be re-iterable, as a
+``DataLoader`` is) and measures every group's unique fraction u (unique rows / samples, summed
+over ranks). A group without repeats (u = 1) is left on TorchRec's plain path at once. For the
+others it times, on the first batch and this machine's device, forward and backward of the
+parts of the model that deduplication changes, both ways:
+
+* every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` outside towers that reads the
+  group: on the plain KJT, and on the IKJT of the route the job will take (compact: the
+  plugin's dedup module; aligned, sharded mode: TorchRec's module plus the output gather);
+* every tower of the group that takes the batch's KJT: on the group's B rows, and on its U
+  unique rows plus the expansion of its output.
+
+The group is kept when the dedup route takes at most ``MARGIN`` of the plain time. Gradients
+are computed with ``torch.autograd.grad`` (nothing accumulates into ``.grad``) and towers run
+in eval mode (no BatchNorm statistics move, no dropout draws), so the model is left exactly
+as it was. A tower that takes dense tensors cannot be called here (its inputs come from the
+rest of the model): its group is also kept when u <= ``TOWER_MAX_UNIQUE`` and at least
+``MIN_SAVED_ROWS`` rows per step are saved. A model whose parameters are not materialized
+(``meta``) is judged by that rule alone. Under ``torch.distributed`` a group is kept only where
+every rank keeps it, so all ranks take one route. One printed line per group says what was
+decided and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from recd_plugin._ranks import all_reduce_ints
+from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
+from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
+from recd_plugin.modules.gather import gather_output
+from recd_plugin.modules.tower import expand_output
+from recd_plugin.sparse.ikjt import (
+    DedupSpec, FeatureGroup, build_ikjt, group_rows, select_rows, unique_count)
+from recd_plugin.transforms.dedup import check_not_deduplicated
+
+#: Kept when the measured dedup route takes at most this share of the plain time.
+MARGIN = 0.95
+#: Dense towers (not callable here): kept while u is at most this and ...
+TOWER_MAX_UNIQUE = 0.95
+#: ... at least this many rows per step are saved (below, hook overheads outweigh a tower's work).
+MIN_SAVED_ROWS = 256
+
+
+@dataclass(frozen=True)
+class GroupDecision:
+    """What the probe measured for one group and whether the plugin deduplicates it."""
+
+    group: str
+    unique_fraction: float
+    kept: bool
+    plain_ms: float = float("nan")
+    dedup_ms: float = float("nan")
+    reason: str = ""
+
+    def line(self) -> str:
+        verdict = "deduplicated" if self.kept else "left on TorchRec's plain path"
+        return f"recd-plugin: group {self.group!r} {verdict}: {self.reason}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _total(out: Any) -> torch.Tensor:
+    """A scalar that depends on every floating tensor of a module output."""
+    if isinstance(out, torch.Tensor):
+        return out.float().sum() if out.is_floating_point() else out.new_zeros((), dtype=torch.float32)
+    if isinstance(out, KeyedTensor):
+        return out.values().sum()
+    if isinstance(out, JaggedTensor):
+        return out.values().sum()
+    parts = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else []
+    total: Optional[torch.Tensor] = None
+    for v in parts:
+        t = _total(v)
+        total = t if total is None else total + t.to(total.device)
+    return total if total is not None else torch.zeros(())
+
+
+def _fwd_bwd(fn: Callable[[], Any], params: Sequence[nn.Parameter], device: torch.device, reps: int = 3) -> float:
+    """Best of ``reps`` (after a warm-up) seconds of ``fn()`` and the gradient of its outputs
+    with respect to ``params``, computed without touching ``.grad``."""
+    def once() -> None:
+        loss = _total(fn())
+        if params and loss.requires_grad:
+            torch.autograd.grad(loss, list(params), allow_unused=True)
+        _sync(device)
+
+    once()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _plain_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The same KJT without inverse indices: what TorchRec's sharded modules see of an aligned one."""
+    return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
+                             weights=kjt.weights_or_none(), stride=kjt.stride())
+
+
+def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJaggedTensor,
+                aligned: bool) -> Tuple[float, float, int, List[str]]:
+    """(plain seconds, dedup seconds, parts timed, towers timed) of the modules that
+    deduplicating ``g`` changes."""
+    device = kjt.values().device
+    spec = DedupSpec((g,))
+    ikjt = build_ikjt(kjt, spec, aligned=aligned)
+    group_of = {f: g.name for f in g.all_features}
+    features = set(g.all_features)
+    towers = [p for p, grp in config.towers.items() if grp == g.name]
+    inside = tuple(p + "." for p in config.towers)
+    plain = dedup = 0.0
+    parts = 0
+    for path, m in model.named_modules():
+        if not isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) or (path + ".").startswith(inside):
+            continue
+        configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
+        if not features & {f for c in configs for f in c.feature_names}:
+            continue
+        params = [p for p in m.parameters() if p.requires_grad]
+        if aligned:
+            def route(m: nn.Module = m, path: str = path) -> Any:
+                return gather_output(m(_plain_kjt(ikjt)), ikjt, group_of, path)
+        else:
+            dm = (DedupEmbeddingBagCollection if isinstance(m, EmbeddingBagCollection)
+                  else DedupEmbeddingCollection).from_module(m)
+
+            def route(dm: nn.Module = dm) -> Any:
+                return dm(ikjt)
+        plain += _fwd_bwd(lambda m=m: m(kjt), params, device)
+        dedup += _fwd_bwd(route, params, device)
+        parts += 1
+    first, inv = group_rows(ikjt, g.all_features[0])
+    rows = torch.arange(kjt.stride(), device=device)
+    timed: List[str] = []
+    for path in towers:
+        tower = model.get_submodule(path)
+        params = [p for p in tower.parameters() if p.requires_grad]
+        names = list(g.all_features)
+        was_training = tower.training
+        tower.eval()  # no BatchNorm statistics move, no dropout draws
+        try:
+            t_plain = _fwd_bwd(lambda: tower(select_rows(kjt, names, rows)), params, device)
+            t_dedup = _fwd_bwd(lambda: expand_output(tower(select_rows(kjt, names, first)), inv, first.numel()),
+                               params, device)
+        except Exception:  # noqa: BLE001 - a tower that does not take the KJT: judged by the rule
+            continue
+        finally:
+            tower.train(was_training)
+        plain, dedup, parts = plain + t_plain, dedup + t_dedup, parts + 1
+        timed.append(path)
+    return plain, dedup, parts, timed
+
+
+def decide(model: nn.Module, config: Any, batches: Iterable[Any], limit: int, aligned: bool) -> List[GroupDecision]:
+    """Measure every group of ``config`` on the first ``limit`` plain ``Batch``es of ``batches``."""
+    spec: DedupSpec = config.spec
+    sample: List[Any] = []
+    for i, b in enumerate(batches):
+        if i == limit:
+            break
+        sample.append(b)
+    samples = sum(b.sparse_features.stride() for b in sample)
+    unique = [0] * len(spec.groups)
+    for b in sample:
+        ikjt = build_ikjt(b.sparse_features, spec)
+        for i, g in enumerate(spec.groups):
+            unique[i] += unique_count(ikjt, g.all_features[0])
+    counts = all_reduce_ints([samples] + unique)
+    samples, unique = counts[0], counts[1:]
+    materialized = not any(p.is_meta for p in model.parameters())
+    out = [_decide_group(model, config, g, unique[i] / samples if samples else 1.0,
+                         sample[0].sparse_features if sample and materialized else None, aligned)
+           for i, g in enumerate(spec.groups)]
+    agreed = all_reduce_ints([int(d.kept) for d in out], "min")  # one route on every rank
+    return [d if d.kept == bool(k) else dataclasses.replace(
+        d, kept=False, reason=d.reason + "; another rank measured that it would not pay") for d, k in zip(out, agreed)]
+
+
+def _decide_group(model: nn.Module, config: Any, g: FeatureGroup, u: float, kjt: Optional[KeyedJaggedTensor],
+                  aligned: bool) -> GroupDecision:
+    if u >= 1.0:
+        return GroupDecision(g.name, u, False, reason="no sample repeats another in the first batches (unique "
+                             "fraction 1.00), so deduplication would save nothing")
+    batch = kjt.stride() if kjt is not None else 0
+    plain = dedup = 0.0
+    parts, timed = 0, []
+    if kjt is not None:
+        plain, dedup, parts, timed = _time_group(model, config, g, kjt, aligned)
+    dense_towers = [p for p, grp in config.towers.items() if grp == g.name and p not in timed]
+    rule = bool(dense_towers) and u <= TOWER_MAX_UNIQUE and (kjt is None or batch * (1 - u) >= MIN_SAVED_ROWS)
+    route = "aligned" if aligned else "compact"
+    if parts:
+        measured = dedup <= MARGIN * plain
+        why = (f"unique fraction {u:.3f}; the modules it changes take {1e3 * dedup:.2f} ms deduplicated "
+               f"({route} IKJT) vs {1e3 * plain:.2f} ms plain, forward and backward on batch {batch}")
+        if not measured and rule:
+            why += f"; kept for its tower(s) {dense_towers}, which run on {u:.1%} of the rows"
+        elif not measured:
+            why += f" (kept only below {MARGIN:.0%})"
+        return GroupDecision(g.name, u, measured or rule, 1e3 * plain, 1e3 * dedup, why)
+    if rule:
+        return GroupDecision(g.name, u, True, reason=f"unique fraction {u:.3f}; its tower(s) {dense_towers} run on "
+                             f"{u:.1%} of the rows")
+    why = (f"unique fraction {u:.3f}, nothing of the model to time" if kjt is None else
+           f"unique fraction {u:.3f}; no module that deduplication changes could be timed")
+    if dense_towers:
+        why += f", and too few rows saved per step for its tower(s) (< {MIN_SAVED_ROWS} or u > {TOWER_MAX_UNIQUE})"
+    return GroupDecision(g.name, u, False, reason=why)
+
+
+def probe_batches(loader: Optional[Iterable[Any]], limit: int) -> Tuple[Optional[Iterable[Any]], str]:
+    """(batches to probe, why not): a fresh pass over ``loader`` if it can be read again."""
+    check_not_deduplicated(loader)
+    if loader is None or limit <= 0:
+        return None, "no loader given to apply()" if loader is None else "probe_batches = 0"
+    if iter(loader) is loader:  # a one-shot iterator: probing would consume training batches
+        return None, "the loader is a one-shot iterator (pass a re-iterable loader, e.g. a DataLoader)"
+    return loader, ""
+
+
+def keep_groups(config: Any, decisions: List[GroupDecision]) -> Any:
+    """``config`` with only the kept groups, and only towers that read a kept group."""
+    kept = {d.group for d in decisions if d.kept}
+    return dataclasses.replace(
+        config,
+        groups=[g for g in config.groups if g.name in kept],
+        towers={m: g for m, g in config.towers.items() if g in kept},
+    )
