@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from recd_plugin.analyze.advice import advise_recd
 from recd_plugin.analyze.des import estimate_des
 from recd_plugin.analyze.model import ModelConfig, TableSpec, load_model_config
-from recd_plugin.analyze.recd import analyze_groups, unique_fraction
+from recd_plugin.analyze.recd import analyze_groups, content_group, unique_fraction
 from recd_plugin.analyze.sources import load_sample, row_codes
 from recd_plugin.cli import main
+from recd_plugin.config import RecDConfig
 from recd_plugin.errors import AnalyzeError, RecDError
 
 
@@ -88,12 +89,49 @@ def test_session_columns_detected_and_shuffle_hurts(tmp_path):
 def test_advice_picks_recd_for_sessions_not_for_criteo(tmp_path):
     s = load_sample(str(_session_parquet(tmp_path / "s.parquet", sessions=100, per=20)), progress=False)
     rec = advise_recd(s, analyze_groups(s, batch_sizes=(256, 1024)), 256, 0.5)
-    assert rec.recommended and rec.flag.startswith("groups.session.key=session_id")
-    assert "features=user_id,history" in rec.flag
+    # The flag names only features the batch's KJT carries (the session column is not one of
+    # the data's embedding features): rows compared by content; the key is offered in `why`.
+    assert rec.recommended and rec.flag == "groups.session.features=user_id,history"
+    assert any("groups.session.key=session_id" in w for w in rec.why)
+    config = RecDConfig.from_string(rec.flag)  # a flag the plugin takes as it is
+    assert config.groups[0].key is None and config.groups[0].features == ("user_id", "history")
     c = load_sample("criteo-synthetic", max_rows=2000, progress=False)
-    assert c.session_key is None and analyze_groups(c) is None
+    assert c.session_key is None and analyze_groups(c) is None and content_group(c) is None
     rec = advise_recd(c, None, 1024, 0.5)
     assert not rec.recommended and "RecD does not apply" in rec.why[0]
+
+
+def _impressions_parquet(path: Path, rows: int = 10_000, combos: int = 240) -> Path:
+    """Logged impressions without a session column: four user features with ``combos``
+    distinct combinations (about rows / combos rows each, in random order), per-row items."""
+    rng = np.random.default_rng(3)
+    user = rng.integers(0, combos, size=rows)
+    t = pa.table({"user_id": user, "user_age": user % 7, "user_region": (user * 31) % 50,
+                  "user_device": user % 3, "item_id": rng.integers(0, 5000, size=rows),
+                  "item_cat": rng.integers(0, 40, size=rows), "label": rng.random(rows).astype(np.float32)})
+    pq.write_table(t, path)
+    return path
+
+
+def test_features_repeating_by_content_are_found_without_a_session_column(tmp_path):
+    s = load_sample(str(_impressions_parquet(tmp_path / "imp.parquet")), progress=False)
+    assert s.session_key is None
+    g = content_group(s)
+    assert g is not None and g.key is None
+    assert set(g.features) == {"user_id", "user_age", "user_region", "user_device"}
+    assert g.at(1024, "stored") <= 0.24  # at most 240 distinct combinations per batch of 1024
+    rec = advise_recd(s, g, 1024, 0.5)
+    assert rec.recommended and rec.flag == "groups.repeated.features=user_id,user_age,user_region,user_device"
+    assert "compared by content" in rec.why[0]
+
+
+def test_des_is_not_assumed_without_a_model(tmp_path):
+    from recd_plugin.analyze.advice import advise_des
+    from recd_plugin.analyze.model import default_config
+
+    s = load_sample(str(_impressions_parquet(tmp_path / "imp.parquet")), progress=False)
+    rec = advise_des(estimate_des(default_config(s.sparse, s.cardinalities), {}))
+    assert not rec.recommended and "give --model" in rec.gain
 
 
 def test_des_estimate_is_the_analytic_formula():

@@ -78,17 +78,19 @@ def test_decide_times_the_models_own_modules_and_leaves_them_untouched(aligned: 
     model = RecModel()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = RecDConfig.from_string(USER)
+    rng = torch.get_rng_state()
+    config = RecDConfig.from_string(USER + "; towers.user_tower=user")
     [d] = decide(model, config, [session_batch(s, batch=64, sessions=2) for s in range(2)], limit=2, aligned=aligned)
     assert isinstance(d, GroupDecision) and d.unique_fraction == pytest.approx(2 / 64)
     assert d.plain_ms > 0 and d.dedup_ms > 0
     assert d.kept == (d.dedup_ms <= MARGIN * d.plain_ms)
     assert ("aligned IKJT" if aligned else "compact IKJT") in d.reason
-    # Nothing moved: weights, gradients, hooks, train mode.
+    # Nothing moved: weights, gradients, hooks, train mode, the global RNG.
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.parameters())
     assert not has_hooks(model) and model.training and model.user_tower.training
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_a_tower_that_takes_the_kjt_is_timed_in_eval_mode_and_restored() -> None:

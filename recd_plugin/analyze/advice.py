@@ -88,18 +88,21 @@ def _batch(batch_size: int) -> int:
 def advise_recd(sample: DataSample, group: Optional[GroupReport], batch_size: int,
                 dedup_share: float) -> Recommendation:
     if group is None:
-        why = (["no session key column (looked for 'session_id'; give --session-key COLUMN): every row is an "
-                "independent sample, so no feature repeats by construction: RecD does not apply"]
+        why = (["no session key column (looked for 'session_id'; give --session-key COLUMN), and no columns "
+                "repeat together within batches: every row is an independent sample, RecD does not apply"]
                if sample.session_key is None else
                [f"no column is constant within {sample.session_key!r}: nothing to deduplicate"])
         return Recommendation("RecD", False, "", "none", why)
     b = _batch(batch_size)
     u_stored, u_clustered = group.at(b, "stored"), group.at(b, "clustered")
     u = min(u_stored, u_clustered)
-    why = [f"session-level group (constant within {group.key!r}): {', '.join(group.features)}",
-           f"unique fraction at batch {b}: {u_stored:.3f} as stored, {u_clustered:.3f} after clustering by "
-           f"{group.key!r} ({group.mean_rows_per_session():.1f} rows per session; shuffled: "
-           f"{group.at(b, 'shuffled'):.3f})"]
+    by = repr(group.key) if group.key else "their content"
+    why = ([f"session-level group (constant within {group.key!r}): {', '.join(group.features)}"] if group.key else
+           [f"no session key column, but these columns repeat together within batches (rows compared by "
+            f"content): {', '.join(group.features)}"])
+    why.append(f"unique fraction at batch {b}: {u_stored:.3f} as stored, {u_clustered:.3f} after clustering by "
+               f"{by} ({group.mean_rows_per_session():.1f} rows per unique row; shuffled: "
+               f"{group.at(b, 'shuffled'):.3f})")
     if u > RECD_MAX_U:
         why.append(f"u > {RECD_MAX_U}: fewer than 2 rows per unique row, the IKJT bookkeeping would eat the gain")
         return Recommendation("RecD", False, "", f"none (u = {u:.2f})", why)
@@ -116,7 +119,12 @@ def advise_recd(sample: DataSample, group: Optional[GroupReport], batch_size: in
     if ratio is not None:
         why.append(f"storage: session columns stored once per session: {ratio:.2f}x fewer bytes uncompressed "
                    "(an upper bound; the codec already shrinks the flat file)")
-    flag = f"groups.{group.name}.key={group.key}; groups.{group.name}.features={','.join(group.features)}"
+    # Only features the batch's KJT carries (embedding features): rows compared by content.
+    # A session column is not an embedding feature of the data, so the batch may not carry it.
+    flag = f"groups.{group.name}.features={','.join(group.features)}"
+    if group.key:
+        why.append(f"the flag compares the group's rows by content; if your batch's KJT carries {group.key!r} as a "
+                   f"sparse feature, add groups.{group.name}.key={group.key} (one id compared instead of the rows)")
     why.append(f"add towers.<your user tower module>={group.name} when a dense module reads only these features")
     return Recommendation("RecD", True, flag, f"up to {bound:.2f}x training throughput (f = {dedup_share:g} assumed)", why)
 
@@ -149,6 +157,14 @@ def advise_fae(fae: Optional[FAEReport], hot_path: Path) -> Recommendation:
 
 def advise_des(est: DESEstimate) -> Recommendation:
     cfg = est.config
+    if cfg.source.startswith("default"):
+        # DES rewrites operators the model has (FM, wide, first dense layer): without --model,
+        # analyze does not know whether yours has any.
+        return Recommendation("DES", False, "", "unknown: give --model", [
+            "DES applies only to models with FM, wide or first-dense-layer operators over pooled embeddings; "
+            "describe yours with --model model.toml (operators = [...]) for an estimate",
+            f"for illustration, FM + wide over every sparse feature would send {est.des_bytes:,.0f} instead of "
+            f"{est.table_wise_bytes:,.0f} bytes per rank and step ({100 * est.saving:.1f}% fewer)"])
     why = [f"model: {cfg.source}", f"{len(cfg.tables)} fields, operators {cfg.operators}, {cfg.world_size} ranks, "
            f"batch {cfg.batch_size} per rank; partial width K = {est.partial_width} floats per sample",
            f"bytes per rank and step: DES {est.des_bytes:,.0f} vs TorchRec table-wise {est.table_wise_bytes:,.0f} "

@@ -106,8 +106,8 @@ def check_predictions(data: str, sample: Optional[DataSample] = None, group: Opt
     if data == "synthetic" and group is not None:
         rows.append(CheckRow("dedup", "speed-up (synthetic)", amdahl_bound(dedup_share, group.at(1024, "stored")), None,
                              "no measurement yet: the dedup benchmark runs on movielens-100k"))
-    des = measured("des")
-    if des is None:
+    des = measured("des") if data == "criteo-synthetic" else None  # the DES benchmark's data
+    if des is None and data == "criteo-synthetic":
         rows.append(_missing("des", "bytes saving vs table-wise"))
     for model, m in (des or {}).items():
         est = estimate_des(des_bench_config(model), {})

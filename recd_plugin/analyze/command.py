@@ -58,7 +58,7 @@ def analyze(data: str, model: Optional[str] = None, out: Path = Path("analyze_ou
     from recd_plugin.analyze.des import estimate_des
     from recd_plugin.analyze.fae import analyze_fae
     from recd_plugin.analyze.model import load_model_config
-    from recd_plugin.analyze.recd import analyze_groups
+    from recd_plugin.analyze.recd import analyze_groups, content_group
     from recd_plugin.analyze.report import write_report
     from recd_plugin.analyze.sources import load_sample
     from recd_plugin.errors import AnalyzeError
@@ -69,7 +69,8 @@ def analyze(data: str, model: Optional[str] = None, out: Path = Path("analyze_ou
         raise AnalyzeError(f"--budget is a share of the tables' bytes, in (0, 1) (0.01 = 1%); got {budget}")
     s = load_sample(data, sample_rows, seed, session_key, progress)
     cfg = load_model_config(model, s.sparse, s.cardinalities)
-    group = analyze_groups(s, seed=seed)
+    # A session key column decides the group; without one, columns repeating by content may.
+    group = analyze_groups(s, seed=seed) if s.session_key is not None else content_group(s, seed=seed)
     fae = analyze_fae(s, cfg, budget=budget, seed=seed, progress=progress)
     est = estimate_des(cfg, measured_pooling(s))
     out.mkdir(parents=True, exist_ok=True)

@@ -20,14 +20,18 @@ batch included. Three row orders are measured:
 * **shuffled**: a random permutation (``--seed``): what a pipeline that shuffles samples
   gets, the reason RecD clusters sessions first.
 
-Data without a session key (criteo-synthetic: one independent impression per row) has no
-session-level group: RecD does not apply, and ``analyze_groups`` returns None.
+Data without a session key column can still repeat features by content: logged impressions
+of one user carry the same user features row after row. :func:`content_group` finds such a
+group (columns that repeat within batches and move together, e.g. a user's id, age and
+region), whose rows the plugin compares by content (a group without ``key``). Data where
+nothing repeats (criteo-synthetic: one independent impression per row) has no group: RecD
+does not apply, and both return None.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -50,13 +54,21 @@ def unique_fraction(keys: np.ndarray, batch_size: int) -> float:
     return float(new.sum() / n)
 
 
+#: A column joins a content group while it repeats within batches (per-column u at batch
+#: 1024 at most this) ...
+CONTENT_MAX_U = 0.5
+#: ... and adding it raises the group's joint u by at most this factor (it moves with the rest).
+CONTENT_GROWTH = 1.05
+
+
 @dataclass
 class GroupReport:
     """The session-level feature group and its unique fractions (lists aligned with
-    ``batch_sizes``; nan where the sample has fewer rows than the batch)."""
+    ``batch_sizes``; nan where the sample has fewer rows than the batch). ``key`` is None for
+    a group found by content (no session key column)."""
 
     name: str
-    key: str
+    key: Optional[str]
     features: List[str]
     rows: int
     sessions: int
@@ -92,6 +104,62 @@ def analyze_groups(sample: DataSample, batch_sizes=BATCH_SIZES, seed: int = 0,
                        rows=int(key.size), sessions=int(np.unique(key).size), batch_sizes=list(batch_sizes),
                        stored=curve(key), clustered=curve(clustered), shuffled=curve(shuffled),
                        per_feature=per_feature)
+
+
+def _dense_codes(codes: np.ndarray) -> Tuple[np.ndarray, int]:
+    """(codes renumbered 0..n-1, n)."""
+    values, inverse = np.unique(codes, return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64), int(values.size)
+
+
+def _joint(a: Tuple[np.ndarray, int], b: Tuple[np.ndarray, int]) -> Tuple[np.ndarray, int]:
+    """Dense codes of the row pairs (a, b): equal pairs -> equal codes (no overflow: n <= rows)."""
+    return _dense_codes(a[0] * b[1] + b[0])
+
+
+def content_group(sample: DataSample, batch_sizes=BATCH_SIZES, seed: int = 0,
+                  name: str = "repeated") -> Optional[GroupReport]:
+    """Columns that repeat by content within batches of the stored order (no key column).
+
+    Candidates are the sparse columns whose own u at batch 1024 is at most ``CONTENT_MAX_U``;
+    starting from the most specific one (largest u, e.g. a user id), each next column joins
+    while the group's joint u grows by at most ``CONTENT_GROWTH`` (it is determined by the
+    same entity: a user's age and region, not the item's genre). A group needs two columns or
+    more: a single repeating column is a popular id (FAE's case), not an entity's features.
+    None when no such group exists.
+    """
+    b = min(1024, sample.rows)
+    if b == 0:
+        return None
+    codes = {c: _dense_codes(row_codes(sample.table.column(c))) for c in sample.sparse}
+    own = {c: unique_fraction(codes[c][0], b) for c in sample.sparse}
+    candidates = sorted((c for c, u in own.items() if u <= CONTENT_MAX_U), key=lambda c: -own[c])
+    group: List[str] = []
+    for start in candidates:  # the most specific column first; a lone column is only a popular id
+        group, joint, u_joint = [start], codes[start], own[start]
+        for c in candidates:
+            if c in group:
+                continue
+            pair = _joint(joint, codes[c])
+            u = unique_fraction(pair[0], b)
+            if u <= u_joint * CONTENT_GROWTH:
+                group.append(c)
+                joint, u_joint = pair, max(u_joint, u)
+        if len(group) >= 2:
+            break
+    if len(group) < 2:
+        return None
+    key = joint[0]
+    clustered = key[np.argsort(key, kind="stable")]
+    shuffled = key[np.random.default_rng(seed).permutation(key.size)]
+
+    def curve(k: np.ndarray) -> List[float]:
+        return [unique_fraction(k, bs) if bs <= k.size else float("nan") for bs in batch_sizes]
+
+    return GroupReport(name=name, key=None, features=sorted(group, key=sample.sparse.index), rows=int(key.size),
+                       sessions=int(np.unique(key).size), batch_sizes=list(batch_sizes), stored=curve(key),
+                       clustered=curve(clustered), shuffled=curve(shuffled),
+                       per_feature={c: own[c] for c in group})
 
 
 def amdahl_bound(f: float, u: float) -> float:

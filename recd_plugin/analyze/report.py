@@ -38,7 +38,7 @@ def plot_unique(group, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("unique fraction u")
-    ax.set_title(f"group '{group.name}' (key {group.key}): unique rows per batch")
+    ax.set_title(f"group '{group.name}' ({'key ' + group.key if group.key else 'by content'}): unique rows per batch")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -16,8 +16,10 @@ gloo ranks. The plugin is switched on with ``recd_plugin.apply`` before DMP, not
 in a user's script; its probe decides which groups pay (``route`` in the JSON).
 
 Per case: the two sides (same initial weights, same batches, SGD) alternate in blocks of one
-pass over the batches; samples/s from the median step time over >= 30 timed steps after a
-warm-up pass (``--quick``: 8). ``f`` is measured unsharded: 1 - T_one / T_plain, with T_one the
+pass over the batches, the order flipping every round; samples/s from the median step time
+over 36 timed steps per side after a warm-up pass (``--quick``: 8). The u = 1 cases whose
+probe chose the plain route run two identical models: their spread around 1.00 is this
+machine's measurement noise. ``f`` is measured unsharded: 1 - T_one / T_plain, with T_one the
 plugin's step on the same batches with every sample's session features taken from the
 batch's first sample (U = 1: all deduplicable work done once); bound = 1 / ((1 - f) + f u).
 dmp2 also counts the floating-point bytes of the embedding collectives per step
@@ -318,8 +320,8 @@ def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, 
             comm[side] = sum(counter.float_by_op.get(op, 0) for op in EMBEDDING_OPS) / max(len(losses[side]), 1)
         else:
             sides[side].run_pass(None, losses[side])
-    for _ in range(rounds):
-        for side in ("plain", "plugin"):
+    for r in range(rounds):  # the order flips every round: neither side always runs first
+        for side in (("plain", "plugin") if r % 2 == 0 else ("plugin", "plain")):
             sides[side].run_pass(times[side], None)
     t_plain, t_plugin = median(times["plain"]), median(times["plugin"])
     out = {"model": name, "batch": batch_size, "unique_fraction": info["unique_fraction"],
@@ -400,7 +402,7 @@ def run_dmp(world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: i
 def run(quick: bool = False, json_path: Optional[str] = None, batch_sizes: Optional[List[int]] = None,
         write_docs: bool = True, verbose: bool = False, models: Optional[List[str]] = None,
         modes: Optional[List[str]] = None) -> Dict[str, Any]:
-    steps, rounds = (6, 2) if quick else (12, 3)  # timed steps: 12 or 36 per side
+    steps, rounds = (4, 2) if quick else (6, 6)  # timed steps: 8 or 36 per side
     grid = [c for c in _grid(quick, batch_sizes or [1024, 32]) if models is None or c[0] in models]
     cases: List[Dict[str, Any]] = []
     for mode in modes or MODES:

@@ -10,15 +10,18 @@ parts of the model that deduplication changes, both ways:
 * every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` outside towers that reads the
   group: on the plain KJT, and on the IKJT of the route the job will take (compact: the
   plugin's dedup module; aligned, sharded mode: TorchRec's module plus the output gather);
-* every tower of the group that takes the batch's KJT: on the group's B rows, and on its U
-  unique rows plus the expansion of its output.
+* every tower of the group: on B rows, and on its U unique rows plus the expansion of its
+  output. A tower that takes the batch's KJT gets the group's rows; an MLP-like tower (first
+  parameterized layer an ``nn.Linear``) gets a random [B, in_features] input, whose values do
+  not change its time.
 
 The group is kept when the dedup route takes at most ``MARGIN`` of the plain time. Gradients
 are computed with ``torch.autograd.grad`` (nothing accumulates into ``.grad``) and towers run
 in eval mode (no BatchNorm statistics move, no dropout draws), so the model is left exactly
-as it was. A tower that takes dense tensors cannot be called here (its inputs come from the
-rest of the model): its group is also kept when u <= ``TOWER_MAX_UNIQUE`` and at least
-``MIN_SAVED_ROWS`` rows per step are saved. A model whose parameters are not materialized
+as it was; the random tower input comes from a private generator (the global RNG, which
+dropout and initializers draw from, is not touched). A tower whose input cannot be built here (e.g. a sequence encoder taking
+[B, L, D] and a mask) is judged by a rule: its group is also kept when u <=
+``TOWER_MAX_UNIQUE`` and at least ``MIN_SAVED_ROWS`` rows per step are saved. A model whose parameters are not materialized
 (``meta``) is judged by that rule alone. Under ``torch.distributed`` a group is kept only where
 every rank keeps it, so all ranks take one route. One printed line per group says what was
 decided and why.
@@ -114,6 +117,18 @@ def _plain_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
                              weights=kjt.weights_or_none(), stride=kjt.stride())
 
 
+def _dense_input(tower: nn.Module, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    """[batch, in_features] for a tower whose first parameterized layer is an ``nn.Linear``
+    (an MLP tower); None otherwise (its input shape is not known here)."""
+    for m in tower.modules():
+        if isinstance(m, nn.Linear):
+            gen = torch.Generator(device=device).manual_seed(0)  # the global RNG stays untouched
+            return torch.randn(batch, m.in_features, device=device, dtype=m.weight.dtype, generator=gen)
+        if any(True for _ in m.parameters(recurse=False)):
+            return None
+    return None
+
+
 def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJaggedTensor,
                 aligned: bool) -> Tuple[float, float, int, List[str]]:
     """(plain seconds, dedup seconds, parts timed, towers timed) of the modules that
@@ -153,13 +168,25 @@ def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJagged
         tower = model.get_submodule(path)
         params = [p for p in tower.parameters() if p.requires_grad]
         names = list(g.all_features)
+        dense = _dense_input(tower, kjt.stride(), device)
+        if dense is not None:  # an MLP-like tower: [B, in_features] as its first Linear reads
+            def plain_call(tower: nn.Module = tower, x: torch.Tensor = dense) -> Any:
+                return tower(x)
+
+            def dedup_call(tower: nn.Module = tower, x: torch.Tensor = dense) -> Any:
+                return expand_output(tower(x.index_select(0, first)), inv, first.numel())
+        else:  # a tower that takes the batch's KJT (its own embeddings inside)
+            def plain_call(tower: nn.Module = tower) -> Any:
+                return tower(select_rows(kjt, names, rows))
+
+            def dedup_call(tower: nn.Module = tower) -> Any:
+                return expand_output(tower(select_rows(kjt, names, first)), inv, first.numel())
         was_training = tower.training
         tower.eval()  # no BatchNorm statistics move, no dropout draws
         try:
-            t_plain = _fwd_bwd(lambda: tower(select_rows(kjt, names, rows)), params, device)
-            t_dedup = _fwd_bwd(lambda: expand_output(tower(select_rows(kjt, names, first)), inv, first.numel()),
-                               params, device)
-        except Exception:  # noqa: BLE001 - a tower that does not take the KJT: judged by the rule
+            t_plain = _fwd_bwd(plain_call, params, device)
+            t_dedup = _fwd_bwd(dedup_call, params, device)
+        except Exception:  # noqa: BLE001 - inputs we cannot build: judged by the rule instead
             continue
         finally:
             tower.train(was_training)
