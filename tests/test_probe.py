@@ -9,10 +9,10 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from conftest import RecModel, has_hooks, session_batch
+from conftest import DIM, RecModel, has_hooks, session_batch
 import recd_plugin
 from recd_plugin import ConfigError, RecDConfig
-from recd_plugin.modules.probe import MARGIN, GroupDecision, decide
+from recd_plugin.modules.probe import MARGIN, MIN_SAVING_MS, GroupDecision, decide
 
 USER = "groups.user.key=session_id; groups.user.features=user_id,history"
 
@@ -40,13 +40,21 @@ def test_no_duplicates_leaves_the_model_and_loader_untouched(capsys: pytest.Capt
     assert "group 'user' left on TorchRec's plain path" in out and "unique fraction 1.00" in out
 
 
-def test_a_dense_tower_group_with_many_saved_rows_is_kept_and_says_so(capsys: pytest.CaptureFixture) -> None:
-    batches = [session_batch(s, batch=600, sessions=4) for s in range(2)]  # ~596 rows saved per step
+def _heavy_tower_model() -> RecModel:
+    model = RecModel()
+    model.user_tower = torch.nn.Sequential(torch.nn.Linear(DIM, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                                           torch.nn.ReLU(), torch.nn.Linear(1024, DIM))
+    return model
+
+
+def test_a_heavy_tower_group_is_kept(capsys: pytest.CaptureFixture) -> None:
+    """Its tower saves tens of ms per step at U = 4 of 600 rows: far above the route's costs,
+    whatever the machine's load (the decision itself is timing-based)."""
+    batches = [session_batch(s, batch=600, sessions=4) for s in range(2)]
     config = RecDConfig.from_string(USER + "; towers.user_tower=user")
-    model, loader = recd_plugin.apply(config, RecModel(), batches)
+    model, loader = recd_plugin.apply(config, _heavy_tower_model(), batches)
     assert [g.name for g in config.groups] == ["user"] and loader is not batches
-    out = capsys.readouterr().out
-    assert "group 'user' deduplicated" in out and ("user_tower" in out or "ms deduplicated" in out)
+    assert "group 'user' deduplicated" in capsys.readouterr().out
     recd_plugin.remove(model)
 
 
@@ -83,7 +91,7 @@ def test_decide_times_the_models_own_modules_and_leaves_them_untouched(aligned: 
     [d] = decide(model, config, [session_batch(s, batch=64, sessions=2) for s in range(2)], limit=2, aligned=aligned)
     assert isinstance(d, GroupDecision) and d.unique_fraction == pytest.approx(2 / 64)
     assert d.plain_ms > 0 and d.dedup_ms > 0
-    assert d.kept == (d.dedup_ms <= MARGIN * d.plain_ms)
+    assert d.kept == (d.dedup_ms <= MARGIN * d.plain_ms and d.plain_ms - d.dedup_ms >= MIN_SAVING_MS)
     assert ("aligned IKJT" if aligned else "compact IKJT") in d.reason
     # Nothing moved: weights, gradients, hooks, train mode, the global RNG.
     for k, v in model.state_dict().items():

@@ -1,4 +1,4 @@
-"""Distributed benchmark: plain KJT vs IKJT through TorchRec's sharded EBC, 2 ranks on gloo.
+"""Distributed benchmark: plain KJT vs the plugin's aligned IKJT under DMP, 2 ranks on gloo.
 
 ``python -m recd_plugin.bench dist [--quick] [--json PATH] [--no-docs]``
 
@@ -8,17 +8,17 @@ and the two dense features, on MovieLens-100k in session order, batch 1024 per r
 sharded table reads a deduplicated feature, so the embedding communication is that of the
 deduplicated features. Plugin config: the example's (user features grouped by session, the
 user tower as a dedup tower), so the tower's sharded EBC receives a plain KJT of the batch's
-unique sessions and only the head runs on the expanded batch. (Without the tower, TorchRec's
-sharded EBC takes the IKJT itself and expands its output with fbgemm's CPU
-``group_index_select_dim0``, whose per-row backward made it slower than plain here.)
+unique sessions (padded to the maximum count over ranks) and only the head runs on the
+expanded batch.
 
 Each rank builds two ``DistributedModelParallel`` copies of the same weights (TABLE_WISE,
-fused EXACT_SGD; dense SGD), one fed plain KJTs and one fed the plugin's IKJTs (built before
-timing, as DataLoader workers would; the per-rank padding all_reduce runs inside the step).
+fused EXACT_SGD; dense SGD), one fed plain KJTs and one fed the plugin's aligned IKJTs (built
+before timing, as DataLoader workers would; the towers' row-count all_reduce runs inside the
+step).
 Sides alternate in blocks; samples/s is both ranks' samples over the slower rank's time.
 Bytes are counted by ``recd_plugin.dist.comm.CommCounter`` on every collective of a step
 (embedding all-to-all / reduce-scatter / all-gather; DDP's gradient all_reduce is the same on
-both sides and reported apart; the padding all_reduce is counted on the plugin side). The
+both sides and reported apart; the towers' all_reduce is counted on the plugin side). The
 losses of both sides must agree step by step. ``single_process_ratio`` is the same model and
 batch in one process with one thread like a rank: plain vs the plugin (unsharded, so with
 its ``DedupEmbeddingBagCollection``), on rank 0's batches.
@@ -259,7 +259,7 @@ def _markdown(result: Dict[str, Any]) -> str:
         "the row count (dup factor = rows / unique rows): a MovieLens user's first session is usually the "
         "longest and has an empty history, so per sample the histories are shorter than per unique session "
         "(`--verbose` lists every collective). Fixed "
-        "per-step costs (TorchRec's 5 all-to-alls, the plugin's padding all_reduce of "
+        "per-step costs (TorchRec's 5 all-to-alls, the plugin's row-count all_reduce of "
         f"{light['other_bytes_per_step']['recd']:,.0f} B, DDP's gradient all_reduce, not counted here as it "
         "runs in DDP's C++ reducer) do not shrink with deduplication, so the lighter the user side, the "
         f"less of the single-process gain survives at 2 ranks. Machine: {result['machine']}.\n"

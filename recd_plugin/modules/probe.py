@@ -7,15 +7,17 @@ over ranks). A group without repeats (u = 1) is left on TorchRec's plain path at
 others it times, on the first batch and this machine's device, forward and backward of the
 parts of the model that deduplication changes, both ways:
 
-* every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` outside towers that reads the
-  group: on the plain KJT, and on the IKJT of the route the job will take (compact: the
-  plugin's dedup module; aligned, sharded mode: TorchRec's module plus the output gather);
+* the ``EmbeddingBagCollection`` / ``EmbeddingCollection`` modules outside towers that the
+  route changes: on the plain KJT, and on the IKJT of the route the job will take (compact,
+  every such module: the plugin's dedup module; aligned, sharded mode, those reading the
+  group: TorchRec's module plus the output gather);
 * every tower of the group: on B rows, and on its U unique rows plus the expansion of its
   output. A tower that takes the batch's KJT gets the group's rows; an MLP-like tower (first
   parameterized layer an ``nn.Linear``) gets a random [B, in_features] input, whose values do
   not change its time.
 
-The group is kept when the dedup route takes at most ``MARGIN`` of the plain time. Gradients
+The group is kept when the dedup route takes at most ``MARGIN`` of the plain time and saves
+at least ``MIN_SAVING_MS`` per step (the route's bookkeeping outside the timed modules). Gradients
 are computed with ``torch.autograd.grad`` (nothing accumulates into ``.grad``) and towers run
 in eval mode (no BatchNorm statistics move, no dropout draws), so the model is left exactly
 as it was; the random tower input comes from a private generator (the global RNG, which
@@ -48,8 +50,12 @@ from recd_plugin.sparse.ikjt import (
     DedupSpec, FeatureGroup, build_ikjt, group_rows, select_rows, unique_count)
 from recd_plugin.transforms.dedup import check_not_deduplicated
 
-#: Kept when the measured dedup route takes at most this share of the plain time.
+#: Kept when the measured dedup route takes at most this share of the plain time ...
 MARGIN = 0.95
+#: ... and saves at least this much per step: the route's bookkeeping outside the timed modules
+#: (hooks, the batch's context, extra autograd nodes) measured 0.2-0.3 ms per step on the CPU
+#: benchmarks at batch 32 (`recd-plugin bench models`); twice that, to stay never slower.
+MIN_SAVING_MS = 0.5
 #: Dense towers (not callable here): kept while u is at most this and ...
 TOWER_MAX_UNIQUE = 0.95
 #: ... at least this many rows per step are saved (below, hook overheads outweigh a tower's work).
@@ -146,7 +152,9 @@ def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJagged
         if not isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) or (path + ".").startswith(inside):
             continue
         configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
-        if not features & {f for c in configs for f in c.feature_names}:
+        # compact route: every module outside towers is swapped and reads the IKJT; on the
+        # aligned route a module that reads no grouped feature is left as it is
+        if aligned and not features & {f for c in configs for f in c.feature_names}:
             continue
         params = [p for p in m.parameters() if p.requires_grad]
         if aligned:
@@ -234,13 +242,13 @@ def _decide_group(model: nn.Module, config: Any, g: FeatureGroup, u: float, kjt:
     rule = bool(dense_towers) and u <= TOWER_MAX_UNIQUE and (kjt is None or batch * (1 - u) >= MIN_SAVED_ROWS)
     route = "aligned" if aligned else "compact"
     if parts:
-        measured = dedup <= MARGIN * plain
+        measured = dedup <= MARGIN * plain and plain - dedup >= MIN_SAVING_MS / 1e3
         why = (f"unique fraction {u:.3f}; the modules it changes take {1e3 * dedup:.2f} ms deduplicated "
                f"({route} IKJT) vs {1e3 * plain:.2f} ms plain, forward and backward on batch {batch}")
         if not measured and rule:
             why += f"; kept for its tower(s) {dense_towers}, which run on {u:.1%} of the rows"
         elif not measured:
-            why += f" (kept only below {MARGIN:.0%})"
+            why += f" (kept only below {MARGIN:.0%} and at least {MIN_SAVING_MS} ms saved per step)"
         return GroupDecision(g.name, u, measured or rule, 1e3 * plain, 1e3 * dedup, why)
     if rule:
         return GroupDecision(g.name, u, True, reason=f"unique fraction {u:.3f}; its tower(s) {dense_towers} run on "
