@@ -449,8 +449,12 @@ def _markdown(result: Dict[str, Any]) -> str:
         f"Machine: {result['machine']}. Median of {result['timed_steps']} timed steps per side after a warm-up "
         "pass, sides alternating on the same batches, SGD; DMP modes: default planner and sharders, "
         "TrainPipelineSparseDist, gloo, one thread per rank. `route`: what the plugin's probe chose "
-        "(`plain`: the group did not pay and was left on TorchRec's plain path). `comm`: floating-point "
-        "bytes of the embedding collectives per step, plain / plugin (dmp2).",
+        "(`plain`: the group did not pay and was left on TorchRec's plain path; both sides are then the same "
+        "model, so their ratio shows this machine's measurement noise). `f`: 1 - T_one / T_plain measured "
+        "unsharded (T_one: the plugin's step with every sample's session features taken from the batch's "
+        "first sample, U = 1); DMP rows reuse it; bound = 1 / ((1 - f) + f u). `comm`: floating-point bytes "
+        "of the embedding collectives per step, plain / plugin (dmp2; per-sample tables included, so it "
+        "stays below the dup factor).",
         "",
         "| model | mode | batch | u | route | plain samples/s | plugin samples/s | ratio | f | bound | ratio / bound | comm | dup factor | max loss diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
