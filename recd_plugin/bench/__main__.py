@@ -32,7 +32,7 @@ def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--verbose", action="store_true", help="print every timed step")
     parser.add_argument("--models", nargs="+", default=None, help="models: only these models")
-    parser.add_argument("--modes", nargs="+", default=None, help="models: only these modes (unsharded dmp1 dmp2)")
+    parser.add_argument("--modes", nargs="+", default=None, help="models: only these modes (unsharded dmp1 dmp2 dmp2_hints)")
     args = parser.parse_args(argv)
     if reexec:
         ensure_allocator_env(argv)

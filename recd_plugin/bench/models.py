@@ -12,7 +12,8 @@ own sessions, and the control with a session id per sample.
 
 Modes: ``unsharded`` (one process), ``dmp1`` / ``dmp2``: DistributedModelParallel with the
 default planner and DMP's default sharders, trained by ``TrainPipelineSparseDist``, on 1 and 2
-gloo ranks. The plugin is switched on with ``recd_plugin.apply`` before DMP, nothing else, as
+gloo ranks; ``dmp2_hints``: the same with the plugin's optional planner hints on the plugin
+side (``recd_plugin.dist.sharding.constraints``: deduplicated batch sizes of grouped tables). The plugin is switched on with ``recd_plugin.apply`` before DMP, nothing else, as
 in a user's script; its probe decides which groups pay (``route`` in the JSON).
 
 Per case: the two sides (same initial weights, same batches, SGD) alternate in blocks of one
@@ -50,7 +51,7 @@ from tqdm import tqdm
 from recd_plugin.bench.report import free_port, machine, median, publish
 
 MODELS = ["dlrm", "dlrm_dcn", "two_tower", "movielens_light", "movielens_transformer"]
-MODES = ["unsharded", "dmp1", "dmp2"]
+MODES = ["unsharded", "dmp1", "dmp2", "dmp2_hints"]
 SESSION = 16
 DIM = 16
 MAX_ROWS = 20_000
@@ -223,7 +224,7 @@ class _Side:
     """One side of a case: a model, its optimizer and its batches, stepped directly or by
     TorchRec's TrainPipelineSparseDist (DMP modes)."""
 
-    def __init__(self, model: nn.Module, batches: List[Any], dmp: bool) -> None:
+    def __init__(self, model: nn.Module, batches: List[Any], dmp: bool, constraints: Optional[Dict[str, Any]] = None) -> None:
         self.batches = batches
         if not dmp:
             self.model, self.opt, self.pipeline = model, torch.optim.SGD(model.parameters(), lr=LR), None
@@ -237,7 +238,8 @@ class _Side:
 
         device = torch.device("cpu")
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=dist.get_world_size(), compute_device="cpu"))
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=dist.get_world_size(), compute_device="cpu"),
+                                           constraints=constraints)
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -277,7 +279,7 @@ class _Side:
 
 
 def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank: int = 0,
-           world: int = 1, flag_suffix: str = "") -> Tuple[Dict[str, _Side], Dict[str, Any]]:
+           world: int = 1, flag_suffix: str = "", hints: bool = False) -> Tuple[Dict[str, _Side], Dict[str, Any]]:
     """Plain and plugin sides of one case, plus what the plugin decided and the data."""
     import recd_plugin
     from recd_plugin.sparse.ikjt import unique_count
@@ -296,20 +298,26 @@ def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank
     spec = recd_plugin.RecDConfig.from_string(flag).spec
     first = grouped[0]
     unique_rows = sum(unique_count(recd_plugin.build_ikjt(b.sparse_features, spec), first) for b in mine)
-    sides = {"plain": _Side(base, mine, dmp), "plugin": _Side(plugin_model, plugin_batches, dmp)}
+    cons = None
+    if hints and config.groups:  # the plugin's optional planner hints: deduplicated batch sizes
+        from recd_plugin.dist.sharding import constraints
+
+        cons = constraints(plugin_model, config, batch_size, {g.name: unique_rows / rows for g in config.groups})
+    sides = {"plain": _Side(base, mine, dmp), "plugin": _Side(plugin_model, plugin_batches, dmp, cons)}
     info = {"route": route, "unique_fraction": unique_rows / rows, "dup_factor": rows / unique_rows,
             "config": config, "flag": flag, "plain_batches": mine, "card": card}
     return sides, info
 
 
 def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, dmp: bool,
-             rank: int = 0, world: int = 1, count_comm: bool = False, flag_suffix: str = "") -> Dict[str, Any]:
+             rank: int = 0, world: int = 1, count_comm: bool = False, flag_suffix: str = "",
+             hints: bool = False) -> Dict[str, Any]:
     """Both sides of one case, alternating in blocks of one pass; ``rounds`` timed passes
     after one warm-up pass (whose losses are compared). ``flag_suffix`` is appended to the
     model's plugin flag (tests: ``"; probe_batches=0"`` forces the dedup route)."""
     from recd_plugin.dist.comm import EMBEDDING_OPS, CommCounter
 
-    sides, info = _sides(name, batch_size, steps, unique, dmp, rank, world, flag_suffix)
+    sides, info = _sides(name, batch_size, steps, unique, dmp, rank, world, flag_suffix, hints)
     losses: Dict[str, List[float]] = {"plain": [], "plugin": []}
     times: Dict[str, List[float]] = {"plain": [], "plugin": []}
     comm: Dict[str, float] = {}
@@ -362,7 +370,7 @@ def _grid(quick: bool, batch_sizes: List[int]) -> List[Tuple[str, int, bool]]:
 
 
 def _worker(rank: int, port: int, world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: int,
-            outdir: str, flag_suffix: str = "") -> None:
+            outdir: str, flag_suffix: str = "", hints: bool = False) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -370,7 +378,7 @@ def _worker(rank: int, port: int, world: int, grid: List[Tuple[str, int, bool]],
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     results = []
     for name, batch, unique in tqdm(grid, desc=f"models, dmp{world} (cases)", disable=rank != 0 or None, leave=False):
-        r = run_case(name, batch, unique, steps, rounds, True, rank, world, world > 1, flag_suffix)
+        r = run_case(name, batch, unique, steps, rounds, True, rank, world, world > 1, flag_suffix, hints)
         results.append(_reduce(r, world))
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -390,12 +398,13 @@ def _reduce(r: Dict[str, Any], world: int) -> Dict[str, Any]:
 
 
 def run_dmp(world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: int,
-            flag_suffix: str = "") -> List[Dict[str, Any]]:
+            flag_suffix: str = "", hints: bool = False) -> List[Dict[str, Any]]:
     """``grid`` of (model, batch, unique) cases on ``world`` spawned gloo ranks; rank 0's results."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(free_port(), world, grid, steps, rounds, out, flag_suffix), nprocs=world, join=True)
+        mp.spawn(_worker, args=(free_port(), world, grid, steps, rounds, out, flag_suffix, hints), nprocs=world,
+                 join=True)
         return json.loads(Path(out, "rank0.json").read_text())
 
 
@@ -415,8 +424,8 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_sizes: Optio
             finally:
                 torch.set_num_threads(threads)
         else:
-            world = int(mode[-1])
-            cases += [dict(c, mode=mode) for c in run_dmp(world, grid, steps, rounds)]
+            world = int(mode[3])  # dmp1, dmp2, dmp2_hints
+            cases += [dict(c, mode=mode) for c in run_dmp(world, grid, steps, rounds, hints=mode.endswith("_hints"))]
     f_of = {(c["model"], c["batch"], c["unique_fraction"] >= 1.0): c for c in cases if c["mode"] == "unsharded"}
     for c in cases:  # DMP cases: f measured on the same model and batch unsharded
         ref = f_of.get((c["model"], c["batch"], c["unique_fraction"] >= 1.0))
