@@ -25,6 +25,7 @@ MODULES = [
     "recd_plugin", "recd_plugin.config", "recd_plugin.plugin", "recd_plugin.errors",
     "recd_plugin.sparse.ikjt", "recd_plugin.transforms.dedup", "recd_plugin.modules.swap",
     "recd_plugin.modules.dedup_ec", "recd_plugin.modules.dedup_ebc", "recd_plugin.modules.tower",
+    "recd_plugin.modules.gather", "recd_plugin.modules.probe",
     "recd_plugin.data", "recd_plugin.data.criteo", "recd_plugin.storage",
     "recd_plugin.fae.profile", "recd_plugin.fae.hotset", "recd_plugin.fae.access", "recd_plugin.fae.trace",
     "recd_plugin.fae.coverage", "recd_plugin.fae.hints", "recd_plugin.fae.hotcold", "recd_plugin.fae.schedule",
