@@ -111,3 +111,18 @@ def test_a_tower_that_takes_the_kjt_is_timed_in_eval_mode_and_restored() -> None
     batches = [session_batch(s, batch=64, sessions=2) for s in range(2)]
     [d] = decide(model, config, batches, limit=2, aligned=False)
     assert d.plain_ms > 0 and d.dedup_ms > 0 and model.user_side.training
+
+
+def test_a_module_that_cannot_be_timed_does_not_block_apply(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from recd_plugin.modules import probe
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device mismatch")
+
+    monkeypatch.setattr(probe, "_time_group", broken)
+    batches = [session_batch(s, batch=64, sessions=2) for s in range(2)]
+    config = RecDConfig.from_string(USER)
+    model, loader = recd_plugin.apply(config, RecModel(), batches)
+    out = capsys.readouterr().out
+    assert "could not be timed (RuntimeError: device mismatch)" in out and loader is batches

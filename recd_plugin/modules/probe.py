@@ -219,9 +219,11 @@ def decide(model: nn.Module, config: Any, batches: Iterable[Any], limit: int, al
             unique[i] += unique_count(ikjt, g.all_features[0])
     counts = all_reduce_ints([samples] + unique)
     samples, unique = counts[0], counts[1:]
-    materialized = not any(p.is_meta for p in model.parameters())
-    out = [_decide_group(model, config, g, unique[i] / samples if samples else 1.0,
-                         sample[0].sparse_features if sample and materialized else None, aligned)
+    params = list(model.parameters())
+    materialized = bool(params) and not any(p.is_meta for p in params)
+    # The loader may yield host batches for a model on a GPU (moved inside the training loop).
+    kjt = sample[0].sparse_features.to(params[0].device) if sample and materialized else None
+    out = [_decide_group(model, config, g, unique[i] / samples if samples else 1.0, kjt, aligned)
            for i, g in enumerate(spec.groups)]
     agreed = all_reduce_ints([int(d.kept) for d in out], "min")  # one route on every rank
     return [d if d.kept == bool(k) else dataclasses.replace(
@@ -236,8 +238,14 @@ def _decide_group(model: nn.Module, config: Any, g: FeatureGroup, u: float, kjt:
     batch = kjt.stride() if kjt is not None else 0
     plain = dedup = 0.0
     parts, timed = 0, []
+    failed = ""
     if kjt is not None:
-        plain, dedup, parts, timed = _time_group(model, config, g, kjt, aligned)
+        try:
+            plain, dedup, parts, timed = _time_group(model, config, g, kjt, aligned)
+        except Exception as e:  # noqa: BLE001 - never block training on a measurement: use the rule
+            failed = f"; its modules could not be timed ({type(e).__name__}: {e})"
+            plain = dedup = 0.0
+            parts, timed = 0, []
     dense_towers = [p for p, grp in config.towers.items() if grp == g.name and p not in timed]
     rule = bool(dense_towers) and u <= TOWER_MAX_UNIQUE and (kjt is None or batch * (1 - u) >= MIN_SAVED_ROWS)
     route = "aligned" if aligned else "compact"
@@ -252,9 +260,9 @@ def _decide_group(model: nn.Module, config: Any, g: FeatureGroup, u: float, kjt:
         return GroupDecision(g.name, u, measured or rule, 1e3 * plain, 1e3 * dedup, why)
     if rule:
         return GroupDecision(g.name, u, True, reason=f"unique fraction {u:.3f}; its tower(s) {dense_towers} run on "
-                             f"{u:.1%} of the rows")
+                             f"{u:.1%} of the rows{failed}")
     why = (f"unique fraction {u:.3f}, nothing of the model to time" if kjt is None else
-           f"unique fraction {u:.3f}; no module that deduplication changes could be timed")
+           f"unique fraction {u:.3f}; no module that deduplication changes could be timed{failed}")
     if dense_towers:
         why += f", and too few rows saved per step for its tower(s) (< {MIN_SAVED_ROWS} or u > {TOWER_MAX_UNIQUE})"
     return GroupDecision(g.name, u, False, reason=why)
