@@ -96,13 +96,13 @@ def wrap(config: RecDConfig, loader: Optional[Iterable[Any]], model: Optional[nn
     """The loader as ``apply`` wraps it; also for another loader (evaluation, test) of a model
     that ``apply`` converted.
 
-    RecD groups: IKJT batches (``DedupLoader``). Needed for every loader in sharded mode,
-    where TorchRec's sharded modules must see IKJTs on every batch (they fail on a plain
-    batch after variable-batch ones); harmless otherwise. FAE: batches classified all-hot or
-    mixed, regrouped within ``fae.window`` batches (``HotBatchScheduler``; its feature ->
-    table map comes from ``model``). Returns the loader unchanged when the plugin is off.
+    RecD groups: IKJT batches (``DedupLoader``), so that towers run on unique rows for this
+    loader too. FAE: batches classified all-hot or mixed, regrouped within ``fae.window``
+    batches (``HotBatchScheduler``; its feature -> table map comes from ``model``). Returns the
+    loader unchanged when the plugin is off, and when ``apply``'s probe kept nothing (it
+    narrows ``config`` to the kept groups).
     """
-    if not config.enabled or loader is None:
+    if not config.enabled or loader is None or (not config.groups and config.fae is None):
         return loader
     config.validate()
     if config.fae is not None and model is not None:

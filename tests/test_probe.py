@@ -36,6 +36,8 @@ def test_no_duplicates_leaves_the_model_and_loader_untouched(capsys: pytest.Capt
     got_model, got_loader = recd_plugin.apply(config, model, batches)
     assert got_model is model and got_loader is batches
     assert not has_hooks(model) and config.groups == [] and config.towers == {}
+    evaluation = [_unique_sessions(9)]
+    assert recd_plugin.wrap(config, evaluation) is evaluation  # the same decision for other loaders
     out = capsys.readouterr().out
     assert "group 'user' left on TorchRec's plain path" in out and "unique fraction 1.00" in out
 

@@ -178,7 +178,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     if log:
         log.write(json.dumps(result) + "\n")
         log.close()
-    if recd.enabled:
+    if isinstance(train_loader, recd_plugin.DedupLoader):  # the probe kept a group: batches were deduplicated
         stats = train_loader.stats
         print(f"recd-plugin: {stats.samples_out} samples, unique user rows "
               f"{100 * stats.unique_fraction('user'):.1f}%")
