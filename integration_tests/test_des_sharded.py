@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import List
 
-import pytest
 from two_ranks import HANG_GUARD_S, PG_TIMEOUT, WORLD, main, reporting, run
 import torch
 

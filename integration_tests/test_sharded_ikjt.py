@@ -5,7 +5,7 @@ batch sizes and different unique counts). The DMP-sharded EBC fed the IKJT that
 ``recd_plugin.build_ikjt`` makes must give the pooled outputs that the unsharded EBC gives
 on the plain KJT of the same local batch, and one fused EXACT_SGD step must move the
 sharded weights exactly as SGD on the sum of both ranks' reference gradients divided by the
-world size (TorchRec's comm backward averages over ranks; DESIGN.md).
+world size (TorchRec's pooled-embedding comm backward divides the gradients by the world size).
 
 The passing configurations: TABLE_WISE, COLUMN_WISE (unequal per-rank unique counts are
 fine), ROW_WISE (needs a sharder that lists it for "cpu" when the planner is used, and equal
@@ -103,7 +103,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
         from recd_plugin.dist.pad import pad_to_max_over_ranks
 
         class CPURowWiseSharder(EmbeddingBagCollectionSharder):
-            """The stock sharder offers ROW_WISE / TABLE_ROW_WISE only for cuda (DESIGN.md)."""
+            """The stock sharder offers ROW_WISE / TABLE_ROW_WISE only for cuda; this test adds both on cpu."""
 
             def sharding_types(self, compute_device_type: str) -> List[str]:
                 types = super().sharding_types(compute_device_type)

@@ -16,7 +16,6 @@ function is left alone.
 from __future__ import annotations
 
 import sys
-from typing import Callable
 
 
 def _from_plugin() -> bool:

@@ -31,7 +31,8 @@ from recd_plugin.data import TableBatches, cardinalities, load_movielens_100k
 from recd_plugin.sparse.ikjt import build_ikjt, jagged_index_select
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-LOSS_TOLERANCE = 1e-5    # per step, SGD (Adagrad would amplify 1e-9 noise: DESIGN.md)
+LOSS_TOLERANCE = 1e-5    # per step, SGD (Adagrad divides by the root of tiny squared gradients,
+                         # which amplifies 1e-9 float-order noise into visible weight differences)
 WEIGHT_TOLERANCE = 1e-4  # any weight after all steps
 
 

@@ -9,7 +9,7 @@ seed, so all start from the same weights:
 * ``des_sparse``: ``DESSharder()`` without fused_params, one ``torch.optim.SGD`` over all
   parameters (embedding gradients are sparse);
 * ``table_wise`` / ``row_wise``: TorchRec's ``EmbeddingBagCollectionSharder`` on ``sparse.ebc``
-  (a subclass that also offers ROW_WISE on cpu, DESIGN.md), FUSED kernel with EXACT_SGD
+  (a subclass that also offers ROW_WISE on cpu: the stock one offers it for cuda only), FUSED kernel with EXACT_SGD
   applied in backward (the 1-dim wide tables: DENSE kernel, FBGEMM's fused TBE needs a
   dimension divisible by 4), ``torch.optim.SGD`` on the dense parameters; the FM /
   wide / first-layer operators run unsubstituted on the pooled embeddings.
@@ -20,7 +20,7 @@ tables first onto the least-loaded rank, uneven table counts).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,20 +35,12 @@ def example_models() -> Any:
 
 
 def _cpu_sharder(lr: float) -> Any:
+    """TorchRec's EBC sharder plus ROW_WISE on cpu (the stock one offers it for cuda only)."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.types import ShardingType
 
-    class CPURowWiseSharder(EmbeddingBagCollectionSharder):
-        """The stock sharder offers ROW_WISE only for cuda (DESIGN.md)."""
+    from recd_plugin.dist.sharding import RecDEmbeddingBagCollectionSharder
 
-        def sharding_types(self, compute_device_type: str) -> List[str]:
-            types = super().sharding_types(compute_device_type)
-            if compute_device_type == "cpu":
-                types = types + [ShardingType.ROW_WISE.value]
-            return types
-
-    return CPURowWiseSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr})
+    return RecDEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr})
 
 
 def build_side(side: str, make_model: Callable[[], torch.nn.Module], placement: Dict[str, Any],

@@ -41,7 +41,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -191,14 +191,13 @@ def movielens(batch_size: int, count: int, unique: bool) -> Tuple[Dict[str, int]
     return cardinalities(table), batches
 
 
-def one_session(batch: Any, flag: str) -> Any:
-    """The batch with every grouped feature of every sample taken from sample 0 (U = 1)."""
+def one_session(batch: Any, spec: Any) -> Any:
+    """The batch with every grouped feature of ``spec`` of every sample taken from sample 0 (U = 1)."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    import recd_plugin
     from recd_plugin.sparse.ikjt import jagged_index_select
 
-    grouped = {f for g in recd_plugin.RecDConfig.from_string(flag).groups for f in g.all_features}
+    grouped = set(spec.features)
     kjt = batch.sparse_features
     b, keys = kjt.stride(), kjt.keys()
     select = torch.cat([torch.zeros(b, dtype=torch.long) + k * b if key in grouped else torch.arange(b) + k * b
@@ -282,30 +281,24 @@ def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank
            world: int = 1, flag_suffix: str = "", hints: bool = False) -> Tuple[Dict[str, _Side], Dict[str, Any]]:
     """Plain and plugin sides of one case, plus what the plugin decided and the data."""
     import recd_plugin
-    from recd_plugin.sparse.ikjt import unique_count
+    from recd_plugin.transforms.dedup import measure
 
     card, batches = case_data(name, batch_size, count * world, unique)
     mine = batches[rank::world]
     base, flag = build(name, card)
-    flag += flag_suffix
-    plugin_model = copy.deepcopy(base)
-    config = recd_plugin.RecDConfig.from_string(flag)
-    plugin_model, loader = recd_plugin.apply(config, plugin_model, mine)
+    config = recd_plugin.RecDConfig.from_string(flag + flag_suffix)
+    spec = config.spec  # every group of the flag (apply narrows config to the groups that pay)
+    u = measure(mine, spec, len(mine)).unique_fraction(spec.groups[0].name)
+    plugin_model, loader = recd_plugin.apply(config, copy.deepcopy(base), mine)
     plugin_batches = list(loader)
-    route = "dedup" if config.groups else "plain"
-    grouped = [f for g in recd_plugin.RecDConfig.from_string(flag).groups for f in g.all_features]
-    rows = sum(b.sparse_features.stride() for b in mine)
-    spec = recd_plugin.RecDConfig.from_string(flag).spec
-    first = grouped[0]
-    unique_rows = sum(unique_count(recd_plugin.build_ikjt(b.sparse_features, spec), first) for b in mine)
     cons = None
     if hints and config.groups:  # the plugin's optional planner hints: deduplicated batch sizes
         from recd_plugin.dist.sharding import constraints
 
-        cons = constraints(plugin_model, config, batch_size, {g.name: unique_rows / rows for g in config.groups})
+        cons = constraints(plugin_model, config, batch_size, {g.name: u for g in config.groups})
     sides = {"plain": _Side(base, mine, dmp), "plugin": _Side(plugin_model, plugin_batches, dmp, cons)}
-    info = {"route": route, "unique_fraction": unique_rows / rows, "dup_factor": rows / unique_rows,
-            "config": config, "flag": flag, "plain_batches": mine, "card": card}
+    info = {"route": "dedup" if config.groups else "plain", "unique_fraction": u, "dup_factor": 1 / u,
+            "config": config, "spec": spec, "plain_batches": mine, "card": card}
     return sides, info
 
 
@@ -343,7 +336,7 @@ def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, 
         out["comm_ratio"] = comm["plain"] / comm["plugin"] if comm["plugin"] else float("nan")
     if not dmp:  # f: the plugin's step with all deduplicable work done once (U = 1), after the timing
         fixed = sides["plugin"]
-        fixed.batches = _through_plugin([one_session(b, info["flag"]) for b in info["plain_batches"]], info["config"])
+        fixed.batches = _through_plugin([one_session(b, info["spec"]) for b in info["plain_batches"]], info["config"])
         t_one: List[float] = []
         for _ in range(rounds):
             fixed.run_pass(t_one, None)
@@ -365,7 +358,7 @@ def _through_plugin(batches: List[Any], config: Any) -> List[Any]:
 # Driver.
 
 
-def _grid(quick: bool, batch_sizes: List[int]) -> List[Tuple[str, int, bool]]:
+def _grid(batch_sizes: List[int]) -> List[Tuple[str, int, bool]]:
     return [(m, b, u) for m in MODELS for b in batch_sizes for u in (False, True)]
 
 
@@ -412,7 +405,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_sizes: Optio
         write_docs: bool = True, verbose: bool = False, models: Optional[List[str]] = None,
         modes: Optional[List[str]] = None) -> Dict[str, Any]:
     steps, rounds = (4, 2) if quick else (6, 6)  # timed steps: 8 or 36 per side
-    grid = [c for c in _grid(quick, batch_sizes or [1024, 32]) if models is None or c[0] in models]
+    grid = [c for c in _grid(batch_sizes or [1024, 32]) if models is None or c[0] in models]
     cases: List[Dict[str, Any]] = []
     for mode in modes or MODES:
         if mode == "unsharded":

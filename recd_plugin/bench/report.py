@@ -17,8 +17,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-#: glibc returning freed memory to the OS can double the step time of the side with large
-#: activations (DESIGN.md); both sides run in one process with these settings.
+#: glibc returning freed memory to the OS (trimming the heap, unmapping large blocks) can double
+#: the step time of the side with large activations, so an A/B comparison would measure the
+#: allocator; both sides run in one process with these settings.
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(1 << 30)}
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"

@@ -48,7 +48,8 @@ DENSE_FEATURES = ["dense_hour", "dense_year"]
 CARDINALITIES_KEY = b"recd.cardinalities"
 SOURCE_KEY = b"recd.source"
 
-# Column order of the common format (documented in DESIGN.md, section "Data").
+# Column order of the common format every built-in source produces: the session features, the
+# item features, the timestamp, the dense features, the label.
 COLUMNS = SESSION_FEATURES + ITEM_FEATURES + ["timestamp"] + DENSE_FEATURES + ["label"]
 
 

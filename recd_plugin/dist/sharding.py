@@ -68,13 +68,9 @@ def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharde
 def measure_unique_fraction(batches: Iterable[Any], config: RecDConfig, limit: int = 8) -> Dict[str, float]:
     """{group: unique rows / samples} over the first ``limit`` batches (plain torchrec
     ``Batch``es): the measurement ``constraints`` turns into planner batch sizes."""
-    from recd_plugin.transforms.dedup import DedupStats, dedup_batch
+    from recd_plugin.transforms.dedup import measure
 
-    stats = DedupStats()
-    for i, batch in enumerate(batches):
-        if i == limit:
-            break
-        stats.add(config.spec, batch.sparse_features.stride(), dedup_batch(batch, config.spec).sparse_features)
+    stats = measure(batches, config.spec, limit)
     return {g.name: stats.unique_fraction(g.name) for g in config.groups}
 
 

@@ -68,22 +68,17 @@ def _carriers(kjt: KeyedJaggedTensor, names: Sequence[str], group_of: Dict[str, 
 def gather_keyed_tensor(kt: KeyedTensor, carriers: List[Optional[Tuple[str, torch.Tensor]]]) -> KeyedTensor:
     """[B, sum D] pooled rows -> the same with each grouped key's rows taken from its carriers."""
     values = kt.values()
-    blocks: List[torch.Tensor] = []
+    runs: List[list] = []  # [group, carrier, start, end] of adjacent columns of one group (or none)
     start = 0
-    run_group: Optional[str] = None
-    run_carrier: Optional[torch.Tensor] = None
-    run_start = 0
     for width, c in zip(kt.length_per_key(), carriers):
         group = c[0] if c is not None else None
-        if group != run_group:  # close the run of adjacent columns of one group (or of none)
-            if start > run_start:
-                block = values[:, run_start:start]
-                blocks.append(block if run_carrier is None else block.index_select(0, run_carrier))
-            run_group, run_carrier, run_start = group, (c[1] if c is not None else None), start
+        if runs and runs[-1][0] == group:
+            runs[-1][3] += width
+        else:
+            runs.append([group, c[1] if c is not None else None, start, start + width])
         start += width
-    if start > run_start:
-        block = values[:, run_start:start]
-        blocks.append(block if run_carrier is None else block.index_select(0, run_carrier))
+    blocks = [values[:, a:b] if carrier is None else values[:, a:b].index_select(0, carrier)
+              for _, carrier, a, b in runs]
     return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(),
                        values=blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1), key_dim=kt.key_dim())
 

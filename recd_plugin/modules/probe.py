@@ -32,23 +32,24 @@ decided and why.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from recd_plugin._ranks import all_reduce_ints
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
 from recd_plugin.modules.gather import gather_output
+from recd_plugin.modules.swap import outside_towers
 from recd_plugin.modules.tower import expand_output
-from recd_plugin.sparse.ikjt import (
-    DedupSpec, FeatureGroup, build_ikjt, group_rows, select_rows, unique_count)
-from recd_plugin.transforms.dedup import check_not_deduplicated
+from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup, build_ikjt, group_rows, select_rows
+from recd_plugin.transforms.dedup import check_not_deduplicated, measure
 
 #: Kept when the measured dedup route takes at most this share of the plain time ...
 MARGIN = 0.95
@@ -145,16 +146,12 @@ def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJagged
     group_of = {f: g.name for f in g.all_features}
     features = set(g.all_features)
     towers = [p for p, grp in config.towers.items() if grp == g.name]
-    inside = tuple(p + "." for p in config.towers)
     plain = dedup = 0.0
     parts = 0
-    for path, m in model.named_modules():
-        if not isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) or (path + ".").startswith(inside):
-            continue
-        configs = m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs()
+    for path, m, reads in outside_towers(model, config):
         # compact route: every module outside towers is swapped and reads the IKJT; on the
         # aligned route a module that reads no grouped feature is left as it is
-        if aligned and not features & {f for c in configs for f in c.feature_names}:
+        if aligned and not features & reads:
             continue
         params = [p for p in m.parameters() if p.requires_grad]
         if aligned:
@@ -206,18 +203,9 @@ def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJagged
 def decide(model: nn.Module, config: Any, batches: Iterable[Any], limit: int, aligned: bool) -> List[GroupDecision]:
     """Measure every group of ``config`` on the first ``limit`` plain ``Batch``es of ``batches``."""
     spec: DedupSpec = config.spec
-    sample: List[Any] = []
-    for i, b in enumerate(batches):
-        if i == limit:
-            break
-        sample.append(b)
-    samples = sum(b.sparse_features.stride() for b in sample)
-    unique = [0] * len(spec.groups)
-    for b in sample:
-        ikjt = build_ikjt(b.sparse_features, spec)
-        for i, g in enumerate(spec.groups):
-            unique[i] += unique_count(ikjt, g.all_features[0])
-    counts = all_reduce_ints([samples] + unique)
+    sample = list(itertools.islice(batches, limit))
+    stats = measure(sample, spec, limit)
+    counts = all_reduce_ints([stats.samples_in] + [stats.unique_rows.get(g.name, 0) for g in spec.groups])
     samples, unique = counts[0], counts[1:]
     params = list(model.parameters())
     materialized = bool(params) and not any(p.is_meta for p in params)

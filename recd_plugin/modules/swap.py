@@ -11,7 +11,7 @@ A new technique is one more ``@register_converter("name")`` function.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Set
+from typing import Callable, Dict, List, Set, Tuple
 
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
@@ -175,15 +175,18 @@ def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupCont
     return undo
 
 
+def outside_towers(model: nn.Module, config: RecDConfig) -> List[Tuple[str, nn.Module, Set[str]]]:
+    """(path, module, features it reads) of every EBC / EC outside the configured towers."""
+    towers = tuple(p + "." for p in config.towers)
+    return [(path, m, {f for c in _configs(m) for f in c.feature_names}) for path, m in model.named_modules()
+            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) and not (path + ".").startswith(towers)]
+
+
 def gathered_paths(model: nn.Module, config: RecDConfig) -> List[str]:
     """Paths of the EBCs / ECs outside towers that read a grouped feature: in sharded mode
     they keep TorchRec's type and get their outputs gathered (``modules/gather.py``)."""
     grouped = {f for g in config.groups for f in g.all_features}
-    towers = tuple(p + "." for p in config.towers)
-    return [path for path, m in model.named_modules()
-            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
-            and not (path + ".").startswith(towers)
-            and grouped & {f for c in _configs(m) for f in c.feature_names}]
+    return [path for path, _, reads in outside_towers(model, config) if grouped & reads]
 
 
 @register_converter("gather_outputs")

@@ -350,11 +350,15 @@ def is_aligned(kjt: KeyedJaggedTensor) -> bool:
     return kjt.inverse_indices_or_none() is not None and not kjt.variable_stride_per_key()
 
 
+def _carries(carrier: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the samples that carry their own row (their carrier is themselves)."""
+    return carrier == torch.arange(carrier.numel(), device=carrier.device)
+
+
 def carrier_rows(carrier: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Aligned inverse [B] (each sample's carrier sample) -> (first [U]: the carriers,
     increasing; inverse [B]: each sample's unique row in [0, U)). Device-agnostic."""
-    batch = carrier.numel()
-    is_first = carrier == torch.arange(batch, device=carrier.device)
+    is_first = _carries(carrier)
     first = torch.nonzero(is_first).flatten()
     rank = torch.cumsum(is_first.long(), 0) - 1
     return first, rank.index_select(0, carrier)
@@ -382,8 +386,7 @@ def unique_count(ikjt: KeyedJaggedTensor, feature: str) -> int:
     if ikjt.variable_stride_per_key():
         return ikjt.stride_per_key()[ikjt.keys().index(feature)]
     names, tensor = ikjt.inverse_indices()
-    carrier = tensor[names.index(feature)]
-    return int((carrier == torch.arange(carrier.numel(), device=carrier.device)).sum())
+    return int(_carries(tensor[names.index(feature)]).sum())
 
 
 def inverse_index(ikjt: KeyedJaggedTensor, feature: str) -> torch.Tensor:

@@ -92,6 +92,17 @@ def check_roundtrip(kjt: KeyedJaggedTensor, ikjt: KeyedJaggedTensor, spec: Dedup
         raise not_constant(name, next(g for g in spec.groups if name in g.all_features))
 
 
+def measure(batches: Iterable[Any], spec: DedupSpec, limit: int) -> DedupStats:
+    """Rows and unique rows per group over the first ``limit`` plain ``Batch``es of ``batches``
+    (the probe's, the planner hints' and the benchmarks' one measurement of u)."""
+    stats = DedupStats()
+    for i, batch in enumerate(batches):
+        if i == limit:
+            break
+        stats.add(spec, batch.sparse_features.stride(), dedup_batch(batch, spec).sparse_features)
+    return stats
+
+
 class DedupCollate:
     """Picklable ``collate_fn``: the user's collate, then ``dedup_batch`` (runs in workers)."""
 
