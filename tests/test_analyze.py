@@ -200,3 +200,63 @@ def test_measured_results_parse_or_say_none(tmp_path):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "storage.json").write_text('{"storage_ratio": 3.0, "preprocess_ratio": 1.5}')
     assert measured("storage", docs=tmp_path) == {"storage_ratio": 3.0, "preprocess_ratio": 1.5}
+
+
+def test_route_prediction_follows_the_probe_rule():
+    from recd_plugin.analyze.route import RouteCosts, predict
+    from recd_plugin.modules.probe import MARGIN
+
+    p = predict(0.5, 0.1)
+    assert p.route == "dedup" and p.ratio == pytest.approx(1 / (0.5 + 0.05)) == pytest.approx(p.bound)
+    # Saves less than 1 - MARGIN of the step: the probe keeps TorchRec's plain path, 1.0x.
+    f = 0.5 * (1 - MARGIN)
+    assert predict(f, 0.0).route == "plain" and predict(f, 0.0).ratio == 1.0
+    # Fixed costs set against the step: 2 ms on a 10 ms step lowers 1/0.55 to 1/0.75.
+    costs = RouteCosts(batch_size=1024, width=32, expand_ms=2.0, loader_ms=1.0)
+    p = predict(0.5, 0.1, costs, step_ms=10.0)
+    assert p.route == "dedup" and p.ratio == pytest.approx(1 / 0.75)
+    assert predict(0.5, 0.1, costs, step_ms=4.0).route == "plain"  # 0.55 + 0.5 > MARGIN
+
+
+def test_route_costs_are_timed_on_the_data(tmp_path):
+    from recd_plugin.analyze.route import measure_route_costs
+
+    s = load_sample("criteo-sessions", max_rows=4096, progress=False)
+    g = analyze_groups(s, batch_sizes=(32, 1024))
+    assert g.features == [f"C{i}" for i in range(1, 14)]
+    assert g.at(1024, "stored") == pytest.approx(1 / 16) and g.at(32, "stored") == pytest.approx(1 / 16)
+    costs = measure_route_costs(s, g, 1024, width=13 * 16, batches=2)
+    assert costs is not None and costs.width == 208 and costs.expand_ms > 0 and costs.loader_ms > 0
+    assert measure_route_costs(s, g, 8192) is None  # less than one batch in the sample
+
+
+def test_models_check_rows_only_for_the_benchmarks_data(tmp_path, monkeypatch):
+    from recd_plugin.analyze import check, measured
+
+    cases = [{"model": "dlrm", "mode": "dmp2", "batch": 1024, "unique_fraction": 0.0625, "f": 0.5,
+              "route": "dedup", "ratio": 1.8, "samples_per_s_plain": 1e5},
+             {"model": "movielens_light", "mode": "unsharded", "batch": 1024, "unique_fraction": 0.03, "f": 0.5,
+              "route": "dedup", "ratio": 1.9, "samples_per_s_plain": 1e5},
+             {"model": "dlrm", "mode": "dmp2", "batch": 1024, "unique_fraction": 1.0, "f": 0.0,
+              "route": "plain", "ratio": 1.0, "samples_per_s_plain": 1e5}]
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "models.json").write_text(json.dumps({"cases": cases}))
+    monkeypatch.setattr(measured, "DOCS", tmp_path)
+    s = load_sample("criteo-sessions", max_rows=2048, progress=False)
+    g = analyze_groups(s, batch_sizes=(1024,))
+    rows = check.models_rows("criteo-sessions", g)
+    assert [r.quantity.split(":")[0] for r in rows] == ["dlrm dmp2 B=1024"]  # its data, u < 1 only
+    assert rows[0].predicted == pytest.approx(1 / (0.5 + 0.5 / 16)) and rows[0].measured == 1.8
+    assert check.models_rows("criteo-synthetic", g) == [] and check.models_rows("my.parquet", g) == []
+
+
+def test_step_ms_sets_fixed_costs_against_the_step(tmp_path):
+    data = _session_parquet(tmp_path / "s.parquet", sessions=300, per=8)
+    with pytest.raises(AnalyzeError, match="--step-ms"):
+        from recd_plugin.analyze.command import analyze
+        analyze(str(data), out=tmp_path / "o", step_ms=0.0, progress=False)
+    summary_cmd = ["analyze", str(data), "--out", str(tmp_path / "o"), "--no-progress", "--batch-size", "256"]
+    assert main(summary_cmd + ["--step-ms", "50"]) == 0
+    why = json.loads((tmp_path / "o" / "summary.json").read_text())["advice"][0]["why"]
+    assert any("route fixed costs timed here at batch 256" in w for w in why)
+    assert any("fixed costs on a 50 ms step" in w for w in why)

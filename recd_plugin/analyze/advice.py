@@ -13,12 +13,17 @@ benchmarks measured a gain):
 
 * **RecD** when the session-level group's unique fraction u at the training batch size is at
   most ``RECD_MAX_U`` (at least 2 rows per unique row) in the order the data will be read.
-  Expected speed-up: the Amdahl bound 1 / ((1 - f) + f u) with u *measured here* and f, the
-  share of the step time spent on the user side (embedding lookups of the group's features
-  and user towers), *assumed* (``--dedup-share``, default 0.5; the dedup benchmark measured
-  0.53 for a mean-pooled history and 0.985 for a transformer over it): analyze sees the data,
-  not your model's timing. Distributed: the embedding all-to-all of the group's tables
-  shrinks by about 1/u.
+  Expected speed-up: :func:`recd_plugin.analyze.route.predict`, the plugin probe's cost
+  model, with u *measured here*, the route's fixed costs *timed here* on the data (the
+  expansion of deduplicated rows, at the model's embedding width), and f, the share of the
+  step time spent on the user side (embedding lookups of the group's features and user
+  towers), *assumed* (``--dedup-share``, default 0.5; ``bench models`` measured 0.16 for a
+  two-tower's query MLP, 0.5 for a mean-pooled history, 0.99 for a transformer over it):
+  analyze sees the data, not your model's timing. With ``--step-ms`` (your plain step time)
+  the fixed costs are set against the step; without it the gain is the Amdahl bound
+  1 / ((1 - f) + f u). Where the route would not pay, the prediction is 1.0x: the probe
+  leaves the group on TorchRec's plain path. Distributed: the group's tables receive about
+  1/u fewer ids.
 * **FAE** when FAE's static hot set at the budget fetches at most ``FAE_MAX_LRU_RATIO`` of the
   slow-tier rows an LRU cache of the same size fetches, on held-out batches. It only matters
   when the tables do not fit in fast memory (GPU HBM); the report gives their size.
@@ -37,7 +42,8 @@ import numpy as np
 
 from recd_plugin.analyze.des import DESEstimate
 from recd_plugin.analyze.fae import FAEReport
-from recd_plugin.analyze.recd import BATCH_SIZES, GroupReport, amdahl_bound
+from recd_plugin.analyze.recd import GroupReport
+from recd_plugin.analyze.route import RouteCosts, predict
 from recd_plugin.analyze.sources import DataSample
 
 RECD_MAX_U = 0.5
@@ -81,19 +87,15 @@ def storage_estimate(sample: DataSample) -> Optional[float]:
     return t.nbytes / dedup
 
 
-def _batch(batch_size: int) -> int:
-    return batch_size if batch_size in BATCH_SIZES else 1024
-
-
-def advise_recd(sample: DataSample, group: Optional[GroupReport], batch_size: int,
-                dedup_share: float) -> Recommendation:
+def advise_recd(sample: DataSample, group: Optional[GroupReport], batch_size: int, dedup_share: float,
+                costs: Optional[RouteCosts] = None, step_ms: Optional[float] = None) -> Recommendation:
     if group is None:
         why = (["no session key column (looked for 'session_id'; give --session-key COLUMN), and no columns "
                 "repeat together within batches: every row is an independent sample, RecD does not apply"]
                if sample.session_key is None else
                [f"no column is constant within {sample.session_key!r}: nothing to deduplicate"])
         return Recommendation("RecD", False, "", "none", why)
-    b = _batch(batch_size)
+    b = batch_size if batch_size in group.batch_sizes else 1024
     u_stored, u_clustered = group.at(b, "stored"), group.at(b, "clustered")
     u = min(u_stored, u_clustered)
     by = repr(group.key) if group.key else "their content"
@@ -109,12 +111,16 @@ def advise_recd(sample: DataSample, group: Optional[GroupReport], batch_size: in
     if u_stored > 1.5 * u_clustered:
         why.append(f"stored order mixes sessions: write the clustered layout first with `recd-plugin preprocess "
                    f"{sample.name} OUT` (u {u_stored:.3f} -> {u_clustered:.3f})")
-    bound = amdahl_bound(dedup_share, u_clustered)
-    table = ", ".join(f"f={f:g}: {amdahl_bound(f, u_clustered):.2f}x" for f in DEDUP_SHARES)
-    why.append(f"expected speed-up = Amdahl bound 1/((1-f)+f*u) = {bound:.2f}x with u = {u_clustered:.3f} measured "
-               f"and f = {dedup_share:g} ASSUMED (share of step time on the user side; --dedup-share); "
-               f"other f: {table}")
-    why.append(f"sharded: the all-to-all of the group's tables carries about 1/u = {1 / u_clustered:.0f}x fewer rows")
+    p = predict(dedup_share, u_clustered, costs, step_ms)
+    table = ", ".join(f"f={f:g}: {predict(f, u_clustered, costs, step_ms).ratio:.2f}x" for f in DEDUP_SHARES)
+    why.append(f"expected speed-up {p.ratio:.2f}x (route {p.route}: {p.why}) with u = {u_clustered:.3f} measured and "
+               f"f = {dedup_share:g} ASSUMED (share of step time on the user side; --dedup-share); other f: {table}")
+    if costs is not None:
+        why.append(f"route fixed costs timed here at batch {costs.batch_size}: {costs.expand_ms:.2f} ms per step to "
+                   f"expand {costs.width} floats per sample (forward + backward), {costs.loader_ms:.2f} ms per batch "
+                   "to build the IKJT in the data loader" + ("" if step_ms else "; give --step-ms (your plain step "
+                                                            "time) to set them against your step"))
+    why.append(f"sharded: the group's tables receive about 1/u = {1 / u_clustered:.0f}x fewer ids")
     ratio = storage_estimate(sample)
     if ratio is not None:
         why.append(f"storage: session columns stored once per session: {ratio:.2f}x fewer bytes uncompressed "
@@ -126,7 +132,11 @@ def advise_recd(sample: DataSample, group: Optional[GroupReport], batch_size: in
         why.append(f"the flag compares the group's rows by content; if your batch's KJT carries {group.key!r} as a "
                    f"sparse feature, add groups.{group.name}.key={group.key} (one id compared instead of the rows)")
     why.append(f"add towers.<your user tower module>={group.name} when a dense module reads only these features")
-    return Recommendation("RecD", True, flag, f"up to {bound:.2f}x training throughput (f = {dedup_share:g} assumed)", why)
+    if p.route == "plain":
+        why.append(f"at f = {dedup_share:g} the probe would leave the group on the plain path; apply still "
+                   "measures your model and keeps the route where it pays")
+    return Recommendation("RecD", True, flag, f"{'up to ' if step_ms is None else ''}{p.ratio:.2f}x training "
+                          f"throughput (f = {dedup_share:g} assumed)", why)
 
 
 def advise_fae(fae: Optional[FAEReport], hot_path: Path) -> Recommendation:
@@ -179,7 +189,8 @@ def advise_des(est: DESEstimate) -> Recommendation:
 
 
 def advise(sample: DataSample, group: Optional[GroupReport], fae: Optional[FAEReport], des: DESEstimate,
-           hot_path: Path, batch_size: int = 1024, dedup_share: float = 0.5) -> Advice:
+           hot_path: Path, batch_size: int = 1024, dedup_share: float = 0.5, costs: Optional[RouteCosts] = None,
+           step_ms: Optional[float] = None) -> Advice:
     """All three recommendations (see the module docstring for the rules)."""
-    return Advice([advise_recd(sample, group, batch_size, dedup_share), advise_fae(fae, hot_path),
-                   advise_des(des)], _batch(batch_size))
+    return Advice([advise_recd(sample, group, batch_size, dedup_share, costs, step_ms), advise_fae(fae, hot_path),
+                   advise_des(des)], batch_size)

@@ -8,8 +8,13 @@
 
 Which predictions are checkable depends on the data: the dedup, dist and storage benchmarks
 run on MovieLens-100k (checked when DATA is ``movielens-100k``), the FAE benchmark on
-criteo-synthetic (checked when DATA is ``criteo-synthetic``), and the DES estimate is a
-formula of the model config, checked against the DES benchmark's own config always. Measured
+criteo-synthetic (checked when DATA is ``criteo-synthetic``), the DES estimate is a formula of
+the model config, checked against the DES benchmark's own config on criteo-synthetic, and the
+models benchmark (TorchRec's models, unsharded and under DMP) runs its MovieLens cases on
+``movielens-100k`` and its DLRM / two-tower cases on ``criteo-sessions``. Its rows are the
+route's predicted speed-up (:func:`recd_plugin.analyze.route.predict`: the probe's keep rule,
+u measured here, f and the plain step time from the benchmark's own timing of that case; its
+f = 1 - T_one / T_plain already holds the route's fixed costs) next to the measured one. Measured
 numbers come from :mod:`recd_plugin.analyze.measured`; a benchmark that has not run gives a
 row with ``measured = None`` ("no measurement yet"), never a made-up number.
 
@@ -26,6 +31,7 @@ from recd_plugin.analyze.des import estimate_des
 from recd_plugin.analyze.fae import FAEReport
 from recd_plugin.analyze.model import ModelConfig, TableSpec
 from recd_plugin.analyze.recd import GroupReport, amdahl_bound
+from recd_plugin.analyze.route import predict
 from recd_plugin.analyze.sources import DataSample
 
 
@@ -106,6 +112,7 @@ def check_predictions(data: str, sample: Optional[DataSample] = None, group: Opt
     if data == "synthetic" and group is not None:
         rows.append(CheckRow("dedup", "speed-up (synthetic)", amdahl_bound(dedup_share, group.at(1024, "stored")), None,
                              "no measurement yet: the dedup benchmark runs on movielens-100k"))
+    rows += models_rows(data, group)
     des = measured("des") if data == "criteo-synthetic" else None  # the DES benchmark's data
     if des is None and data == "criteo-synthetic":
         rows.append(_missing("des", "bytes saving vs table-wise"))
@@ -115,6 +122,33 @@ def check_predictions(data: str, sample: Optional[DataSample] = None, group: Opt
         rows.append(CheckRow("des", f"{model}: table-wise bytes/step/rank", est.table_wise_bytes, m["table_wise_bytes"]))
         rows.append(CheckRow("des", f"{model}: saving vs table-wise", est.saving, m["saving"],
                              "ids and dense all-reduce included"))
+    return rows
+
+
+#: The models benchmark's cases by the data they run on (u < 1 cases; the u = 1 controls
+#: run on other data: one session per sample).
+MODELS_DATA = {"movielens-100k": ("movielens_light", "movielens_transformer"),
+               "criteo-sessions": ("dlrm", "dlrm_dcn", "two_tower")}
+
+
+def models_rows(data: str, group: Optional[GroupReport]) -> List[CheckRow]:
+    """Predicted vs measured speed-up of every models-benchmark case on DATA (module doc)."""
+    from recd_plugin.analyze.measured import measured
+
+    if data not in MODELS_DATA or group is None:
+        return []
+    cases = measured("models")
+    if cases is None:
+        return [_missing("models", "speed-up on TorchRec's models")]
+    rows = []
+    for c in cases:
+        if c["model"] not in MODELS_DATA[data] or c["u"] >= 1.0 or c["batch"] not in group.batch_sizes:
+            continue
+        u = group.at(c["batch"], "stored")
+        p = predict(c["f"], u)
+        rows.append(CheckRow("models", f"{c['model']} {c['mode']} B={c['batch']}: speed-up (u={u:.3f}, "
+                             f"f={c['f']:.2f})", p.ratio, c["ratio"],
+                             f"predicted route {p.route}, measured route {c['route']}"))
     return rows
 
 

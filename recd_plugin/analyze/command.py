@@ -24,7 +24,7 @@ import numpy as np
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="Parquet file/directory, or synthetic / movielens-100k / criteo-synthetic")
+    p.add_argument("data", help="Parquet file/directory, or synthetic / movielens-100k / criteo-synthetic / criteo-sessions")
     p.add_argument("--model", default=None, help="TOML/JSON model config: tables, operators, world size "
                                                  "(default: every sparse feature a dim-16 table, FM + wide, 2 ranks)")
     p.add_argument("--out", type=Path, default=Path("analyze_out"), help="output directory (default analyze_out)")
@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=0.01, help="FAE fast-memory budget, share of table bytes (0.01)")
     p.add_argument("--dedup-share", type=float, default=0.5,
                    help="assumed share f of step time on the user side, for RecD's Amdahl bound (0.5)")
+    p.add_argument("--step-ms", type=float, default=None,
+                   help="your plain training step time in ms, to set the route's fixed costs against it")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -51,33 +53,41 @@ def measured_pooling(sample) -> Dict[str, float]:
 
 def analyze(data: str, model: Optional[str] = None, out: Path = Path("analyze_out"), sample_rows: int = 200_000,
             seed: int = 0, session_key: Optional[str] = None, batch_size: int = 1024, budget: float = 0.01,
-            dedup_share: float = 0.5, progress: bool = True) -> Dict[str, Any]:
+            dedup_share: float = 0.5, progress: bool = True, step_ms: Optional[float] = None) -> Dict[str, Any]:
     """Run the whole analysis; returns {sample, group, fae, des, advice, checks, paths}."""
     from recd_plugin.analyze.advice import advise
     from recd_plugin.analyze.check import check_predictions
     from recd_plugin.analyze.des import estimate_des
     from recd_plugin.analyze.fae import analyze_fae
     from recd_plugin.analyze.model import load_model_config
-    from recd_plugin.analyze.recd import analyze_groups, content_group
+    from recd_plugin.analyze.recd import BATCH_SIZES, analyze_groups, content_group
+    from recd_plugin.analyze.route import measure_route_costs
     from recd_plugin.analyze.report import write_report
     from recd_plugin.analyze.sources import load_sample
     from recd_plugin.errors import AnalyzeError
 
     if not 0.0 <= dedup_share <= 1.0:
         raise AnalyzeError(f"--dedup-share is a share of the step time, in [0, 1]; got {dedup_share}")
+    if step_ms is not None and not step_ms > 0:
+        raise AnalyzeError(f"--step-ms is your plain step time in milliseconds, > 0; got {step_ms}")
+    if batch_size < 1:
+        raise AnalyzeError(f"--batch-size must be >= 1 samples; got {batch_size}")
     if not 0.0 < budget < 1.0:
         raise AnalyzeError(f"--budget is a share of the tables' bytes, in (0, 1) (0.01 = 1%); got {budget}")
     s = load_sample(data, sample_rows, seed, session_key, progress)
     cfg = load_model_config(model, s.sparse, s.cardinalities)
     # A session key column decides the group; without one, columns repeating by content may.
-    group = analyze_groups(s, seed=seed) if s.session_key is not None else content_group(s, seed=seed)
+    sizes = tuple(sorted(set(BATCH_SIZES) | {batch_size}))  # u at the training batch size itself
+    group = (analyze_groups(s, sizes, seed) if s.session_key is not None else content_group(s, sizes, seed))
+    width = sum(t.dim for t in cfg.tables.values() if group is not None and t.feature in group.features)
+    costs = measure_route_costs(s, group, batch_size, width or None) if group is not None else None
     fae = analyze_fae(s, cfg, budget=budget, seed=seed, progress=progress)
     est = estimate_des(cfg, measured_pooling(s))
     out.mkdir(parents=True, exist_ok=True)
     hot_path = out / "hot.npz"
     if fae.hot is not None:
         fae.hot.save(hot_path)
-    advice = advise(s, group, fae, est, hot_path, batch_size, dedup_share)
+    advice = advise(s, group, fae, est, hot_path, batch_size, dedup_share, costs, step_ms)
     checks = check_predictions(data, s, group, fae, dedup_share)
     result = {"sample": s, "group": group, "fae": fae, "des": est, "advice": advice, "checks": checks}
     result["paths"] = write_report(result, out)
@@ -118,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
     from recd_plugin.analyze.report import summary_text
 
     r = analyze(args.data, args.model, args.out, args.sample, args.seed, args.session_key, args.batch_size,
-                args.budget, args.dedup_share, progress=not args.no_progress)
+                args.budget, args.dedup_share, progress=not args.no_progress, step_ms=args.step_ms)
     print(summary_text(r))
     if r["checks"]:
         print("\npredicted vs measured (docs/benchmarks.md):")

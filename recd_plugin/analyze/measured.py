@@ -5,10 +5,12 @@
     from recd_plugin.analyze.measured import measured
     measured("dedup")     # {"transformer": {"ratio": 22.0, "bound": 23.4, "u": 0.028, "f": 0.985}, ...}
     measured("des")       # {"fm": {"des_bytes": ..., "table_wise_bytes": ..., "saving": ...}, ...}
+    measured("models")    # [{"model": "dlrm", "mode": "dmp2", "batch": 1024, "u": 0.0625, "f": ..., ...}, ...]
 
 Source, in order: ``docs/bench/<name>.json`` (written by ``publish`` with every
 ``python -m recd_plugin.bench NAME`` run that rewrites its docs section), else the markdown
-tables of docs/benchmarks.md between ``<!-- bench:NAME:start -->`` and ``...:end -->``.
+tables of docs/benchmarks.md between ``<!-- bench:NAME:start -->`` and ``...:end -->``
+(``models``: its JSON only).
 A benchmark that has run neither way gives None: the report then says "no measurement yet".
 The parser is deliberately small: it reads the pipe tables of one section, keyed by their
 header cells, and takes the first number of a cell ("2.04x", "2,365 vs 3,468", "29.0% (...)").
@@ -75,6 +77,10 @@ def _from_json(name: str, r: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         return {m: {"des_bytes": r[m]["sides"]["des"]["bytes_per_step"],
                     "table_wise_bytes": r[m]["sides"]["table_wise"]["bytes_per_step"],
                     "saving": r[m]["comm_saving_vs_table_wise"]} for m in ("fm", "deepfm")}
+    if name == "models":
+        return [{"model": c["model"], "mode": c["mode"], "batch": c["batch"], "u": c["unique_fraction"],
+                 "f": c["f"], "route": c["route"], "ratio": c["ratio"],
+                 "step_ms": 1000.0 * c["batch"] / c["samples_per_s_plain"]} for c in r["cases"]]
     if name == "fae":
         return {"hot_fraction": r["hot_sample_fraction"], "static_vs_lru": r["slow_rows_ratio_vs_lru"],
                 "static_vs_lfu": r["slow_rows_ratio_vs_lfu"]}
@@ -111,7 +117,7 @@ def _from_markdown(name: str, md: str) -> Optional[Dict[str, Any]]:
     return None
 
 
-def measured(name: str, docs: Optional[Path] = None) -> Optional[Dict[str, Any]]:
+def measured(name: str, docs: Optional[Path] = None) -> Any:
     """Normalised measured results of benchmark ``name`` (see the module doc), or None."""
     docs = docs or DOCS
     path = docs / "bench" / f"{name}.json"

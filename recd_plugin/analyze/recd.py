@@ -37,7 +37,7 @@ import numpy as np
 
 from recd_plugin.analyze.sources import DataSample, row_codes
 
-BATCH_SIZES = (256, 512, 1024, 2048, 4096, 8192)
+BATCH_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def unique_fraction(keys: np.ndarray, batch_size: int) -> float:

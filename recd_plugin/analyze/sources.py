@@ -8,8 +8,10 @@
 
 DATA is a Parquet file / directory (one row per sample) or a built-in source name:
 ``synthetic`` (``recd_plugin.data.generate_sessions``), ``movielens-100k``
-(``load_movielens_100k``, fetched into the cache when missing) or ``criteo-synthetic``
-(``recd_plugin.data.criteo.criteo_table``, tables capped at 10^6 rows like the FAE benchmark).
+(``load_movielens_100k``, fetched into the cache when missing), ``criteo-synthetic``
+(``recd_plugin.data.criteo.criteo_table``, tables capped at 10^6 rows like the FAE benchmark:
+independent impressions) or ``criteo-sessions`` (the same in sessions of 16 samples sharing
+``C1..C13``, with a ``session_id`` column: the data of ``recd-plugin bench models``).
 
 The sample is the *first* ``max_rows`` rows, in stored order: the unique fraction "as stored"
 depends on which rows sit next to each other, which a random sample would destroy. A Parquet
@@ -29,7 +31,7 @@ import pyarrow as pa
 
 from recd_plugin.errors import AnalyzeError, did_you_mean
 
-BUILTIN = ("synthetic", "movielens-100k", "criteo-synthetic")
+BUILTIN = ("synthetic", "movielens-100k", "criteo-synthetic", "criteo-sessions")
 #: Integer columns that are not embedding features in the common formats.
 NOT_FEATURES = {"label", "timestamp"}
 _READ_ROWS = 65_536
@@ -109,10 +111,11 @@ def _builtin(name: str, max_rows: int, seed: int) -> tuple:
 
         table = load_movielens_100k()
     else:
-        from recd_plugin.data.criteo import criteo_table
+        from recd_plugin.data.criteo import SESSION, criteo_table
 
         # Capped at 10^6 rows per table, like the FAE benchmark, so predictions compare.
-        return criteo_table(max_rows, seed=seed, max_rows=1_000_000), None
+        return criteo_table(max_rows, seed=seed, max_rows=1_000_000,
+                            session=SESSION if name == "criteo-sessions" else 1), None
     return table.slice(0, max_rows), table.num_rows
 
 

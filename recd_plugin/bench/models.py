@@ -18,11 +18,14 @@ in a user's script; its probe decides which groups pay (``route`` in the JSON).
 
 Per case: the two sides (same initial weights, same batches, SGD) alternate in blocks of one
 pass over the batches, the order flipping every round; samples/s from the median step time
-over 36 timed steps per side after a warm-up pass (``--quick``: 8). The u = 1 cases whose
+over 36 timed steps per side after a warm-up pass (``--quick``: 8; batches under 256 samples,
+whose steps take milliseconds: 4x as many). The u = 1 cases whose
 probe chose the plain route run two identical models: their spread around 1.00 is this
-machine's measurement noise. ``f`` is measured unsharded: 1 - T_one / T_plain, with T_one the
-plugin's step on the same batches with every sample's session features taken from the
-batch's first sample (U = 1: all deduplicable work done once); bound = 1 / ((1 - f) + f u).
+machine's measurement noise. ``f`` is measured in each mode: 1 - T_one / T_plain, with T_one
+the plugin's step on the same batches with every sample's session features taken from the
+batch's first sample (U = 1: all deduplicable work done once, the route's fixed costs still
+paid); bound = 1 / ((1 - f) + f u). A DMP step spends part of its time in collectives that
+dedup does not shrink, so its f is below the unsharded one.
 dmp2 also counts the floating-point bytes of the embedding collectives per step
 (``comm_ratio`` plain / plugin) and the dup factor (grouped rows / unique rows).
 
@@ -49,15 +52,15 @@ from torch import nn
 from tqdm import tqdm
 
 from recd_plugin.bench.report import free_port, machine, median, publish
+from recd_plugin.data.criteo import SESSION, SESSION_FIELDS
 
 MODELS = ["dlrm", "dlrm_dcn", "two_tower", "movielens_light", "movielens_transformer"]
 MODES = ["unsharded", "dmp1", "dmp2", "dmp2_hints"]
-SESSION = 16
 DIM = 16
 MAX_ROWS = 20_000
 LR = 0.05
 LOSS_TOLERANCE = 1e-5
-SESSION_FIELDS = [f"C{i}" for i in range(1, 14)]
+SMALL_BATCH_ROUNDS = 4
 SAMPLE_FIELDS = [f"C{i}" for i in range(14, 27)]
 DLRM_FLAG = "groups.session.features=" + ",".join(SESSION_FIELDS)
 
@@ -144,25 +147,10 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, batch: Any) -> float:
 # Data.
 
 
-def _with_sessions(batch: Any, session: int) -> Any:
-    """Criteo-like batch -> the same with C1..C13 constant over runs of ``session`` samples."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    kjt = batch.sparse_features
-    b = kjt.stride()
-    values = kjt.values().clone().view(len(kjt.keys()), b)  # one id per sample and key
-    first = (torch.arange(b) // session) * session
-    for f in SESSION_FIELDS:
-        k = kjt.keys().index(f)
-        values[k] = values[k].index_select(0, first)
-    return dataclasses.replace(batch, sparse_features=KeyedJaggedTensor(
-        keys=kjt.keys(), values=values.reshape(-1), lengths=kjt.lengths(), stride=b))
-
-
 def synthetic(batch_size: int, count: int, session: int, seed: int = 0) -> List[Any]:
     from recd_plugin.data.criteo import criteo_batches
 
-    return [_with_sessions(b, session) for b in criteo_batches(count, batch_size, seed=seed, max_rows=MAX_ROWS)]
+    return list(criteo_batches(count, batch_size, seed=seed, max_rows=MAX_ROWS, session=session))
 
 
 def movielens(batch_size: int, count: int, unique: bool) -> Tuple[Dict[str, int], List[Any]]:
@@ -310,6 +298,9 @@ def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, 
     model's plugin flag (tests: ``"; probe_batches=0"`` forces the dedup route)."""
     from recd_plugin.dist.comm import EMBEDDING_OPS, CommCounter
 
+    # Small batches step in milliseconds, where scheduler jitter dominates one reading: time
+    # SMALL_BATCH_ROUNDS x as many passes (still well under a second per side).
+    rounds *= SMALL_BATCH_ROUNDS if batch_size < 256 else 1
     sides, info = _sides(name, batch_size, steps, unique, dmp, rank, world, flag_suffix, hints)
     losses: Dict[str, List[float]] = {"plain": [], "plugin": []}
     times: Dict[str, List[float]] = {"plain": [], "plugin": []}
@@ -334,16 +325,23 @@ def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, 
     if count_comm:
         out["embedding_bytes_plain"], out["embedding_bytes_plugin"] = comm["plain"], comm["plugin"]
         out["comm_ratio"] = comm["plain"] / comm["plugin"] if comm["plugin"] else float("nan")
-    if not dmp:  # f: the plugin's step with all deduplicable work done once (U = 1), after the timing
+    # f, in this mode: the plugin's step with all deduplicable work done once (U = 1), after the
+    # timing. The plain route has no deduplicable work (f = 0, bound 1).
+    out["step_s_one"] = t_plain
+    if info["route"] == "dedup":
         fixed = sides["plugin"]
         fixed.batches = _through_plugin([one_session(b, info["spec"]) for b in info["plain_batches"]], info["config"])
         t_one: List[float] = []
         for _ in range(rounds):
             fixed.run_pass(t_one, None)
-        f = max(0.0, 1.0 - median(t_one) / t_plain) if info["route"] == "dedup" else 0.0
-        out["f"] = f
-        out["bound"] = 1.0 / ((1.0 - f) + f * info["unique_fraction"])
-    return out
+        out["step_s_one"] = median(t_one)
+    return with_bound(out)
+
+
+def with_bound(case: Dict[str, Any]) -> Dict[str, Any]:
+    """``case`` with f = 1 - T_one / T_plain and the Amdahl bound 1 / ((1 - f) + f u)."""
+    f = max(0.0, 1.0 - case["step_s_one"] * case["samples_per_s_plain"] / case["batch"])
+    return dict(case, f=f, bound=1.0 / ((1.0 - f) + f * case["unique_fraction"]))
 
 
 def _through_plugin(batches: List[Any], config: Any) -> List[Any]:
@@ -381,13 +379,13 @@ def _reduce(r: Dict[str, Any], world: int) -> Dict[str, Any]:
     """Agree over ranks: the slowest rank's step times set the pace; loss diff is the worst."""
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 / r["samples_per_s_plain"], 1.0 / r["samples_per_s_plugin"], r["max_loss_diff"]],
-                     dtype=torch.float64)
+    t = torch.tensor([1.0 / r["samples_per_s_plain"], 1.0 / r["samples_per_s_plugin"], r["max_loss_diff"],
+                      r["step_s_one"]], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     r = dict(r, samples_per_s_plain=1.0 / float(t[0]), samples_per_s_plugin=1.0 / float(t[1]),
-             max_loss_diff=float(t[2]))
+             max_loss_diff=float(t[2]), step_s_one=float(t[3]))
     r["ratio"] = r["samples_per_s_plugin"] / r["samples_per_s_plain"]
-    return r
+    return with_bound(r)
 
 
 def run_dmp(world: int, grid: List[Tuple[str, int, bool]], steps: int, rounds: int,
@@ -419,12 +417,6 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_sizes: Optio
         else:
             world = int(mode[3])  # dmp1, dmp2, dmp2_hints
             cases += [dict(c, mode=mode) for c in run_dmp(world, grid, steps, rounds, hints=mode.endswith("_hints"))]
-    f_of = {(c["model"], c["batch"], c["unique_fraction"] >= 1.0): c for c in cases if c["mode"] == "unsharded"}
-    for c in cases:  # DMP cases: f measured on the same model and batch unsharded
-        ref = f_of.get((c["model"], c["batch"], c["unique_fraction"] >= 1.0))
-        if "f" not in c and ref is not None:
-            c["f"] = ref["f"]
-            c["bound"] = 1.0 / ((1.0 - c["f"]) + c["f"] * c["unique_fraction"])
     result = {"machine": machine(), "quick": quick, "timed_steps": steps * rounds, "cases": cases}
     _print(result)
     publish("models", _markdown(result), result, json_path, write_docs)
@@ -448,13 +440,14 @@ def _markdown(result: Dict[str, Any]) -> str:
     lines = [
         "## TorchRec's models (`recd-plugin bench models" + (" --quick" if result["quick"] else "") + "`)",
         "",
-        f"Machine: {result['machine']}. Median of {result['timed_steps']} timed steps per side after a warm-up "
+        f"Machine: {result['machine']}. Median of {result['timed_steps']} timed steps per side "
+        f"({SMALL_BATCH_ROUNDS * result['timed_steps']} for batches under 256) after a warm-up "
         "pass, sides alternating on the same batches, SGD; DMP modes: default planner and sharders, "
         "TrainPipelineSparseDist, gloo, one thread per rank. `route`: what the plugin's probe chose "
         "(`plain`: the group did not pay and was left on TorchRec's plain path; both sides are then the same "
         "model, so their ratio shows this machine's measurement noise). `f`: 1 - T_one / T_plain measured "
-        "unsharded (T_one: the plugin's step with every sample's session features taken from the batch's "
-        "first sample, U = 1); DMP rows reuse it; bound = 1 / ((1 - f) + f u). `comm`: floating-point bytes "
+        "in each mode (T_one: the plugin's step with every sample's session features taken from the batch's "
+        "first sample, U = 1; the route's fixed costs are in it); bound = 1 / ((1 - f) + f u). `comm`: floating-point bytes "
         "of the embedding collectives per step, plain / plugin (dmp2; per-sample tables included, so it "
         "stays below the dup factor).",
         "",

@@ -21,6 +21,12 @@ Example::
         batch.sparse_features          # KJT, keys C1..C26, one id per sample and key
         batch.dense_features           # [B, 13] float32
     table = criteo_table(100_000, seed=0)   # pyarrow.Table: I1..I13, C1..C26, label
+    table = criteo_table(100_000, session=16)  # + session_id; C1..C13 constant within a session
+
+With ``session`` > 1 the data is session-structured: runs of ``session`` consecutive samples
+share the session-level fields ``C1..C13`` (one user's context, repeated over the impressions
+it saw), the other fields stay per sample. This is RecD's case; with ``session=16``, batches of
+a multiple of 16 samples have a unique fraction of exactly 1/16 on those fields.
 
 The same arguments always give the same data.
 """
@@ -43,6 +49,10 @@ CRITEO_KAGGLE_CARDINALITIES: List[int] = [
 ]
 SPARSE_FIELDS: List[str] = [f"C{i}" for i in range(1, 27)]
 DENSE_FIELDS: List[str] = [f"I{i}" for i in range(1, 14)]
+#: The session-level fields of session-structured data (``session`` > 1).
+SESSION_FIELDS: List[str] = [f"C{i}" for i in range(1, 14)]
+#: Samples per session of the session-structured data the benchmarks and analyze use.
+SESSION = 16
 DEFAULT_ZIPF_EXPONENT = 1.2
 _LABEL_FIELDS = (0, 1, 4, 6, 13)  # fields whose hidden per-row effect drives the click
 
@@ -104,23 +114,41 @@ def criteo_arrays(num_samples: int, seed: int = 0, max_rows: Optional[int] = 100
     return cols
 
 
+def with_sessions(cols: Dict[str, np.ndarray], session: int) -> Dict[str, np.ndarray]:
+    """``cols`` with ``SESSION_FIELDS`` constant over runs of ``session`` consecutive samples
+    (each run takes its first sample's ids) and a ``session_id`` column [N] (int64)."""
+    if session < 1:
+        raise ValueError(f"session must be >= 1 samples, got {session}")
+    n = len(cols["label"])
+    first = (np.arange(n) // session) * session
+    out = dict(cols, **{f: cols[f][first] for f in SESSION_FIELDS})
+    out["session_id"] = np.arange(n, dtype=np.int64) // session
+    return out
+
+
 def criteo_table(num_samples: int, seed: int = 0, max_rows: Optional[int] = 100_000,
-                 zipf_exponent: float = DEFAULT_ZIPF_EXPONENT) -> pa.Table:
-    """One row per sample (``I1..I13``, ``C1..C26``, ``label``); cardinalities in the schema
-    metadata under ``recd.cardinalities`` like the other sources."""
+                 zipf_exponent: float = DEFAULT_ZIPF_EXPONENT, session: int = 1) -> pa.Table:
+    """One row per sample (``I1..I13``, ``C1..C26``, ``label``; ``session_id`` when ``session``
+    > 1, see the module doc); cardinalities in the schema metadata under ``recd.cardinalities``
+    like the other sources."""
     import json
 
     cols = criteo_arrays(num_samples, seed, max_rows, zipf_exponent)
-    meta = {"recd.cardinalities": json.dumps(criteo_cardinalities(max_rows)), "recd.source": "criteo-synthetic"}
+    if session > 1:
+        cols = with_sessions(cols, session)
+    meta = {"recd.cardinalities": json.dumps(criteo_cardinalities(max_rows)),
+            "recd.source": "criteo-synthetic" if session == 1 else "criteo-sessions"}
     return pa.table(cols).replace_schema_metadata(meta)
 
 
 def criteo_batches(num_batches: int, batch_size: int, seed: int = 0, max_rows: Optional[int] = 100_000,
-                   zipf_exponent: float = DEFAULT_ZIPF_EXPONENT) -> Iterator[Batch]:
+                   zipf_exponent: float = DEFAULT_ZIPF_EXPONENT, session: int = 1) -> Iterator[Batch]:
     """``num_batches`` torchrec Batches of ``batch_size`` samples: dense [B, 13], a KJT with
-    keys ``C1..C26`` and one id per sample and key (lengths all 1), labels [B]."""
+    keys ``C1..C26`` and one id per sample and key (lengths all 1), labels [B]; ``session`` > 1:
+    session-structured within each batch (module doc; the KJT does not carry ``session_id``)."""
     for b in range(num_batches):
-        yield to_batch(criteo_arrays(batch_size, seed * 1_000_003 + b, max_rows, zipf_exponent))
+        cols = criteo_arrays(batch_size, seed * 1_000_003 + b, max_rows, zipf_exponent)
+        yield to_batch(with_sessions(cols, session) if session > 1 else cols)
 
 
 class CriteoBatches:
