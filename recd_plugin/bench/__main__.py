@@ -1,10 +1,12 @@
 """Benchmarks: ``python -m recd_plugin.bench NAME [--quick] [--json PATH]``.
 
 Each benchmark measures ratios side by side in one process, checks both sides computed the
-same thing, prints a table and regenerates its section of docs/benchmarks.md::
+same thing, prints a table and, on a full run with the default settings in a source checkout,
+regenerates its section of docs/benchmarks.md and docs/bench/NAME.json (``--quick``,
+``--batch-size``, ``--seed``, ``--models`` or ``--modes`` leave the published figures alone)::
 
     python -m recd_plugin.bench dedup               # RecD dedup on MovieLens-100k (~2 min)
-    python -m recd_plugin.bench dedup --quick       # fewer steps (< 60 s on 2 cores)
+    python -m recd_plugin.bench dedup --quick       # fewer steps (< 60 s on 2 cores); docs untouched
     python -m recd_plugin.bench dedup --json out.json --no-docs
     python -m recd_plugin.bench fae --quick         # FAE tier traffic + hot/cold layout
     python -m recd_plugin.bench des --quick         # DES vs TorchRec sharding, 2 gloo ranks
@@ -37,36 +39,50 @@ def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
     if reexec:
         ensure_allocator_env(argv)
     batch_size = args.batch_size or (2048 if args.name == "fae" else 1024)
+    write_docs = not args.no_docs and publishable(args)
     if args.name == "dedup":
         from recd_plugin.bench import dedup
 
         dedup.run(quick=args.quick, json_path=args.json, batch_size=batch_size, seed=args.seed,
-                  write_docs=not args.no_docs, verbose=args.verbose)
+                  write_docs=write_docs, verbose=args.verbose)
     elif args.name == "dist":
         from recd_plugin.bench import dist
 
         dist.run(quick=args.quick, json_path=args.json, batch_size=batch_size,
-                 write_docs=not args.no_docs, verbose=args.verbose)
+                 write_docs=write_docs, verbose=args.verbose)
     elif args.name == "storage":
         from recd_plugin.bench import storage
 
         storage.run(quick=args.quick, json_path=args.json, batch_size=batch_size,
-                    write_docs=not args.no_docs, verbose=args.verbose)
+                    write_docs=write_docs, verbose=args.verbose)
     elif args.name == "des":
         from recd_plugin.bench import des
 
         des.run(quick=args.quick, json_path=args.json, batch_size=batch_size, seed=args.seed,
-                write_docs=not args.no_docs, verbose=args.verbose)
+                write_docs=write_docs, verbose=args.verbose)
     elif args.name == "models":
         from recd_plugin.bench import models
 
         models.run(quick=args.quick, json_path=args.json, batch_sizes=[args.batch_size] if args.batch_size else None,
-                   write_docs=not args.no_docs, verbose=args.verbose, models=args.models, modes=args.modes)
+                   write_docs=write_docs, verbose=args.verbose, models=args.models, modes=args.modes)
     elif args.name == "fae":
         from recd_plugin.bench import fae
 
         fae.run(quick=args.quick, json_path=args.json, batch_size=batch_size, seed=args.seed,
-                write_docs=not args.no_docs, verbose=args.verbose)
+                write_docs=write_docs, verbose=args.verbose)
+
+
+def publishable(args: argparse.Namespace) -> bool:
+    """Whether this run may rewrite the published figures (docs/benchmarks.md, docs/bench/):
+    only a full run with the default settings. A quick or partial run prints and writes --json
+    only, so a fast check never replaces the full run's numbers."""
+    changed = [name for name, on in (("--quick", args.quick), ("--batch-size", args.batch_size is not None),
+                                     ("--seed", args.seed != 0), ("--models", bool(args.models)),
+                                     ("--modes", bool(args.modes))) if on]
+    if changed and not args.no_docs:
+        print(f"docs/benchmarks.md not rewritten: published figures come from full runs with default settings "
+              f"(this run sets {', '.join(changed)}); add --json FILE to keep its numbers")
+    return not changed
 
 
 if __name__ == "__main__":

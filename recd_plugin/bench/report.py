@@ -89,6 +89,10 @@ def publish(name: str, markdown: str, result: Dict[str, Any], json_path: Optiona
     (and, with it, ``docs/bench/<name>.json``, the same result as ``--json`` writes)."""
     print(markdown)
     write_json(json_path, result)
+    if write_docs and not (DOCS.parents[1] / "pyproject.toml").exists():
+        # An installed wheel has no docs/ of its own: never write into site-packages.
+        print(f"docs not rewritten: {DOCS.parent} is not in a source checkout of recd-plugin")
+        write_docs = False
     if write_docs:
         write_section(name, markdown)
         BENCH_JSON_DIR.mkdir(parents=True, exist_ok=True)
