@@ -25,14 +25,20 @@ As one flag string, the same keys as dotted paths separated by ``;`` (lists with
 
 ``RecDConfig.load(flag)`` takes the flag if given, else ``$RECD_PLUGIN`` (so a launcher such
 as ``torchx run recd.train`` can switch the plugin on without touching the script), else off.
+A ``pathlib.Path`` flag is read as a TOML file.
+
+Built in code, ``RecDConfig(groups=[FeatureGroup(...)], ...)`` is on (as a flag naming groups
+is) and checked by the same rules when built: a bad value raises ``ConfigError`` there, never
+at the first batch. ``RecDConfig()`` is off.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from recd_plugin.errors import ConfigError, DedupSpecError, did_you_mean
 from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup
@@ -47,13 +53,19 @@ _OFF = {"", "0", "off", "false", "no", "none"}
 _TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "fae", "probe_batches"}
 _FAE_KEYS = {"hot_set", "tables", "window"}
 _GROUP_KEYS = {"key", "features"}
+_INT = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() also passes '²' and '--5' to int()
 
 
 @dataclass
 class RecDConfig:
-    """Everything the plugin needs; ``RecDConfig()`` is the plugin switched off."""
+    """Everything the plugin needs; ``RecDConfig()`` is the plugin switched off.
 
-    enabled: bool = False
+    Every field is checked when the config is built (``ConfigError`` naming the field and the
+    fix); an enabled config also passes :meth:`validate`.
+    """
+
+    #: None: on when ``groups`` or ``fae`` is given (as a flag that names them is), else off.
+    enabled: Optional[bool] = None
     groups: List[FeatureGroup] = field(default_factory=list)
     towers: Dict[str, str] = field(default_factory=dict)
     verify_batches: int = 1
@@ -67,6 +79,17 @@ class RecDConfig:
     sharded: Optional[bool] = None
     #: FAE: hot rows in fast memory (see :class:`FAEConfig`); None: off.
     fae: Optional["FAEConfig"] = None
+
+    def __post_init__(self) -> None:
+        # Why here and not only in the parsers: a config built in code used to skip every
+        # check (verify_batches='x' failed at the first batch) and stayed off with groups.
+        if self.enabled is None:
+            self.enabled = bool(self.groups) or self.fae is not None
+        if self.enabled:
+            self.validate()
+        else:
+            self._check_fields()
+        self.groups, self.towers = list(self.groups), dict(self.towers)
 
     def is_sharded(self) -> bool:
         """``sharded``, or when unset: does this process run under torch.distributed (initialized,
@@ -92,15 +115,25 @@ class RecDConfig:
     # -- readers ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, flag: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> "RecDConfig":
+    def load(cls, flag: Optional[Union[str, "os.PathLike[str]"]] = None,
+             env: Optional[Mapping[str, str]] = None) -> "RecDConfig":
         """From ``flag`` if not None, else from ``$RECD_PLUGIN``, else off."""
         if flag is None:
             flag = (os.environ if env is None else env).get(ENV_VAR)
         return cls() if flag is None else cls.from_string(flag)
 
     @classmethod
-    def from_string(cls, text: str) -> "RecDConfig":
-        """Parse the flag string (dotted ``key=value`` pairs, ``@file.toml``, or ``off``)."""
+    def from_string(cls, text: Union[str, "os.PathLike[str]"]) -> "RecDConfig":
+        """Parse the flag string (dotted ``key=value`` pairs, ``@file.toml``, or ``off``); a
+        ``pathlib.Path`` is read as a TOML file."""
+        if isinstance(text, os.PathLike):
+            return cls.from_toml(text)
+        if not isinstance(text, str):
+            hint = " (decode it first: flag.decode())" if isinstance(text, (bytes, bytearray)) else ""
+            raise ConfigError(
+                f"recd flag must be a string, got {type(text).__name__} {text!r}{hint}; pass "
+                "'groups.user.key=session_id; groups.user.features=user_id,history', '@recd.toml' or 'off'"
+            )
         text = text.strip()
         if text.lower() in _OFF:
             return cls()
@@ -130,8 +163,8 @@ class RecDConfig:
         return cls.from_dict(tree)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "RecDConfig":
-        """Read a TOML file: its ``[recd]`` table if it has one, else the whole file."""
+    def from_toml(cls, path: Union[str, "os.PathLike[str]"]) -> "RecDConfig":
+        """Read a TOML file (UTF-8): its ``[recd]`` table if it has one, else the whole file."""
         path = Path(path)
         try:
             with path.open("rb") as f:
@@ -143,11 +176,25 @@ class RecDConfig:
                               "pass a TOML file: --recd @path/to/recd.toml") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"recd config file {str(path)!r} is not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8 by definition; tomllib raises this raw
+            raise ConfigError(
+                f"recd config file {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                f"offset {e.start}); TOML files must be UTF-8: save it as UTF-8, e.g. "
+                f"iconv -f latin1 -t utf-8 {path.name} > fixed.toml"
+            ) from None
+        except ValueError as e:  # open() refuses a path with a NUL byte
+            raise ConfigError(f"recd config file path {str(path)!r} is not a valid path ({e}); "
+                              "pass a TOML file: --recd @path/to/recd.toml") from None
         return cls.from_dict(data.get("recd", data))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RecDConfig":
         """Validate the schema above; every mistake names the key and how to fix it."""
+        if not isinstance(data, Mapping):  # e.g. `recd = 5` in a TOML file
+            raise ConfigError(
+                f"recd config must be a table of settings, got {type(data).__name__} {data!r}; write "
+                "[recd] followed by e.g. groups.user.features = [\"user_id\"] (see docs/recd.md)"
+            )
         _no_unknown(data, _TOP_KEYS, "recd")
         groups_data = data.get("groups", {})
         if not isinstance(groups_data, Mapping):
@@ -169,40 +216,52 @@ class RecDConfig:
             except DedupSpecError as e:
                 raise ConfigError(str(e)) from None
         towers = data.get("towers", {})
-        if not isinstance(towers, Mapping) or not all(isinstance(v, str) for v in towers.values()):
-            raise ConfigError("recd 'towers' must map module paths to group names: towers.user_tower = \"user\"")
-        verify = data.get("verify_batches", 1)
-        if not isinstance(verify, int) or isinstance(verify, bool) or verify < -1:
-            raise ConfigError(f"recd 'verify_batches' must be an integer >= 0, or -1 for every batch; got {verify!r}")
-        probe = data.get("probe_batches", 4)
-        if not isinstance(probe, int) or isinstance(probe, bool) or probe < 0:
-            raise ConfigError(f"recd 'probe_batches' must be an integer >= 0 (0: keep every group), got {probe!r}")
-        in_workers = data.get("in_workers", True)
-        if not isinstance(in_workers, bool):
-            raise ConfigError(f"recd 'in_workers' must be true or false, got {in_workers!r}")
-        fae = FAEConfig.from_dict(data["fae"]) if "fae" in data else None
-        sharded = data.get("sharded")
-        if sharded is not None and not isinstance(sharded, bool):
-            raise ConfigError(f"recd 'sharded' must be true or false (omit it: decided from torch.distributed), got {sharded!r}")
-        enabled = data.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise ConfigError(f"recd 'enabled' must be true or false, got {enabled!r}")
-        config = cls(
-            enabled=enabled,
+        if not isinstance(towers, Mapping):
+            raise ConfigError(_TOWERS_HELP)
+        # The values' types are checked by __post_init__ (one place for the parsers and code).
+        return cls(
+            enabled=data.get("enabled", True),  # a flag that is not 'off' means on
             groups=groups,
             towers=dict(towers),
-            verify_batches=verify,
-            in_workers=in_workers,
-            probe_batches=probe,
-            sharded=sharded,
-            fae=fae,
+            verify_batches=data.get("verify_batches", 1),
+            in_workers=data.get("in_workers", True),
+            probe_batches=data.get("probe_batches", 4),
+            sharded=data.get("sharded"),
+            fae=FAEConfig.from_dict(data["fae"]) if "fae" in data else None,
         )
-        if config.enabled:
-            config.validate()
-        return config
+
+    def _check_fields(self) -> None:
+        """Each field's type and range, as the flag spells them (what a parser cannot catch
+        for a config built in code)."""
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"recd 'enabled' must be true or false, got {self.enabled!r}")
+        if not isinstance(self.groups, (list, tuple)) or not all(isinstance(g, FeatureGroup) for g in self.groups):
+            raise ConfigError(
+                f"RecDConfig.groups must be a list of FeatureGroup, got {self.groups!r}; e.g. "
+                "groups=[FeatureGroup('user', ['user_id', 'history'], key='session_id')]"
+            )
+        if not isinstance(self.towers, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.towers.items()):
+            raise ConfigError(_TOWERS_HELP)
+        verify = self.verify_batches
+        if not isinstance(verify, int) or isinstance(verify, bool) or verify < -1:
+            raise ConfigError(f"recd 'verify_batches' must be an integer >= 0, or -1 for every batch; got {verify!r}")
+        probe = self.probe_batches
+        if not isinstance(probe, int) or isinstance(probe, bool) or probe < 0:
+            raise ConfigError(f"recd 'probe_batches' must be an integer >= 0 (0: keep every group), got {probe!r}")
+        if not isinstance(self.in_workers, bool):
+            raise ConfigError(f"recd 'in_workers' must be true or false, got {self.in_workers!r}")
+        if self.sharded is not None and not isinstance(self.sharded, bool):
+            raise ConfigError("recd 'sharded' must be true or false (omit it: decided from torch.distributed), "
+                              f"got {self.sharded!r}")
+        if self.fae is not None and not isinstance(self.fae, FAEConfig):
+            raise ConfigError(f"RecDConfig.fae must be an FAEConfig or None, got {self.fae!r}; "
+                              "e.g. fae=FAEConfig(hot_set='out/hot.npz')")
 
     def validate(self) -> None:
-        """Checks that need no model: groups exist, are disjoint, and towers name them."""
+        """Checks that need no model: fields well typed, groups exist, are disjoint, and
+        towers name them."""
+        self._check_fields()
         if not self.groups and self.fae is None:
             raise ConfigError(
                 "recd is on but names no feature group and no fae hot set; add one, e.g. "
@@ -232,6 +291,22 @@ class FAEConfig:
     window: int = 0
     _loaded: Any = field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.hot_set, (str, os.PathLike)) or not str(self.hot_set):
+            raise ConfigError("recd fae needs 'hot_set': the .npz written by `recd-plugin profile ... --out DIR`, "
+                              f"got {self.hot_set!r}")
+        self.hot_set = os.fspath(self.hot_set)
+        if isinstance(self.tables, str):
+            self.tables = [self.tables]
+        if self.tables is not None and not (isinstance(self.tables, (list, tuple))
+                                            and all(isinstance(t, str) for t in self.tables)):
+            raise ConfigError(f"recd fae 'tables' must be a list of table names, got {self.tables!r}")
+        if self.tables is not None:
+            self.tables = list(self.tables)
+        window = self.window
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ConfigError(f"recd fae 'window' must be an integer >= 0 (0: classify batches only), got {window!r}")
+
     def load(self) -> Any:
         """The ``HotSet`` at ``hot_set``, read once (apply's check, swap and loader share it)."""
         if self._loaded is None:
@@ -245,16 +320,9 @@ class FAEConfig:
         if not isinstance(data, Mapping):
             raise ConfigError("recd 'fae' must be a table: fae.hot_set = \"out/hot.npz\"")
         _no_unknown(data, _FAE_KEYS, "recd fae")
-        if not isinstance(data.get("hot_set"), str):
+        if not isinstance(data.get("hot_set"), str):  # a TOML path is a string (no PathLike here)
             raise ConfigError("recd fae needs 'hot_set': the .npz written by `recd-plugin profile ... --out DIR`")
-        tables = data.get("tables")
-        tables = [tables] if isinstance(tables, str) else tables
-        if tables is not None and not (isinstance(tables, list) and all(isinstance(t, str) for t in tables)):
-            raise ConfigError("recd fae 'tables' must be a list of table names")
-        window = data.get("window", 0)
-        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-            raise ConfigError(f"recd fae 'window' must be an integer >= 0 (0: classify batches only), got {window!r}")
-        return cls(hot_set=data["hot_set"], tables=tables, window=window)
+        return cls(hot_set=data["hot_set"], tables=data.get("tables"), window=data.get("window", 0))
 
 
 def verify_step(left: int) -> Tuple[bool, int]:
@@ -266,11 +334,14 @@ def _parse_value(value: str) -> Any:
     low = value.lower()
     if low in ("true", "false"):
         return low == "true"
-    if value.lstrip("-").isdigit():
+    if _INT.fullmatch(value):
         return int(value)
     if "," in value:
         return [v.strip() for v in value.split(",") if v.strip()]
     return value.strip("\"'")
+
+
+_TOWERS_HELP = "recd 'towers' must map module paths to group names: towers.user_tower = \"user\""
 
 
 def _no_unknown(data: Mapping[str, Any], allowed: set, where: str) -> None:

@@ -12,7 +12,9 @@ the groups whose deduplication pays on this machine (one printed line per group 
 ``modules/probe.py``); with none left, both come back untouched. Then the model's embedding
 modules and the configured towers are converted in place (``recd_plugin.remove`` undoes that)
 and the loader is wrapped to yield IKJT batches. Every check runs before the model is changed,
-so a bad config leaves the model as it was.
+so a bad config leaves the model as it was; a refusal that only the conversion itself can
+raise (``modules/swap.py``) undoes what was done, so a refused ``apply`` leaves the model (module
+tree, hooks, state_dict), the loader and the config exactly as they were.
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
         raise UnsupportedModelError("recd-plugin is already applied to this model; call remove() first")
     config.validate()
     check_model(model, config)
+    chosen = config.groups, config.towers
+    try:
+        return _apply_checked(config, model, loader)
+    except BaseException:
+        # A refusal after the probe narrowed the caller's config: give it back as it was.
+        config.groups, config.towers = chosen
+        raise
+
+
+def _apply_checked(config: RecDConfig, model: M, loader: Optional[Iterable[Any]]) -> Tuple[M, Any]:
+    """``apply`` after ``check_model``: probe, wrap the loader, convert the model. A refusal
+    on the way (a loader DedupLoader cannot take, a converter that refuses a table) leaves
+    model and loader as they were."""
     _keep_groups_that_pay(config, model, loader)
     if not config.groups and config.fae is None:
         return model, loader  # nothing pays: TorchRec's plain path, untouched
@@ -55,7 +70,12 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
     # Wrap the loader before converting the model: DedupLoader may refuse the loader, and
     # nothing may change before every check has passed.
     wrapped = wrap(config, loader, model)
-    unconvert = convert(model, config)
+    try:
+        unconvert = convert(model, config)  # undoes its own work if a converter refuses
+    except BaseException:
+        if isinstance(wrapped, DedupLoader):
+            wrapped.unwrap()  # the loader's own collate_fn back
+        raise
 
     def undo() -> None:
         unconvert()

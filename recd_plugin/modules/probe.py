@@ -39,14 +39,11 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from recd_plugin._ranks import all_reduce_ints
-from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
-from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
 from recd_plugin.modules.gather import gather_output
-from recd_plugin.modules.swap import outside_towers
+from recd_plugin.modules.swap import dedup_class, outside_towers
 from recd_plugin.modules.tower import expand_output
 from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup, build_ikjt, group_rows, select_rows
 from recd_plugin.transforms.dedup import check_not_deduplicated, measure
@@ -158,8 +155,8 @@ def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJagged
             def route(m: nn.Module = m, path: str = path) -> Any:
                 return gather_output(m(_plain_kjt(ikjt)), ikjt, group_of, path)
         else:
-            dm = (DedupEmbeddingBagCollection if isinstance(m, EmbeddingBagCollection)
-                  else DedupEmbeddingCollection).from_module(m)
+            swap_to = dedup_class(m)  # None: a subclass with its own forward stays as it is
+            dm = swap_to.from_module(m) if swap_to is not None else m
 
             def route(dm: nn.Module = dm) -> Any:
                 return dm(ikjt)
@@ -269,8 +266,10 @@ def probe_batches(loader: Optional[Iterable[Any]], limit: int) -> Tuple[Optional
 def keep_groups(config: Any, decisions: List[GroupDecision]) -> Any:
     """``config`` with only the kept groups, and only towers that read a kept group."""
     kept = {d.group for d in decisions if d.kept}
+    groups = [g for g in config.groups if g.name in kept]
     return dataclasses.replace(
         config,
-        groups=[g for g in config.groups if g.name in kept],
+        enabled=config.enabled and bool(groups or config.fae is not None),  # nothing kept: off
+        groups=groups,
         towers={m: g for m, g in config.towers.items() if g in kept},
     )

@@ -1,9 +1,11 @@
 """Model converters: walk a model and apply the config's module changes in place.
 
-Like torchtitan's model converters, each technique registers a named converter; ``convert``
-checks the whole model against the config first (so a bad config changes nothing), then runs
-every registered converter. Each converter returns undo callbacks, so ``unconvert`` puts the
-model back exactly. State-dict keys never change: swapped modules share the originals'
+Like torchtitan's model converters, each technique registers a named converter;
+``check_model`` checks the whole model against the config first (so a bad config changes
+nothing), then ``convert`` runs every registered converter. Each converter returns undo
+callbacks, so ``unconvert`` puts the model back exactly; a converter that still refuses (a
+check only its own construction can make) has the earlier ones undone before the error
+propagates, so a refused ``apply`` leaves no hook or swapped module behind. State-dict keys never change: swapped modules share the originals'
 submodules, and towers are hooks on the user's own modules.
 
 A new technique is one more ``@register_converter("name")`` function.
@@ -11,13 +13,15 @@ A new technique is one more ``@register_converter("name")`` function.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple, Type
 
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recd_plugin.config import RecDConfig
 from recd_plugin.errors import DedupSpecError, UnsupportedModelError, did_you_mean
+from recd_plugin.modules.base import DedupModule
+from recd_plugin.modules.batchnorm import check_tower_layers
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
 from recd_plugin.modules.tower import DedupContext, dedup_tower
@@ -35,11 +39,18 @@ def register_converter(name: str) -> Callable[[Converter], Converter]:
 
 
 #: TorchRec module -> its dedup-aware replacement. TorchRec's EC would misread an IKJT; its EBC
-#: reads it correctly but expands slowly on CPU (see dedup_ebc.py).
-DEDUP_MODULES: Dict[type, type] = {
+#: reads it correctly but expands slowly on CPU (see dedup_ebc.py). Subclasses that keep
+#: TorchRec's forward are replaced too (``DedupModule.dedup_type``).
+DEDUP_MODULES: Dict[type, Type[DedupModule]] = {
     EmbeddingCollection: DedupEmbeddingCollection,
     EmbeddingBagCollection: DedupEmbeddingBagCollection,
 }
+
+
+def dedup_class(module: nn.Module) -> Optional[Type[DedupModule]]:
+    """The dedup class that can stand in for ``module``; None for other modules and for
+    subclasses of TorchRec's EC / EBC that override ``forward``."""
+    return next((d for d in DEDUP_MODULES.values() if d.replaces(module)), None)
 
 
 def _configs(module: nn.Module) -> list:
@@ -93,6 +104,7 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
                     f"group {g.name!r} names feature {f!r}, which no embedding table of the "
                     f"model reads{did_you_mean(f, sorted(known))}; model features: {sorted(known)}"
                 )
+    _check_subclasses(model, config)
     modules = dict(model.named_modules())
     for path in config.towers:
         if path not in modules or path == "":
@@ -118,6 +130,30 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
                 f"recd tower {path!r} reads feature {outside[0]!r}, which is not in group "
                 f"{group.name!r}: a tower runs once per unique {group.name!r} row, so it may only "
                 f"read that group's features {list(group.all_features)}"
+            )
+        check_tower_layers(modules[path], path)
+
+
+def _check_subclasses(model: nn.Module, config: RecDConfig) -> None:
+    """Refuse a subclass of TorchRec's EC / EBC with its own ``forward`` where the plugin would
+    change what it reads: outside towers reading a grouped feature (it would get the IKJT, and
+    TorchRec's EC reads the unique rows as the batch) or holding a table of the FAE hot set
+    (which swaps the module). Swapping it instead would skip the user's forward."""
+    grouped = {f for g in config.groups for f in g.all_features}
+    hot = set(config.fae.load().tables) if config.fae is not None else set()  # type: ignore[union-attr]
+    for path, m, reads in outside_towers(model, config):
+        if isinstance(m, DedupModule) or dedup_class(m) is not None:
+            continue
+        why = ([f"reads grouped feature {f!r}" for f in sorted(reads & grouped)]
+               + [f"holds table {c.name!r} of the fae hot set" for c in _configs(m) if c.name in hot])
+        if why:
+            base = next(b for b in DEDUP_MODULES if isinstance(m, b)).__name__
+            raise UnsupportedModelError(
+                f"module {path!r} ({type(m).__name__}) subclasses TorchRec's {base} and overrides "
+                f"forward(), and it {why[0]}: the plugin cannot put its own module in its place "
+                "without skipping your forward, and left as it is the module would read the "
+                f"deduplicated batch. Fix: keep the extra logic in a wrapper module around a plain "
+                f"{base} (or use TorchRec's forward), or leave that feature / table out of the flag."
             )
 
 
@@ -161,8 +197,8 @@ def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupCont
         return undo
     replaced: Dict[int, nn.Module] = {}  # one replacement per module object, at every name
     for path, m in list(model.named_modules(remove_duplicate=False)):
-        dedup_cls = DEDUP_MODULES.get(type(m))
-        if dedup_cls is None:
+        dedup_cls = dedup_class(m)
+        if dedup_cls is None:  # not an EC / EBC, or a subclass with its own forward (checked)
             continue
         new = replaced.setdefault(id(m), dedup_cls.from_module(m))
         _set_submodule(model, path, new)
@@ -201,11 +237,16 @@ def _gather_outputs(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> 
 
 @register_converter("dedup_towers")
 def _hook_towers(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
-    handles = [
-        dedup_tower(model.get_submodule(path), ctx, group, path, config.verify_batches, always=config.is_sharded())
-        for path, group in config.towers.items()
-    ]
-    return [h.remove for h in handles]
+    undo: List[Undo] = []
+    try:
+        for path, group in config.towers.items():
+            undo.append(dedup_tower(model.get_submodule(path), ctx, group, path, config.verify_batches,
+                                    always=config.is_sharded()).remove)
+    except BaseException:  # a later tower refused: the earlier ones' hooks go too
+        for u in reversed(undo):
+            u()
+        raise
+    return undo
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -215,16 +256,23 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def convert(model: nn.Module, config: RecDConfig) -> Callable[[], None]:
     """Apply every registered converter in place; returns a function that undoes them all.
+    All or nothing: if a converter raises, what the others did is undone first.
 
     Call ``check_model(model, config)`` first (``recd_plugin.apply`` does).
     """
     ctx = DedupContext.attach(model, config.spec, pad_over_ranks=config.is_sharded())
     undo: List[Undo] = [ctx.detach]
-    for fn in CONVERTERS.values():
-        undo.extend(fn(model, config, ctx))
 
     def unconvert() -> None:
         for u in reversed(undo):
             u()
 
+    try:
+        for fn in CONVERTERS.values():
+            undo.extend(fn(model, config, ctx))
+    except BaseException:
+        # A converter that refuses (e.g. the hot/cold layout on a weighted MEAN table) must
+        # not leave the earlier converters' hooks and swaps behind: undo them, then raise.
+        unconvert()
+        raise
     return unconvert

@@ -23,11 +23,17 @@ module holding the user embeddings, the sequence encoder and the MLP.
 
 Only wrap modules whose inputs depend on the group's features alone; the first
 ``verify_batches`` calls check dense inputs and raise ``NotDeduplicableError`` otherwise.
+
+Batch-norm layers inside a tower would take their statistics over the U unique rows, each
+session once; ``dedup_tower`` makes them weight each row by the number of samples it stands
+for (``recd_plugin.modules.batchnorm``), so outputs, gradients and running statistics stay
+those of the plain path, and refuses layers that reduce over the batch in a way it cannot
+weight (``check_tower_layers``) before installing anything.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -37,6 +43,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from recd_plugin.config import verify_step
 from recd_plugin.errors import NotDeduplicableError, UnsupportedModelError
+from recd_plugin.modules.batchnorm import WeightedHandle, weight_batch_norms
 from recd_plugin._ranks import all_reduce_ints
 from recd_plugin.sparse.ikjt import DedupSpec, group_rows, is_aligned, jagged_index_select, select_rows, unique_rows
 
@@ -125,12 +132,24 @@ class _TowerHooks:
         self.ctx, self.group, self.name, self.always = ctx, group, name, always
         self.verify_left = verify_batches
         self.active: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._counts: Optional[torch.Tensor] = None
+
+    def row_counts(self) -> Optional[Tuple[torch.Tensor, int]]:
+        """(counts [U] int64, B) while the module runs on unique rows: how many samples each
+        row stands for (0 for rows padded in for equal per-rank counts); else None. Read by
+        the batch-norm layers inside the tower, computed once per call."""
+        if self.active is None:
+            return None
+        first, inv = self.active
+        if self._counts is None:
+            self._counts = torch.bincount(inv, minlength=first.numel())
+        return self._counts, inv.numel()
 
     def before(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
         if any(isinstance(x, torch.fx.Proxy) for x in (*args, *kwargs.values())):
             return _mark_traced(args, kwargs)
         rows = self.ctx.rows(self.group)
-        self.active = None
+        self.active, self._counts = None, None
         if rows is None:
             return None
         first, inv = rows
@@ -182,7 +201,7 @@ class _TowerHooks:
         if self.active is None:
             return None
         first, inv = self.active
-        self.active = None
+        self.active, self._counts = None, None
         return expand_output(output, inv, first.numel())
 
 
@@ -237,7 +256,7 @@ def expand_output(output: Any, inv: torch.Tensor, num_unique: int) -> Any:
 class TowerHandle:
     """Removes a dedup tower's hooks: the module is then plain again."""
 
-    def __init__(self, handles: List[RemovableHandle]) -> None:
+    def __init__(self, handles: List[Union[RemovableHandle, WeightedHandle]]) -> None:
         self._handles = handles
 
     def remove(self) -> None:
@@ -260,10 +279,15 @@ def dedup_tower(
     ``always``: reduce even a batch without repeats (U == B). Sharded embedding modules inside
     the tower must see one kind of KJT on every batch (TorchRec's sharded modules break when
     plain and variable-batch KJTs mix), so sharded mode always hands them the plain KJT.
+    Batch-norm layers inside weight each row by its sample count (exact batch statistics);
+    other layers that reduce over the batch are refused (``UnsupportedModelError``) before
+    any hook is installed.
     """
     ctx.spec.group(group)  # raises a clear error for an unknown group
-    hooks = _TowerHooks(ctx, group, name or type(module).__name__, verify_batches, always)
+    name = name or type(module).__name__
+    hooks = _TowerHooks(ctx, group, name, verify_batches, always)
     return TowerHandle([
+        weight_batch_norms(module, name, hooks.row_counts),  # refuses unweightable layers, installs nothing then
         module.register_forward_pre_hook(hooks.before, with_kwargs=True),
         module.register_forward_hook(hooks.after, with_kwargs=True),
     ])

@@ -68,9 +68,17 @@ class FeatureGroup:
                 f"feature group {self.name!r}: features must be a list of names, got the string "
                 f"{self.features!r}; write [{self.features!r}]"
             )
-        object.__setattr__(self, "features", tuple(self.features))
         if not self.name or not isinstance(self.name, str):
             raise DedupSpecError(f"feature group name must be a non-empty string, got {self.name!r}")
+        try:
+            features = tuple(self.features)
+        except TypeError:
+            features = (self.features,)  # not a list at all: named by the check below
+        bad = [f for f in features + ((self.key,) if self.key is not None else ()) if not (isinstance(f, str) and f)]
+        if bad:
+            raise DedupSpecError(f"feature group {self.name!r}: features and key are feature names "
+                                 f"(non-empty strings), got {bad[0]!r}; e.g. FeatureGroup('user', ['user_id'], key='session_id')")
+        object.__setattr__(self, "features", features)
         if not self.features and self.key is None:
             raise DedupSpecError(f"feature group {self.name!r} has no features and no key")
         if len(set(self.features)) != len(self.features):
@@ -95,6 +103,9 @@ class DedupSpec:
         object.__setattr__(self, "groups", tuple(self.groups))
         group_of: Dict[str, str] = {}
         for g in self.groups:
+            if not isinstance(g, FeatureGroup):
+                raise DedupSpecError(f"DedupSpec takes FeatureGroup objects, got {g!r}; e.g. "
+                                     "DedupSpec([FeatureGroup('user', ['user_id'], key='session_id')])")
             if any(g.name == other for other in group_of.values()):
                 raise DedupSpecError(f"two feature groups are named {g.name!r}; give each a unique name")
             for f in g.all_features:
@@ -201,9 +212,61 @@ def expand_rows(rows: torch.Tensor, inverse: Optional[torch.Tensor]) -> torch.Te
 # Build, inspect, expand.
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's numpy view (no copy); other devices are copied to the host."""
-    return t.detach().cpu().numpy()
+def _host(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """A CPU tensor's numpy view (no copy); other devices are copied to the host. ``dtype``
+    casts on the way (numpy has no bfloat16: weights are compared as float64, which holds
+    every bf16 / fp16 / fp32 value exactly)."""
+    return t.detach().to(device="cpu", dtype=dtype).numpy()
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_integer_ids(kjt: KeyedJaggedTensor, offsets: np.ndarray) -> None:
+    """Refuse non-integer ids: the key path casts them to int64 (1.5 and 1.2 both become 1,
+    merging different sessions) and the content path compares truncated ids. The message
+    names the feature of the first value that is not a whole number (else of the first value)."""
+    values = kjt.values().detach()
+    if _is_integer(values.dtype):
+        return
+    at, example = 0, ""
+    if values.dtype.is_floating_point and values.numel():
+        fractional = torch.nonzero(values != torch.trunc(values)).flatten()
+        at = int(fractional[0]) if fractional.numel() else 0
+        example = f", e.g. {values[at].item()!r}"
+    keys = kjt.keys()
+    row = int(np.searchsorted(offsets, at, side="right")) - 1  # the bag holding value `at`
+    feature = repr(keys[row // kjt.stride()]) if values.numel() else f"of {list(keys)}"
+    raise MalformedBatchError(
+        f"feature {feature} holds {values.dtype} ids{example}: ids must be an integer tensor, "
+        "else deduplication would truncate them and merge different rows. Build the KJT with "
+        "integer values (torch.long or torch.int32); map non-integer categories to integer ids "
+        "first, e.g. torch.unique(values, return_inverse=True)[1]"
+    )
+
+
+def lost_inverse_error(what: str) -> MalformedBatchError:
+    """The error for a variable-batch KJT whose inverse indices were dropped on the way
+    (TorchRec's ``permute``, ``split``, ``flatten_lengths``, ``from_jt_dict`` and feature
+    processors rebuild the KJT without them): its rows are unique rows, not samples, and
+    nothing can map them back to the batch any more."""
+    return MalformedBatchError(
+        f"{what} got a variable-batch KJT without inverse_indices: code between the batch and "
+        "here dropped them (KeyedJaggedTensor.permute / split / flatten_lengths / from_jt_dict "
+        "and feature processors do), so its rows are unique rows that can no longer be mapped "
+        "back to samples. Pass the batch's KJT on as is, or call recd_plugin.expand(kjt) "
+        "before such code."
+    )
+
+
+def _inverse_or_none(kjt: KeyedJaggedTensor, what: str) -> Optional[Tuple[List[str], torch.Tensor]]:
+    """``kjt.inverse_indices_or_none()``, refusing a variable-batch KJT that lost them: read
+    as a plain KJT, its unique rows would silently pass for the batch."""
+    inv = kjt.inverse_indices_or_none()
+    if inv is None and kjt.variable_stride_per_key():
+        raise lost_inverse_error(what)
+    return inv
 
 
 def _check_kjt(kjt: KeyedJaggedTensor) -> Tuple[np.ndarray, np.ndarray]:
@@ -229,6 +292,7 @@ def _check_kjt(kjt: KeyedJaggedTensor) -> Tuple[np.ndarray, np.ndarray]:
             f"malformed KJT: lengths sum to {int(offsets[-1])} but there are "
             f"{kjt.values().numel()} values"
         )
+    _check_integer_ids(kjt, offsets)
     return lengths, offsets
 
 
@@ -298,7 +362,7 @@ def build_ikjt(kjt: KeyedJaggedTensor, spec: DedupSpec, aligned: bool = False) -
                 )
             first, inv = plan.unique_first(host_values[start:end].astype(np.int64, copy=False))
         else:
-            host_weights = _host(weights) if weights is not None else None
+            host_weights = _host(weights, torch.float64) if weights is not None else None
             rows = plan.content_rows(lengths, offsets, host_values, host_weights,
                                      [index_of[f] for f in g.all_features], batch)
             first, inv = plan.unique_first(rows)
@@ -381,7 +445,7 @@ def group_rows(ikjt: KeyedJaggedTensor, feature: str) -> Tuple[torch.Tensor, tor
 
 def unique_count(ikjt: KeyedJaggedTensor, feature: str) -> int:
     """Number of unique rows of ``feature`` in an IKJT of either layout (B for a plain KJT)."""
-    if ikjt.inverse_indices_or_none() is None:
+    if _inverse_or_none(ikjt, "unique_count()") is None:
         return ikjt.stride()
     if ikjt.variable_stride_per_key():
         return ikjt.stride_per_key()[ikjt.keys().index(feature)]
@@ -391,7 +455,7 @@ def unique_count(ikjt: KeyedJaggedTensor, feature: str) -> int:
 
 def inverse_index(ikjt: KeyedJaggedTensor, feature: str) -> torch.Tensor:
     """[B] int64: for each sample, the row of ``feature`` in the IKJT (identity for a plain KJT)."""
-    inv = ikjt.inverse_indices_or_none()
+    inv = _inverse_or_none(ikjt, "inverse_index()")
     if inv is None:
         return torch.arange(ikjt.stride(), device=ikjt.values().device)
     names, tensor = inv
@@ -441,8 +505,9 @@ def select_rows(kjt: KeyedJaggedTensor, features: Sequence[str], rows: torch.Ten
 
 
 def expand(ikjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """IKJT -> the plain KJT (batch B) it was built from. A plain KJT is returned as is."""
-    inv = ikjt.inverse_indices_or_none()
+    """IKJT -> the plain KJT (batch B) it was built from. A plain KJT is returned as is; a
+    variable-batch KJT that lost its inverse indices is refused (``lost_inverse_error``)."""
+    inv = _inverse_or_none(ikjt, "expand()")
     if inv is None:
         return ikjt
     names, tensor = inv
