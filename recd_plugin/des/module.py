@@ -27,7 +27,10 @@ Example::
 Errors (:class:`~recd_plugin.errors.DESError`): an operator naming a table that does not
 exist, a table with MEAN pooling (the substitution needs sum pooling), an
 ``EmbeddingCollection`` / ``EmbeddingConfig`` (sequence embeddings are not pooled sums),
-fields of one operator with different dimensions, a wide table with dimension != 1.
+fields of one operator with different dimensions, a wide table with dimension != 1; and at
+``forward``, before any lookup, a batch that lacks a feature the tables read or an id outside
+its table (:class:`InputCheck`, shared with the sharded module, where such an id would
+otherwise read another table's row of the shard's flattened weight).
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recd_plugin.config import verify_step
 from recd_plugin.des.operators import DESOperator, FirstDenseLayer, WideLinear
 from recd_plugin.errors import DESError, did_you_mean
+from recd_plugin.sparse.ids import first_bad_id
 
 Field = Tuple[str, str, str]  # (table, feature, pooled key)
 
@@ -98,26 +103,75 @@ def resolve_fields(tables: Sequence[EmbeddingBagConfig], operators: Dict[str, DE
     return fields
 
 
+class InputCheck:
+    """The checks on a DES batch before any lookup: every feature the tables read is present
+    and every id lies in its table (``[0, rows)``, the smallest table reading the feature).
+
+    ``verify_batches``: the first N calls read the id check back to the host (one sync each)
+    and raise a DESError naming the feature; later calls queue it on the device without a
+    sync (on CUDA a bad id then fails as a device-side assert); -1: every call. On CPU every
+    call is exact: there is no sync to save. Why a budget: the unsharded EBC on CUDA, and a
+    DES shard's flattened weight on any device, would otherwise fail without a name or read
+    another table's row.
+    """
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], verify_batches: int = 1) -> None:
+        if not isinstance(verify_batches, int) or isinstance(verify_batches, bool) or verify_batches < -1:
+            raise DESError(f"DES: verify_batches must be an integer >= 0 (checked batches), or -1 for every batch; "
+                           f"got {verify_batches!r}")
+        self.verify_batches = verify_batches
+        self._left = verify_batches
+        self._limit: Dict[str, Tuple[str, int]] = {}  # feature -> (table, rows): its smallest table
+        for t in tables:
+            for f in t.feature_names:
+                if f not in self._limit or t.num_embeddings < self._limit[f][1]:
+                    self._limit[f] = (t.name, t.num_embeddings)
+        self._rows: Dict[Tuple[Tuple[str, ...], torch.device], torch.Tensor] = {}  # [K] per key order
+
+    def __call__(self, features: KeyedJaggedTensor) -> None:
+        if isinstance(features, torch.fx.Proxy):  # traced by a TorchRec pipeline: nothing to check yet
+            return
+        keys = list(features.keys())
+        missing = [f for f in self._limit if f not in keys]
+        if missing:
+            raise DESError(f"DES: the batch has no feature(s) {missing}{did_you_mean(missing[0], keys)}; keys: {keys}. "
+                           "Feed every feature the DES tables read (or drop the table from the DES module).")
+        values = features.values()
+        rows = self._rows.get((tuple(keys), values.device))
+        if rows is None:
+            # -1: a feature no table reads is never looked up, whatever its ids
+            rows = torch.tensor([self._limit[k][1] if k in self._limit else -1 for k in keys], device=values.device)
+            self._rows[(tuple(keys), values.device)] = rows
+        exact, left = verify_step(self._left)
+        bad = first_bad_id(values, features.length_per_key(), rows, exact)
+        if bad is not None:
+            f = keys[bad[0]]
+            table, n = self._limit[f]
+            raise DESError(f"DES: feature {f!r}: id {bad[1]} is outside table {table!r} (rows 0..{n - 1}); fix the "
+                           "input ids or the table's num_embeddings (sharded, DES would read another table's row).")
+        self._left = left
+
+
 class DESEmbeddingOperators(nn.Module):
     """Tables (a TorchRec ``EmbeddingBagCollection``, attribute ``ebc``) + named operators.
 
     ``forward(features: KJT with B samples, dense: [B, dense_in] | None) -> {name: [B, out]}``
-    (FM and wide: [B, 1]; FirstDenseLayer: [B, H]).
+    (FM and wide: [B, 1]; FirstDenseLayer: [B, H]). ``verify_batches``: see :class:`InputCheck`
+    (the sharded module takes it over).
     """
 
     def __init__(self, tables: Union[Sequence[EmbeddingBagConfig], EmbeddingBagCollection],
-                 operators: Dict[str, DESOperator], device: Optional[torch.device] = None) -> None:
+                 operators: Dict[str, DESOperator], device: Optional[torch.device] = None,
+                 verify_batches: int = 1) -> None:
         super().__init__()
         if isinstance(tables, EmbeddingCollection):
             raise DESError("DES: got an EmbeddingCollection (sequence embeddings); DES operators need pooled "
                            "sums: use an EmbeddingBagCollection with PoolingType.SUM.")
-        if isinstance(tables, EmbeddingBagCollection):
-            self.ebc = tables
-            configs = _check_tables(tables.embedding_bag_configs())
-        else:
-            configs = _check_tables(tables)
-            self.ebc = EmbeddingBagCollection(tables=configs, device=device)
+        configs = _check_tables(tables.embedding_bag_configs() if isinstance(tables, EmbeddingBagCollection) else tables)
         self.fields = resolve_fields(configs, operators)
+        self.input_check = InputCheck(configs, verify_batches)
+        self.ebc = (tables if isinstance(tables, EmbeddingBagCollection)
+                    else EmbeddingBagCollection(tables=configs, device=device))
         self.operators = nn.ModuleDict(operators)
 
     @property
@@ -125,6 +179,7 @@ class DESEmbeddingOperators(nn.Module):
         return list(self.ebc.embedding_bag_configs())
 
     def forward(self, features: KeyedJaggedTensor, dense: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        self.input_check(features)
         pooled = self.ebc(features)
         if isinstance(pooled, Awaitable):  # the ebc sharded by TorchRec returns a LazyAwaitable[KeyedTensor]
             pooled = pooled.wait()

@@ -38,7 +38,8 @@ plan is given explicitly (``des_plan``, built with TorchRec's ``construct_module
 and ``table_wise`` / ``row_wise`` generators, so it is an ordinary ``EmbeddingModuleShardingPlan``).
 Limits: no ``TrainPipelineSparseDist`` overlap (``forward`` runs the three stages in order),
 state_dict holds this rank's local slices (plain tensors, not ShardedTensor); variable-batch
-(VBE / IKJT) inputs are refused.
+(VBE / IKJT) inputs are refused. Each rank checks its local batch before the id exchange like
+the unsharded module (``module.InputCheck``: missing features, ids outside their table).
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.des.collectives import exchange_ids, reduce_scatter_partials, sync_replicated_grads
 from recd_plugin.des.fused import DESFusedOptimizer, fusable, fused_tbe, fused_weight
-from recd_plugin.des.module import DESEmbeddingOperators
+from recd_plugin.des.module import DESEmbeddingOperators, InputCheck
 from recd_plugin.des.operators import FactorizationMachine, FirstDenseLayer
-from recd_plugin.errors import DESError, did_you_mean
+from recd_plugin.errors import DESError
 
 
 def _owned_rows(ps: ParameterSharding, rows: int, table: str) -> Dict[int, Tuple[int, int]]:
@@ -96,6 +97,7 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         super().__init__()
         self._group, self._world, self._rank = env.process_group, env.world_size, env.rank
         configs = {t.name: t for t in module.tables}
+        self._input_check = InputCheck(module.tables, module.input_check.verify_batches)
         missing = [t for t in configs if t not in params]
         if missing:
             raise DESError(f"DES: the plan places no shard of table(s) {missing}; give every table a placement "
@@ -174,13 +176,12 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         if features.variable_stride_per_key():
             raise DESError("DES: variable-batch (VBE / IKJT) inputs are not supported by the DES sharded module; "
                            "feed a plain KeyedJaggedTensor.")
+        # before the exchange: a local table-wise id past its table would read the next table's
+        # rows of the flat local weight, and a row-wise one would be dropped by every owner
+        self._input_check(features)
         keys = tuple(features.keys())
         if keys not in self._feature_index:
             index = {k: i for i, k in enumerate(keys)}
-            for s in self._slots:
-                for f, _, _ in s:
-                    if f not in index:
-                        raise DESError(f"DES: the batch has no feature {f!r}{did_you_mean(f, list(keys))}; keys: {list(keys)}.")
             self._feature_index[keys] = [[(index[f], lo, hi) for f, lo, hi in s] for s in self._slots]
         batch = features.stride()
         lengths = features.lengths().view(len(keys), batch)

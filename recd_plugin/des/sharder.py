@@ -11,6 +11,7 @@ the DES module like any sharded embedding module::
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -58,9 +59,29 @@ class DESSharder(ModuleSharder[DESEmbeddingOperators]):
         return [EmbeddingComputeKernel.DENSE.value]
 
 
+def _check_world_size(world_size: Any, who: str) -> int:
+    """``world_size`` as an int >= 1, else DESError (0 left balanced_placement with no rank to pick)."""
+    if not isinstance(world_size, numbers.Integral) or isinstance(world_size, bool) or world_size < 1:
+        raise DESError(f"DES: {who} got world_size={world_size!r}; pass the number of ranks, an integer >= 1 "
+                       "(e.g. dist.get_world_size()).")
+    return int(world_size)
+
+
+def _rank_of(table: str, where: Any, world_size: int) -> Optional[int]:
+    """The rank of a table-wise placement, None for ``"row_wise"``, else DESError. A bool is
+    refused: ``True`` is an ``int`` to Python and would silently mean rank 1."""
+    if isinstance(where, str) and where == "row_wise":
+        return None
+    if isinstance(where, numbers.Integral) and not isinstance(where, bool) and 0 <= where < world_size:
+        return int(where)
+    kind = " (a bool, not a rank)" if isinstance(where, bool) else ""
+    raise DESError(f"DES: placement of {table!r} is {where!r}{kind}; use a rank in [0, {world_size}) or 'row_wise'.")
+
+
 def des_plan(module: DESEmbeddingOperators, placement: Dict[str, Union[int, str]], world_size: int,
              local_size: Optional[int] = None, device_type: str = "cpu") -> EmbeddingModuleShardingPlan:
     """A TorchRec plan for ``module``: ``placement[table]`` is a rank (table-wise) or ``"row_wise"``."""
+    world_size = _check_world_size(world_size, "des_plan")
     names = [t.name for t in module.tables]
     for t in placement:
         if t not in names:
@@ -70,12 +91,9 @@ def des_plan(module: DESEmbeddingOperators, placement: Dict[str, Union[int, str]
         raise DESError(f"DES: placement misses table(s) {missing}; give each a rank or 'row_wise'.")
     gens = {}
     for t, where in placement.items():
-        if where == "row_wise":
-            gens[t] = row_wise(compute_kernel=EmbeddingComputeKernel.DENSE.value)
-        elif isinstance(where, int) and 0 <= where < world_size:
-            gens[t] = table_wise(rank=where, compute_kernel=EmbeddingComputeKernel.DENSE.value)
-        else:
-            raise DESError(f"DES: placement of {t!r} is {where!r}; use a rank in [0, {world_size}) or 'row_wise'.")
+        rank = _rank_of(t, where, world_size)
+        gens[t] = (row_wise(compute_kernel=EmbeddingComputeKernel.DENSE.value) if rank is None
+                   else table_wise(rank=rank, compute_kernel=EmbeddingComputeKernel.DENSE.value))
     return construct_module_sharding_plan(module, gens, sharder=DESSharder(), local_size=local_size or world_size,
                                           world_size=world_size, device_type=device_type)
 
@@ -89,6 +107,11 @@ def balanced_placement(tables: Sequence[Any], world_size: int, row_wise_above: O
     and DES partials cost per field and sample, whatever the table's size. Tables with more
     than ``row_wise_above`` rows go row-wise. Used for DES and for the TorchRec table-wise
     baseline alike."""
+    world_size = _check_world_size(world_size, "balanced_placement")
+    if row_wise_above is not None and (not isinstance(row_wise_above, int) or isinstance(row_wise_above, bool)
+                                       or row_wise_above < 0):
+        raise DESError(f"DES: balanced_placement got row_wise_above={row_wise_above!r}; pass a row count >= 0, or "
+                       "None to place every table whole.")
     load = [(0, 0)] * world_size  # (fields, bytes) per rank
     out: Dict[str, Union[int, str]] = {}
     groups: Dict[Tuple[str, ...], List[Any]] = {}

@@ -59,6 +59,7 @@ from recd_plugin.errors import HotSetError, UnsupportedModelError
 from recd_plugin.fae.hotset import HotSet, TableShape
 from recd_plugin.fae.lookup import bag_sum, build_remap, cold_pools, split_tiers
 from recd_plugin.modules.base import DedupModule
+from recd_plugin.sparse.ids import first_bad_id
 from recd_plugin.sparse.ikjt import expand_rows
 
 
@@ -239,13 +240,11 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         dev = remap.device
         values, offsets = values.to(dev, torch.long), offsets.to(dev, torch.long)
         counts_t = torch.tensor(counts, device=dev)
-        limit = torch.repeat_interleave(getattr(self, f"_rows_{g.name}"), counts_t, output_size=values.numel())
-        bad = (values < 0) | (values >= limit)
-        if values.numel() and bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            k = int(np.searchsorted(np.cumsum(counts), i, side="right"))
-            raise HotSetError(f"feature {self._flat[g.features[k]]!r}: id {int(values[i])} is outside table "
-                              f"{g.tables[g.table_of[k]]!r} (rows 0..{int(limit[i]) - 1}); fix the input ids or "
+        bad = first_bad_id(values, counts, getattr(self, f"_rows_{g.name}"))
+        if bad is not None:
+            k, id_ = bad
+            raise HotSetError(f"feature {self._flat[g.features[k]]!r}: id {id_} is outside table "
+                              f"{g.tables[g.table_of[k]]!r} (rows 0..{g.rows[g.table_of[k]] - 1}); fix the input ids or "
                               "the table config (the plain EBC would fail on it too)")
         base = torch.repeat_interleave(getattr(self, f"_base_{g.name}"), counts_t, output_size=values.numel())
         split = split_tiers(values + base, remap, offsets, g.table_remap)
