@@ -19,19 +19,28 @@ if any session's history is not such a slice, the whole dataset is written in "l
 item files: they are the inverse indices of the IKJT, so the reader never deduplicates
 anything. All files are zstd Parquet.
 
+Integrity: every data file's sha256 and row count are in the manifest, every Parquet page
+carries a CRC, and the manifest carries a sha256 of its own content. :func:`read_manifest`
+checks the manifest and every file's footer (size, rows, columns) before a reader reads
+anything; :func:`read_data_file` checks the sha256 (unless switched off) and the page CRCs of
+each file it reads. Any mismatch is a StorageError naming the file and the fix.
+
 Example::
 
     from recd_plugin.storage.layout import StorageSpec, read_manifest
     spec = StorageSpec.movielens()          # the common table format of recd_plugin.data
-    manifest = read_manifest("/data/ml100k-recd")   # StorageError unless complete
+    manifest = read_manifest("/data/ml100k-recd")   # StorageError unless complete and consistent
     manifest.totals["samples"], manifest.files["events"][0]["rows"]
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -45,10 +54,16 @@ from recd_plugin.data.sessions import (
     SPARSE_FEATURES,
 )
 from recd_plugin.errors import StorageError
+from recd_plugin.storage.commit import recover
 
-FORMAT_VERSION = 1
+#: 2: every data file's sha256 is in the manifest and every Parquet page has a CRC (version 1
+#: files have neither, so they are refused: re-run preprocess).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TABLES = ("sessions", "events", "items")
+CHECKSUM = "sha256"  # manifest key of a data file's content checksum (hex)
+#: Keys of one data file's manifest entry.
+FILE_KEYS = ("path", "rows", "bytes", "first_row", CHECKSUM)
 SESSION_REF = "session_row"  # events column: global row of the sample's session
 ITEM_REF = "item_row"  # events column: global row of the sample's item
 #: sessions columns of history stored by reference (``history_mode == "reference"``): the
@@ -153,7 +168,7 @@ class Manifest:
     """Contents of ``manifest.json``: what a reader needs before opening any data file."""
 
     spec: StorageSpec
-    files: Dict[str, List[Dict[str, Any]]]  # table -> [{"path", "rows", "bytes", "first_row"}]
+    files: Dict[str, List[Dict[str, Any]]]  # table -> [{"path", "rows", "bytes", "first_row", "sha256"}]
     totals: Dict[str, Any]  # samples, sessions, items, label_sum
     schema: Dict[str, List[List[str]]]  # table -> [[column, arrow type]]
     metadata: Dict[str, str] = field(default_factory=dict)  # input schema metadata (cardinalities)
@@ -173,17 +188,33 @@ class Manifest:
         return sum(f["bytes"] for t in tables for f in self.files[t])
 
 
+@dataclass(frozen=True)
+class WrittenFile:
+    """Size and content checksum of a file as written (recorded in the manifest)."""
+
+    bytes: int
+    sha256: str
+
+
 def write_table(table: pa.Table, path: PathLike, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
-                dictionary: Optional[List[str]] = None) -> int:
-    """Write ``table`` with the layout's codec; returns the file's size in bytes.
+                dictionary: Optional[List[str]] = None) -> WrittenFile:
+    """Write ``table`` with the layout's codec and Parquet page checksums; returns its size and
+    sha256. The bytes are hashed in memory before they reach the disk, so the checksum is of what
+    preprocess produced (a write that corrupts them is caught when the file is read).
 
     ``dictionary``: the columns to dictionary-encode (default: probe this table).
     """
     if dictionary is None:
         dictionary = probe_dictionary(table)
-    pq.write_table(table, str(path), compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
-                   use_dictionary=dictionary, row_group_size=row_group_rows)
-    return os.path.getsize(path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
+                   use_dictionary=dictionary, row_group_size=row_group_rows, write_page_checksum=True)
+    data = sink.getvalue()
+    with open(path, "wb") as f:
+        f.write(memoryview(data))
+        f.flush()
+        os.fsync(f.fileno())  # durable before the manifest that vouches for it
+    return WrittenFile(data.size, hashlib.sha256(memoryview(data)).hexdigest())
 
 
 def _column_bytes(table: pa.Table, dictionary: bool) -> Dict[str, int]:
@@ -224,11 +255,21 @@ def schema_json(schema: pa.Schema) -> List[List[str]]:
     return [[f.name, str(f.type)] for f in schema]
 
 
+def manifest_digest(body: Dict[str, Any]) -> str:
+    """sha256 of a manifest's content (canonical JSON: independent of key order and spacing)."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(directory: PathLike, manifest: Manifest) -> None:
-    """Write ``manifest.json`` (via a temp file + rename: never a half-written manifest)."""
+    """Write ``manifest.json`` with a checksum of its own content (via a temp file + rename:
+    never a half-written manifest)."""
     path = Path(directory) / MANIFEST
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=True))
+    body = manifest.to_json()
+    with open(tmp, "w") as f:
+        f.write(json.dumps({**body, CHECKSUM: manifest_digest(body)}, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())  # the manifest vouches for the data: never durable before it is whole
     os.replace(tmp, path)
 
 
@@ -237,13 +278,27 @@ def _fix(directory: Path) -> str:
             "failed or is still running leaves no manifest)")
 
 
-def read_manifest(directory: PathLike, check_files: bool = True) -> Manifest:
-    """Load and validate ``manifest.json``; StorageError unless the layout is complete.
+def rewrite_fix(directory: Path) -> str:
+    """The fix of a damaged or inconsistent dataset, for error messages."""
+    return (f"the dataset is damaged or was edited after preprocess: rewrite it with "
+            f"recd_plugin.storage.preprocess(source, '{directory}', spec, overwrite=True) "
+            f"(recd-plugin preprocess SOURCE {directory} --overwrite)")
 
-    ``check_files`` also checks that every listed file exists with its recorded size (cheap:
-    one ``stat`` per file), catching a directory that was copied or pruned partially.
+
+def read_manifest(directory: PathLike, check_files: bool = True) -> Manifest:
+    """Load and validate ``manifest.json``; StorageError unless the layout is complete and
+    consistent.
+
+    First finishes a ``preprocess(overwrite=True)`` commit that a killed process left half done
+    (:func:`recd_plugin.storage.commit.recover`). The manifest's own numbers must agree (each
+    file's ``first_row`` is the rows before it, totals are the sums). ``check_files`` also reads
+    every data file's Parquet footer (no data pages): it must exist with the recorded size, row
+    count and columns, catching a directory copied or pruned partially, or a manifest edited by
+    hand, before anything is read. Content checksums are verified when a file is read
+    (:func:`read_data_file`).
     """
     directory = Path(directory)
+    recover(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
         raise StorageError(f"{directory}: no such dataset directory; {_fix(directory)}")
@@ -254,32 +309,122 @@ def read_manifest(directory: PathLike, check_files: bool = True) -> Manifest:
         d = json.loads(path.read_text())
         version = d["format_version"]
         if version != FORMAT_VERSION:
-            raise StorageError(f"{path}: format version {version}, this reader reads version "
-                               f"{FORMAT_VERSION}; {_fix(directory)}")
+            raise StorageError(f"{path}: format version {version}, this reader reads version {FORMAT_VERSION} "
+                               f"(version 2 added content checksums); {_fix(directory)} with overwrite=True")
+        # The manifest vouches for every file's checksum and count: it is checked itself first.
+        body = {k: v for k, v in d.items() if k != CHECKSUM}
+        if d.get(CHECKSUM) != manifest_digest(body):
+            raise StorageError(f"{path} is damaged or was edited: its {CHECKSUM} does not match its content; "
+                               f"{rewrite_fix(directory)}")
         manifest = Manifest(spec=StorageSpec.from_json(d["spec"]), files=d["files"], totals=d["totals"],
                             schema=d["schema"], metadata=d.get("metadata", {}), format_version=version,
                             history_mode=d.get("history_mode", "list"))
         if manifest.history_mode not in HISTORY_MODES:
             raise StorageError(f"{path}: unknown history_mode {manifest.history_mode!r}; {_fix(directory)}")
-        missing = [t for t in TABLES if t not in manifest.files]
+        if not all(isinstance(x, dict) for x in (manifest.files, manifest.totals, manifest.schema)):
+            raise TypeError("files, totals and schema must be JSON objects")
+        missing = [t for t in TABLES if t not in manifest.files or t not in manifest.schema]
         missing += [k for k in ("samples", "sessions", "items", "label_sum") if k not in manifest.totals]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
         if isinstance(e, StorageError):
             raise
-        raise StorageError(f"{path}: malformed manifest ({e!r}); {_fix(directory)}") from e
+        raise StorageError(f"{path}: malformed manifest ({e!r}); {rewrite_fix(directory)}") from e
     if missing:
-        raise StorageError(f"{path}: manifest lacks {missing}; {_fix(directory)}")
-    if len(manifest.files["sessions"]) != len(manifest.files["events"]):
-        raise StorageError(f"{path}: {len(manifest.files['sessions'])} session files but "
-                           f"{len(manifest.files['events'])} event files; {_fix(directory)}")
+        raise StorageError(f"{path}: manifest lacks {missing}; {rewrite_fix(directory)}")
+    _check_counts(path, manifest)
     if check_files:
         for table in TABLES:
             for f in manifest.files[table]:
-                p = directory / f["path"]
-                if not p.is_file() or p.stat().st_size != f["bytes"]:
-                    raise StorageError(f"{directory}: data file {f['path']} is missing or has a different "
-                                       f"size than the manifest records; {_fix(directory)}")
+                _check_footer(directory, table, f, manifest.schema[table])
     return manifest
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_counts(path: Path, manifest: Manifest) -> None:
+    """The manifest's numbers agree with each other (the reader indexes by them: a count edited
+    by hand would otherwise drop or misplace samples silently)."""
+    directory = path.parent
+
+    def bad(what: str) -> StorageError:
+        return StorageError(f"{path}: {what}; {rewrite_fix(directory)}")
+
+    if len(manifest.files["sessions"]) != len(manifest.files["events"]):
+        raise bad(f"{len(manifest.files['sessions'])} session files but {len(manifest.files['events'])} event files")
+    for table, total in (("events", "samples"), ("sessions", "sessions"), ("items", "items")):
+        files = manifest.files[table]
+        if not isinstance(files, list):
+            raise bad(f"files[{table!r}] is not a list")
+        row = 0
+        for f in files:
+            if not isinstance(f, dict) or not all(k in f for k in FILE_KEYS):
+                raise bad(f"a {table} file entry lacks one of {list(FILE_KEYS)}: {f!r}")
+            if not isinstance(f["path"], str) or not f["path"].startswith(f"{table}/") or ".." in f["path"]:
+                raise bad(f"{table} file path {f['path']!r} is not a file of the {table}/ folder")
+            if not all(_is_count(f[k]) for k in ("rows", "bytes", "first_row")):
+                raise bad(f"{f['path']}: rows, bytes and first_row must be integers >= 0, got {f!r}")
+            if not (isinstance(f[CHECKSUM], str) and re.fullmatch(r"[0-9a-f]{64}", f[CHECKSUM])):
+                raise bad(f"{f['path']}: {CHECKSUM} is not a hex digest")
+            if f["first_row"] != row:
+                raise bad(f"{f['path']}: first_row is {f['first_row']} but the files before it hold {row} rows")
+            row += f["rows"]
+        if manifest.totals[total] != row:
+            raise bad(f"totals[{total!r}] is {manifest.totals[total]!r} but the {table} files hold {row} rows")
+        columns = manifest.schema[table]
+        if not (isinstance(columns, list) and all(isinstance(c, list) and len(c) == 2 for c in columns)):
+            raise bad(f"schema[{table!r}] is not a list of [column, type] pairs")
+    label_sum = manifest.totals["label_sum"]
+    if not isinstance(label_sum, (int, float)) or not math.isfinite(label_sum):
+        raise bad(f"totals['label_sum'] is {label_sum!r}, not a finite number")
+
+
+def _check_footer(directory: Path, table: str, f: Dict[str, Any], schema: List[List[str]]) -> None:
+    """File ``f`` exists with the recorded size, and its footer's row count and columns match."""
+    p = directory / f["path"]
+    if not p.is_file() or p.stat().st_size != f["bytes"]:
+        raise StorageError(f"{directory}: data file {f['path']} is missing or has a different size than the "
+                           f"manifest records; {rewrite_fix(directory)}")
+    try:
+        meta = pq.read_metadata(str(p))
+        columns = meta.schema.to_arrow_schema().names
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise StorageError(f"{p}: unreadable Parquet footer ({e}); {rewrite_fix(directory)}") from e
+    if meta.num_rows != f["rows"]:
+        raise StorageError(f"{p}: the file holds {meta.num_rows} rows but the manifest says {f['rows']}; "
+                           f"{rewrite_fix(directory)}")
+    # Names only: Parquet renames a list's item field ("item" -> "element"), and a column of
+    # an unexpected type is refused when the reader converts it.
+    expected = [c[0] for c in schema]
+    if columns != expected:
+        raise StorageError(f"{p}: columns {columns} differ from the manifest's {table} columns {expected}; "
+                           f"{rewrite_fix(directory)}")
+
+
+def read_data_file(directory: PathLike, entry: Dict[str, Any], columns: List[str],
+                   verify_checksum: bool = True) -> pa.Table:
+    """``columns`` of the data file of manifest entry ``entry`` (a table of ``entry["rows"]`` rows),
+    verified: its sha256 (unless ``verify_checksum`` is False: the documented speed switch), its
+    Parquet page CRCs and its row count; StorageError naming the file otherwise."""
+    directory = Path(directory)
+    p = directory / entry["path"]
+    try:
+        if verify_checksum:
+            data = p.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry[CHECKSUM]:
+                raise StorageError(f"{p}: content checksum ({CHECKSUM}) differs from the manifest: the file "
+                                   f"was corrupted or changed after preprocess; {rewrite_fix(directory)}")
+            source: Any = pa.BufferReader(data)  # parse exactly the bytes that were verified
+        else:
+            source = str(p)
+        table = pq.read_table(source, columns=columns, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:
+        raise StorageError(f"{p}: cannot read ({e}); the file is corrupt or truncated; {rewrite_fix(directory)}") from e
+    if table.num_rows != entry["rows"]:
+        raise StorageError(f"{p}: the file holds {table.num_rows} rows but the manifest says {entry['rows']}; "
+                           f"{rewrite_fix(directory)}")
+    return table
 
 
 def part_name(table: str, index: int) -> str:

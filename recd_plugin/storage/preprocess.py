@@ -14,8 +14,17 @@ into its events file instead of the list. Every session's history is verified to
 item ids of those rows; if any is not (or the column is not a list of ids), the whole dataset
 is written again with lists (``history_mode`` "list" in the manifest and the summary).
 
-Output is written into a hidden temp directory next to ``out_dir`` and renamed into place only
-after ``manifest.json`` is complete, so a failed run leaves nothing a reader accepts.
+Input is validated before anything is written: missing columns, schemas, nulls in the columns
+a batch is built from (ids, user, label, dense features, history: :func:`check_values`) and NaN
+or infinite labels. Nulls and NaNs found only while streaming (columns whose Parquet statistics
+cannot tell) abort the run before ``out_dir`` is touched.
+
+Output is written into a hidden temp directory next to ``out_dir`` and moved into place only
+after ``manifest.json`` is complete, so a failed run leaves nothing a reader accepts. Every data
+file's sha256 goes into the manifest and every Parquet page gets a CRC, verified by the reader.
+Replacing an old ``out_dir`` is journaled (:mod:`recd_plugin.storage.commit`): a run killed at
+any point leaves the old or the new dataset, never none and never a mix, and the next
+preprocess of the same ``out_dir`` deletes the temp directories killed runs left behind.
 
 Example::
 
@@ -30,24 +39,27 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from recd_plugin.data.columns import is_list
 from recd_plugin.errors import StorageError
 from recd_plugin.storage.columns import rows_equal
+from recd_plugin.storage.commit import clean_stale, commit, recover, temp_dir, writer_lock
 from recd_plugin.storage.history import NotDerivable, history_refs, reference_candidate
 from recd_plugin.storage.layout import (
     COMPRESSION, COMPRESSION_LEVEL, DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF,
-    Encodings, Manifest, StorageSpec, TABLES, part_name, probe_dictionary, schema_json, write_manifest, write_table,
+    CHECKSUM, Encodings, Manifest, StorageSpec, TABLES, part_name, probe_dictionary, schema_json, write_manifest,
+    write_table,
 )
-from recd_plugin.storage.source import Source, open_source
+from recd_plugin.storage.source import Source, null_error, open_source
 
 
 @dataclass
@@ -120,8 +132,9 @@ class _Writer:
     def _write(self, table_name: str, table: pa.Table, first_row: int) -> None:
         index = len(self.files[table_name])
         rel = part_name(table_name, index)
-        size = write_table(table, self.tmp / rel, self.row_group_rows, self.encodings[table_name](table))
-        self.files[table_name].append({"path": rel, "rows": table.num_rows, "bytes": size, "first_row": first_row})
+        written = write_table(table, self.tmp / rel, self.row_group_rows, self.encodings[table_name](table))
+        self.files[table_name].append({"path": rel, "rows": table.num_rows, "bytes": written.bytes,
+                                       "first_row": first_row, CHECKSUM: written.sha256})
         self.schemas[table_name] = table.schema
 
     def flush(self, table: pa.Table) -> None:
@@ -249,6 +262,38 @@ def _drain(writer: _Writer, table: pa.Table, key: str, rows_per_file: int, final
     return table.slice(pos)
 
 
+def not_null_columns(spec: StorageSpec, schema: pa.Schema) -> Dict[str, str]:
+    """Input columns a batch is built from, which therefore cannot hold nulls -> their role."""
+    roles = {spec.session_key: "the session key", spec.item_key: "the item key", spec.label: "the label"}
+    extra = [(spec.user_key, "the user key"), (spec.history, "the history"), (spec.order_by, "the order_by key")]
+    extra += [(f, "a sparse feature") for f in spec.sparse_features]
+    extra += [(f, "a dense feature") for f in spec.dense_features]
+    for col, role in extra:
+        if col:
+            roles.setdefault(col, role)
+    return {c: r for c, r in roles.items() if c in schema.names}
+
+
+def check_values(where: str, data: "pa.Table | pa.RecordBatch", roles: Dict[str, str], label: str) -> None:
+    """Refuse nulls in ``roles``' columns and NaN / infinite labels in ``data`` (a whole input
+    table up front, or one input batch while streaming) before any of its rows is written."""
+    for col, role in roles.items():
+        c = data.column(col)
+        if c.null_count:
+            raise null_error(where, col, role, c.null_count)
+        if is_list(c.type):
+            inner = pc.list_flatten(c).null_count
+            if inner:
+                raise null_error(where, col, role, inner, inside=True)
+    y = data.column(label)
+    if pa.types.is_floating(y.type):
+        bad = len(y) - pc.sum(pc.is_finite(y)).as_py() if len(y) else 0
+        if bad:
+            raise StorageError(f"{where}: label column {label!r} has {bad} NaN or infinite values; a label must be "
+                               "a finite number (epoch_check and the loss sum labels): drop or fix those rows "
+                               "before preprocess; nothing was written to out_dir")
+
+
 def _first_dup(keys: np.ndarray) -> Any:
     u, counts = np.unique(keys, return_counts=True)
     return u[counts > 1][0]
@@ -273,32 +318,40 @@ def preprocess(source: Source, out_dir: "str | os.PathLike[str]", spec: Optional
     """
     spec = spec or StorageSpec.movielens()
     out = Path(out_dir)
+    recover(out)  # a killed overwrite left `out` mid-swap: finish it, so `exists` below is the truth
     if out.exists() and not overwrite:
         raise StorageError(f"{out} already exists; pass overwrite=True or choose another out_dir")
     if rows_per_file < 1 or row_group_rows < 1 or read_batch_rows < 1:
         raise StorageError("rows_per_file, row_group_rows and read_batch_rows must be >= 1")
-    src = open_source(source, spec.required())
+    src = open_source(source, spec.required(), not_null=lambda schema: not_null_columns(spec, schema))
     if src.num_rows == 0:
         raise StorageError("the input has no rows (empty input); nothing to preprocess")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if isinstance(source, pa.Table):
+        check_values("input table", source, not_null_columns(spec, source.schema), spec.label)
     started = time.perf_counter()
-    try:
-        writer = manifest = None
-        bytes_flat: Optional[int] = None
-        for reference in ([True, False] if reference_candidate(spec, src.schema) else [False]):
-            try:
-                writer, manifest, bytes_flat = _write_all(src, tmp, spec, reference, rows_per_file, row_group_rows,
-                                                          read_batch_rows, strict, measure_flat, progress)
-                break
-            except NotDerivable:  # some history is not a slice of earlier events: lists, for all
-                shutil.rmtree(tmp, ignore_errors=True)
-        assert writer is not None and manifest is not None
-        write_manifest(tmp, manifest)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writer_lock(out):
+        recover(out)
+        if out.exists() and not overwrite:  # written by a run that finished while this one started
+            raise StorageError(f"{out} already exists; pass overwrite=True or choose another out_dir")
+        clean_stale(out)  # under the lock no live run owns them: leftovers of killed runs
+        tmp = temp_dir(out)
+        try:
+            writer = manifest = None
+            bytes_flat: Optional[int] = None
+            for reference in ([True, False] if reference_candidate(spec, src.schema) else [False]):
+                try:
+                    writer, manifest, bytes_flat = _write_all(src, tmp, spec, reference, rows_per_file,
+                                                              row_group_rows, read_batch_rows, strict, measure_flat,
+                                                              progress)
+                    break
+                except NotDerivable:  # some history is not a slice of earlier events: lists, for all
+                    shutil.rmtree(tmp, ignore_errors=True)
+            assert writer is not None and manifest is not None
+            write_manifest(tmp, manifest)
+            commit(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     summary = PreprocessSummary(rows=writer.samples, sessions=writer.sessions, items=writer.num_items,
                                 files=len(manifest.files["events"]), bytes_out=manifest.bytes(),
                                 bytes_source=src.bytes, bytes_flat=bytes_flat,
@@ -318,15 +371,13 @@ def _write_all(src: Any, tmp: Path, spec: StorageSpec, reference: bool, rows_per
         (tmp / sub).mkdir(parents=True)
     writer = _Writer(tmp, spec, src.schema, row_group_rows, strict, measure_flat, reference)
     user_key = spec.user_key if reference else None
+    roles = not_null_columns(spec, src.schema)
     try:
         pending: List[pa.RecordBatch] = []
         buffered = 0
         with tqdm(total=src.num_rows, unit="rows", desc="preprocess", disable=None if progress else True) as bar:
             for where, batch in src.batches(read_batch_rows):
-                key = batch.column(batch.schema.get_field_index(spec.session_key))
-                if key.null_count:
-                    raise StorageError(f"{where}: column {spec.session_key!r} (session key) has "
-                                       f"{key.null_count} nulls; every sample needs a session")
+                check_values(where, batch, roles, spec.label)
                 pending.append(batch)
                 buffered += batch.num_rows
                 bar.update(batch.num_rows)
@@ -349,14 +400,3 @@ def _write_all(src: Any, tmp: Path, spec: StorageSpec, reference: bool, rows_per
         bytes_flat = os.path.getsize(tmp / "_flat.parquet")
         os.remove(tmp / "_flat.parquet")
     return writer, manifest, bytes_flat
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir into place; an old ``out`` is replaced only now."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)

@@ -26,8 +26,9 @@ and never split a session shorter than the batch, so a batch may hold fewer than
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -39,12 +40,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.data.batches import TableBatches
 from recd_plugin.data.sessions import DENSE_FEATURES, SPARSE_FEATURES
-from recd_plugin.errors import StorageError
+from recd_plugin.errors import RecDError, StorageError
 from recd_plugin.sparse.plan import offsets_of, segment_positions
 from recd_plugin.data.columns import JaggedColumn, dense_column
 from recd_plugin.storage.layout import (
-    DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF, PathLike, read_manifest,
-    write_table,
+    DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF, PathLike, read_data_file,
+    read_manifest, rewrite_fix, write_table,
 )
 
 
@@ -102,14 +103,24 @@ class DedupReader(IterableDataset):
         rank, world_size: this trainer's share of the files.
         shuffle: shuffle file order and session order (per ``seed`` and epoch); samples of a
             session stay together and in order.
+        verify_checksums: hash every data file when it is opened and compare with the sha256
+            the manifest recorded at preprocess (default). ``False`` skips the hash (one pass
+            over the file's bytes) for speed; Parquet page CRCs, row counts and the layout's
+            reference checks still run, but a flipped bit outside a data page (page headers,
+            footer) may then go unnoticed.
+
+    Every file is checked against the manifest when the reader is built (size, row count,
+    columns) and when it is read (checksum, references in range); an inconsistency raises
+    StorageError naming the file, never a wrong batch.
     """
 
     def __init__(self, path: PathLike, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = False, seed: int = 0, epoch: int = 0) -> None:
+                 shuffle: bool = False, seed: int = 0, epoch: int = 0, verify_checksums: bool = True) -> None:
         if batch_size < 1:
             raise StorageError(f"batch_size must be >= 1, got {batch_size}")
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        self.verify_checksums = verify_checksums
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         spec = self.manifest.spec
@@ -132,19 +143,32 @@ class DedupReader(IterableDataset):
         pick = lambda names: [f for f in names if self._where[f] == table]  # noqa: E731
         return pick(self.keys), pick(self.spec.dense_features)
 
-    def _read(self, rel: str, columns: List[str]) -> pa.Table:
+    def _read(self, entry: Dict[str, Any], columns: List[str]) -> pa.Table:
+        return read_data_file(self.path, entry, columns, self.verify_checksums)
+
+    def _inconsistent(self, rel: str, problem: str) -> StorageError:
+        return StorageError(f"{self.path / rel}: inconsistent layout: {problem}; {rewrite_fix(self.path)}")
+
+    @contextmanager
+    def _layout_errors(self, rel: str) -> Iterator[None]:
+        """Backstop for layouts that pass every explicit check yet do not fit together (a
+        damaged file read with ``verify_checksums=False``): the raw numpy / arrow error
+        becomes a StorageError naming the file and the fix, never a traceback from inside."""
         try:
-            return pq.read_table(self.path / rel, columns=columns)
-        except (pa.ArrowException, OSError) as e:
-            raise StorageError(f"{self.path / rel}: cannot read ({e}); re-run preprocess") from e
+            yield
+        except RecDError:
+            raise
+        except (IndexError, KeyError, ValueError, pa.ArrowException) as e:
+            raise self._inconsistent(rel, repr(e)) from e
 
     def _load_items(self) -> _Table:
         if self._items is None:
             sparse, dense = self._cols("items")
             files = self.manifest.files["items"]
             extra = [self.spec.item_key] if self._history_ref and self.spec.item_key not in sparse + dense else []
-            table = pa.concat_tables([self._read(f["path"], sparse + dense + extra) for f in files])
-            self._items = _Table(table, sparse, dense)
+            with self._layout_errors(files[0]["path"] if files else "items/"):
+                table = pa.concat_tables([self._read(f, sparse + dense + extra) for f in files])
+                self._items = _Table(table, sparse, dense)
             if self._history_ref:
                 key = self.spec.item_key
                 self._item_ids = JaggedColumn.from_arrow(table.column(key), key).values
@@ -165,30 +189,11 @@ class DedupReader(IterableDataset):
             yield from self._file_batches(fi, items)
 
     def _file_batches(self, fi: int, items: _Table) -> Iterator[Batch]:
-        s_meta = self.manifest.files["sessions"][fi]
-        s_sparse, s_dense = self._cols("sessions")
-        e_sparse, e_dense = self._cols("events")
-        history = self.spec.history if self._history_ref else None
-        s_stored = [f for f in s_sparse if f != history]
-        refs = [HISTORY_START, HISTORY_LEN] if history else []
-        s_table = self._read(s_meta["path"], s_stored + s_dense + refs)
-        sessions = _Table(s_table, s_stored, s_dense)
-        events = self._read(self.manifest.files["events"][fi]["path"],
-                            [SESSION_REF, ITEM_REF] + e_sparse + e_dense + [self.spec.label])
-        ev = _Table(events, e_sparse, e_dense)
-        session_local = events.column(SESSION_REF).to_numpy() - s_meta["first_row"]
-        item_ref = events.column(ITEM_REF).to_numpy()
-        if history:  # rows [history_start, + history_len) of this events file, as item ids
-            assert self._item_ids is not None
-            h_start = s_table.column(HISTORY_START).to_numpy().astype(np.int64, copy=False)
-            h_len = s_table.column(HISTORY_LEN).to_numpy().astype(np.int64, copy=False)
-            pos = segment_positions(h_start, h_len)
-            sessions.sparse[history] = JaggedColumn(self._item_ids[item_ref[pos]], offsets_of(h_len))
-        labels = dense_column(events.column(self.spec.label), self.spec.label)
+        with self._layout_errors(self.manifest.files["events"][fi]["path"]):
+            sessions, ev, labels, item_ref, counts = self._open_file(fi)
         # Events are stored session by session: session s owns rows [start[s], start[s + 1]).
-        counts = np.bincount(session_local, minlength=s_meta["rows"])
         start = np.concatenate([[0], np.cumsum(counts)])
-        order = np.arange(s_meta["rows"])
+        order = np.arange(counts.size)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch, fi]).permutation(order)
         for segments in pack_sessions(counts[order], self.batch_size):
@@ -198,6 +203,53 @@ class DedupReader(IterableDataset):
             run = np.repeat(np.arange(len(segments)), seg_len)  # session inverse, from the layout
             rows = segment_positions(start[sess] + seg[:, 1], seg_len)  # event rows, batch order
             yield self._batch(sessions, sess, run, ev, rows, items, item_ref[rows], labels[rows])
+
+    def _open_file(self, fi: int) -> Tuple[_Table, _Table, np.ndarray, np.ndarray, np.ndarray]:
+        """Read events file ``fi`` and its sessions file, and check that their references fit
+        the layout: (sessions, events, labels float32 [N], item_ref int64 [N], events per
+        session int64 [S])."""
+        s_meta, e_meta = self.manifest.files["sessions"][fi], self.manifest.files["events"][fi]
+        s_sparse, s_dense = self._cols("sessions")
+        e_sparse, e_dense = self._cols("events")
+        history = self.spec.history if self._history_ref else None
+        s_stored = [f for f in s_sparse if f != history]
+        refs = [HISTORY_START, HISTORY_LEN] if history else []
+        s_table = self._read(s_meta, s_stored + s_dense + refs)
+        sessions = _Table(s_table, s_stored, s_dense)
+        events = self._read(e_meta, [SESSION_REF, ITEM_REF] + e_sparse + e_dense + [self.spec.label])
+        ev = _Table(events, e_sparse, e_dense)
+        session_local = events.column(SESSION_REF).to_numpy() - s_meta["first_row"]
+        item_ref = events.column(ITEM_REF).to_numpy()
+        counts = self._session_counts(e_meta["path"], session_local, s_meta["rows"])
+        self._check_range(e_meta["path"], ITEM_REF, item_ref, int(self.manifest.totals["items"]))
+        if history:  # rows [history_start, + history_len) of this events file, as item ids
+            assert self._item_ids is not None
+            h_start = s_table.column(HISTORY_START).to_numpy().astype(np.int64, copy=False)
+            h_len = s_table.column(HISTORY_LEN).to_numpy().astype(np.int64, copy=False)
+            if ((h_len < 0) | (h_start < 0) | (h_start + h_len > item_ref.size)).any():
+                raise self._inconsistent(s_meta["path"], f"a history reference ({HISTORY_START}, {HISTORY_LEN}) "
+                                         f"points outside the {item_ref.size} rows of {e_meta['path']}")
+            pos = segment_positions(h_start, h_len)
+            sessions.sparse[history] = JaggedColumn(self._item_ids[item_ref[pos]], offsets_of(h_len))
+        labels = dense_column(events.column(self.spec.label), self.spec.label)
+        return sessions, ev, labels, item_ref, counts
+
+    def _check_range(self, rel: str, column: str, values: np.ndarray, end: int) -> None:
+        if values.size and (values.min() < 0 or values.max() >= end):
+            raise self._inconsistent(rel, f"column {column!r} holds {values.min()}..{values.max()}, outside "
+                                     f"[0, {end}) recorded in the manifest")
+
+    def _session_counts(self, rel: str, session_local: np.ndarray, sessions: int) -> np.ndarray:
+        """Events per session of one file, int64 [sessions]. The batching relies on events
+        being grouped by session in session order, each session owning >= 1 event: checked
+        here, since a violation would silently pair samples with another session's features."""
+        self._check_range(rel, SESSION_REF, session_local, sessions)
+        if (np.diff(session_local) < 0).any():
+            raise self._inconsistent(rel, f"events are not stored in session order ({SESSION_REF} decreases)")
+        counts = np.bincount(session_local, minlength=sessions)
+        if (counts == 0).any():
+            raise self._inconsistent(rel, f"{int((counts == 0).sum())} sessions of its sessions file have no events")
+        return counts
 
     def _relabel(self, refs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(unique refs in order of first appearance, inverse): the IKJT numbering of unique
@@ -243,8 +295,9 @@ class DedupReader(IterableDataset):
 
 
 def write_flat(table: pa.Table, path: PathLike, row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> int:
-    """The flat baseline file (one row per sample) with the layout's codec; returns its bytes."""
-    return write_table(table, path, row_group_rows)
+    """The flat baseline file (one row per sample) with the layout's codec and page checksums;
+    returns its bytes."""
+    return write_table(table, path, row_group_rows).bytes
 
 
 class FlatReader(IterableDataset):
@@ -264,15 +317,18 @@ class FlatReader(IterableDataset):
             raise StorageError(f"{self.path}: no such flat Parquet file; write it with write_flat(table, path)")
 
     def __iter__(self) -> Iterator[Batch]:
-        pf = pq.ParquetFile(str(self.path))
-        me, readers = _shard(pf.num_row_groups, self.rank, self.world_size)
-        groups = list(range(pf.num_row_groups))[me::readers]
-        if not groups:
-            return
-        columns = self.sparse_features + [c for c in self.dense_features if c not in self.sparse_features] + [self.label]
-        for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=groups, columns=columns):
-            table = pa.Table.from_batches([rb])
-            yield TableBatches(table, rb.num_rows, self.sparse_features, self.dense_features, self.label)[0]
+        try:
+            pf = pq.ParquetFile(str(self.path), page_checksum_verification=True)
+            me, readers = _shard(pf.num_row_groups, self.rank, self.world_size)
+            groups = list(range(pf.num_row_groups))[me::readers]
+            columns = (self.sparse_features + [c for c in self.dense_features if c not in self.sparse_features]
+                       + [self.label])
+            for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=groups, columns=columns) if groups else []:
+                table = pa.Table.from_batches([rb])
+                yield TableBatches(table, rb.num_rows, self.sparse_features, self.dense_features, self.label)[0]
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(f"{self.path}: cannot read ({e}); the file is corrupt or truncated: rewrite it "
+                               "with write_flat(table, path)") from e
 
 
 def manifest_cardinalities(path: PathLike) -> Dict[str, int]:

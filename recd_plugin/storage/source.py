@@ -2,8 +2,9 @@
 
 A source is a ``pyarrow.Table``, a Parquet file, a directory of Parquet files (searched
 recursively, sorted by path) or a ``pyarrow.dataset.Dataset``. Every file's footer is read
-up front, so a corrupt or truncated file, a missing column or a schema that differs between
-files fails *before* anything is written, with an error naming the file and the column.
+up front, so a corrupt or truncated file, a missing column, a schema that differs between
+files or nulls in a column that must have none (when the footer's statistics count them)
+fail *before* anything is written, with an error naming the file and the column.
 
 Example::
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -92,7 +93,37 @@ def check_schema(name: str, schema: pa.Schema, required: Sequence[str],
                        "different column order; write all files with one schema")
 
 
-def open_source(source: Source, required: Sequence[str]) -> OpenSource:
+#: ``not_null(schema)``: the columns that must hold no nulls -> their role (for the message).
+NotNull = Callable[[pa.Schema], Dict[str, str]]
+
+
+def null_error(where: str, col: str, role: str, n: int, inside: bool = False) -> StorageError:
+    """The refusal of a null in a column a batch is built from (``where``: file or "input table")."""
+    what = f"{n} null values inside its lists" if inside else f"{n} null rows"
+    return StorageError(f"{where}: column {col!r} ({role}) has {what}; the reader cannot build a batch "
+                        f"from them: fill or drop those rows before preprocess (e.g. "
+                        f"table.filter(pyarrow.compute.is_valid(table[{col!r}]))); nothing was written to out_dir")
+
+
+def footer_nulls(name: str, meta: pq.FileMetaData, not_null: NotNull) -> None:
+    """Refuse a file whose row-group statistics count nulls in a ``not_null`` column, before any
+    data page is read. Only flat columns: a list column's leaf statistics count empty lists as
+    nulls too, so its nulls are found while streaming (``preprocess.check_values``)."""
+    roles = not_null(meta.schema.to_arrow_schema())
+    if not roles or meta.num_row_groups == 0:
+        return
+    leaves = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
+    for col, role in roles.items():
+        if col not in leaves:  # nested: its leaf is "col.list.element"
+            continue
+        stats = [meta.row_group(g).column(leaves[col]).statistics for g in range(meta.num_row_groups)]
+        if all(st is not None and st.has_null_count for st in stats):
+            n = sum(st.null_count for st in stats)
+            if n:
+                raise null_error(name, col, role, n)
+
+
+def open_source(source: Source, required: Sequence[str], not_null: Optional[NotNull] = None) -> OpenSource:
     """Validate ``source`` (see the module docstring) and return how to stream it."""
     if isinstance(source, pa.Table):
         check_schema("input table", source.schema, required)
@@ -100,7 +131,7 @@ def open_source(source: Source, required: Sequence[str]) -> OpenSource:
         return OpenSource(source.schema, source.num_rows, None,
                           [("input table", lambda n: iter(table.to_batches(max_chunksize=n)))])
     if isinstance(source, ds.Dataset):
-        return _open_dataset(source, required)
+        return _open_dataset(source, required, not_null)
     if isinstance(source, (str, os.PathLike)):
         files = _parquet_files(Path(source))
         parts = []
@@ -110,6 +141,8 @@ def open_source(source: Source, required: Sequence[str]) -> OpenSource:
             meta = _footer(f)
             schema = meta.schema.to_arrow_schema()
             check_schema(str(f), schema, required, first)
+            if not_null is not None:
+                footer_nulls(str(f), meta, not_null)
             first = first or (str(f), schema)
             rows += meta.num_rows
             size += f.stat().st_size
@@ -127,7 +160,7 @@ def _file_reader(path: Path) -> Callable[[int], Iterator[pa.RecordBatch]]:
     return read
 
 
-def _open_dataset(dataset: ds.Dataset, required: Sequence[str]) -> OpenSource:
+def _open_dataset(dataset: ds.Dataset, required: Sequence[str], not_null: Optional[NotNull]) -> OpenSource:
     if not isinstance(dataset, ds.FileSystemDataset):
         # In-memory datasets have no files to name; stream them as one part.
         check_schema("input dataset", dataset.schema, required)
@@ -144,6 +177,8 @@ def _open_dataset(dataset: ds.Dataset, required: Sequence[str]) -> OpenSource:
             raise StorageError(f"{frag.path}: not a readable Parquet file ({e}); it is corrupt or "
                                "truncated: re-export it") from e
         check_schema(frag.path, schema, required, first)
+        if not_null is not None and isinstance(frag, ds.ParquetFileFragment):
+            footer_nulls(frag.path, frag.metadata, not_null)
         first = first or (frag.path, schema)
         rows += n
         try:
