@@ -108,7 +108,7 @@ def test_restart_resumes_from_checkpoint_without_losing_or_repeating_samples(tmp
     resumed = tmp_path / "resumed"
     out = torchrun(COMMON + RECD + ["--losses", str(resumed), "--checkpoint-dir", str(tmp_path / "ckpt"),
                                     "--checkpoint-every", "2", "--fail-at-step", "3"], tmp_path, restarts=1)
-    assert "killing rank 1" in out and "resumed from step 2 (epoch 0, batch 2)" in out, out[-4000:]
+    assert "killing rank 1" in out and "resumed from step 2 (epoch 0, global batch 4, 2 ranks" in out, out[-4000:]
     for rank in range(2):
         want = dict(read_log(f"{straight}.recd.rank{rank}")[0])
         got = read_log(f"{resumed}.recd.rank{rank}")[0]

@@ -47,6 +47,11 @@ class StorageError(RecDError, ValueError):
     """Input to preprocessing or a stored RecD dataset is missing, malformed or incomplete."""
 
 
+class CheckpointError(RecDError, RuntimeError):
+    """A checkpoint that cannot be written, or read back intact into this model and optimizer
+    (damaged or edited files, another model, optimizer or data order)."""
+
+
 class HotSetError(RecDError, ValueError):
     """FAE: a bad memory budget, a hot set that does not match the model's tables (stale or
     from another config), or ids outside a table."""

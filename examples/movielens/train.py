@@ -43,7 +43,7 @@ from model import RECD_FLAG, TwoTower  # noqa: E402
 
 import recd_plugin  # noqa: E402  # recd-plugin
 from recd_plugin.dist import sharding as recd_sharding  # noqa: E402
-from recd_plugin.dist.checkpoint import Checkpointer  # noqa: E402
+from recd_plugin.dist.checkpoint import Checkpointer, Position, split_batches  # noqa: E402
 from recd_plugin.data import TableBatches, cardinalities, generate_sessions, load_movielens_100k, split_by_time  # noqa: E402
 
 
@@ -86,20 +86,24 @@ def load_data(name: str, seed: int):
 
 
 class RankBatches(Dataset):
-    """The batches of ``table`` this rank trains on, from batch ``start`` of its share: rank r
-    takes batches r, r + world, ... and every rank the same number (sharded models run
-    collectives in every step). ``start`` is where a resumed epoch picks up."""
+    """The batches of ``table`` this rank trains on. The epoch's batches are one global
+    sequence; from global batch ``start`` (where a resumed epoch picks up, at any world size)
+    to ``stop``, rank r takes batches start + r, start + r + world, ... and every rank the same
+    number (sharded models run collectives in every step): ``recd_plugin.dist.split_batches``."""
 
     def __init__(self, table, batch_size: int, rank: int = 0, world: int = 1) -> None:
         self.batches = TableBatches(table, batch_size)
-        self.indices = range(rank, len(self.batches) - len(self.batches) % world, world)
-        self.start = 0
+        self.rank, self.world = rank, world
+        self.start, self.stop = 0, len(self.batches)
+
+    def _indices(self) -> range:
+        return split_batches(self.start, min(self.stop, len(self.batches)), self.rank, self.world)
 
     def __len__(self) -> int:
-        return len(self.indices) - self.start
+        return len(self._indices())
 
     def __getitem__(self, i: int):
-        return self.batches[self.indices[self.start + i]]
+        return self.batches[self._indices()[i]]
 
 
 def loader(table, batch_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
@@ -140,19 +144,24 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     loss_fn = torch.nn.BCEWithLogitsLoss()
     result: Dict[str, float] = {}
     ckpt = Checkpointer(args.checkpoint_dir, args.checkpoint_every) if args.checkpoint_dir else None
-    position = (ckpt.resume(model, optimizer) if ckpt else None) or {"step": 0, "epoch": 0, "batch": 0}
-    if position["step"]:
-        print(f"resumed from step {position['step']} (epoch {position['epoch']}, batch {position['batch']})")
+    # The position is global (samples all ranks consumed), so a job restarted at another world
+    # size re-splits it and trains every batch once.
+    position = (ckpt.resume(model, optimizer) if ckpt else None) or Position(seed=args.seed)
+    start = position.first_batch(args.batch_size, args.seed)
+    if position.step:
+        print(f"resumed from step {position.step} (epoch {position.epoch}, global batch {start}, "
+              f"{world} ranks from here)")
     log = _loss_log(args, recd, rank, world)
-    step = position["step"]
-    for epoch in range(position["epoch"], args.epochs):
-        first = position["batch"] if epoch == position["epoch"] else 0
+    step = position.step
+    # --max-steps N: each epoch stops after N steps of a one-world-size run, i.e. N * world global batches
+    train_batches.stop = args.max_steps * world if args.max_steps else len(train_batches.batches)
+    for epoch in range(position.epoch, args.epochs):
+        first = start if epoch == position.epoch else 0  # global batch index
         train_batches.start = first
-        total, steps, samples, start = 0.0, 0, 0, time.perf_counter()
+        total, steps, samples, t0 = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch} ({'recd on' if recd.enabled else 'plain'})",
-                   total=args.max_steps - first if args.max_steps else len(train_loader),
-                   leave=False, disable=None)  # None: bars on a terminal only
-        for i, batch in enumerate(bar, start=first):
+                   total=len(train_batches), leave=False, disable=None)  # None: bars on a terminal only
+        for i, batch in enumerate(bar):
             optimizer.zero_grad()
             loss = loss_fn(model(batch.sparse_features, batch.dense_features), batch.labels)
             loss.backward()
@@ -160,18 +169,18 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
             total, steps, samples, step = total + loss.item(), steps + 1, samples + batch.labels.numel(), step + 1
             bar.set_postfix(loss=f"{total / steps:.4f}")
             if log:
-                log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+                log.write(json.dumps({"step": step, "loss": loss.item(), "batch": first + i * world + rank}) + "\n")
                 log.flush()
             if ckpt:
-                ckpt.maybe_save(step, model, optimizer, {"epoch": epoch, "batch": i + 1})
+                done = first + (i + 1) * world  # global batches of this epoch trained by all ranks
+                ckpt.maybe_save(step, model, optimizer, Position(epoch=epoch, samples=done * args.batch_size,
+                                                                 seed=args.seed))
             first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
             if step == args.fail_at_step and rank == world - 1 and first_attempt:
                 print(f"--fail-at-step {step}: killing rank {rank}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-            if i + 1 == args.max_steps:
-                break
         steps = max(steps, 1)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - t0
         result = {"loss": total / steps, "auc": evaluate(model, test_loader), "samples_per_s": samples / seconds}
         print(f"epoch {epoch}: loss {result['loss']:.4f}  test AUC {result['auc']:.4f}  "
               f"{result['samples_per_s']:.0f} samples/s")

@@ -2,10 +2,10 @@
 per-rank padding of compact IKJTs (:mod:`.pad`), checkpoints (:mod:`.checkpoint`), collective byte counting
 (:mod:`.comm`). See docs/distributed.md."""
 
-from recd_plugin.dist.checkpoint import Checkpointer, CheckpointError
+from recd_plugin.dist.checkpoint import Checkpointer, CheckpointError, Position, split_batches
 from recd_plugin.dist.comm import CommCounter
 from recd_plugin.dist.pad import pad_to_max_over_ranks
 from recd_plugin.dist.sharding import constraints, explain, measure_unique_fraction, sharders
 
-__all__ = ["Checkpointer", "CheckpointError", "CommCounter", "constraints", "explain", "measure_unique_fraction",
-           "pad_to_max_over_ranks", "sharders"]
+__all__ = ["Checkpointer", "CheckpointError", "CommCounter", "Position", "constraints", "explain",
+           "measure_unique_fraction", "pad_to_max_over_ranks", "sharders", "split_batches"]
