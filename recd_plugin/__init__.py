@@ -26,6 +26,7 @@ _fx_warning.install()  # torch.fx's is_fx_tracing notice is not for our users (s
 from recd_plugin.config import ENV_VAR, FAEConfig, RecDConfig  # noqa: E402
 from recd_plugin.errors import (  # noqa: E402
     AnalyzeError,
+    CheckpointError,
     ConfigError,
     DedupSpecError,
     DESError,
@@ -63,5 +64,5 @@ __all__ = [
     "DedupEmbeddingCollection", "DedupEmbeddingBagCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",
     "RecDError", "ConfigError", "DedupSpecError", "MalformedBatchError", "NotDeduplicableError",
     "PeerRequirementError", "UnsupportedModelError", "check_peer_requirements",
-    "AnalyzeError", "DESError", "HotSetError", "ShardingError", "StorageError",
+    "AnalyzeError", "CheckpointError", "DESError", "HotSetError", "ShardingError", "StorageError",
 ]

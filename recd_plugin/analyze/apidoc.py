@@ -25,14 +25,17 @@ MODULES = [
     "recd_plugin", "recd_plugin.config", "recd_plugin.plugin", "recd_plugin.errors",
     "recd_plugin.sparse.ikjt", "recd_plugin.transforms.dedup", "recd_plugin.modules.swap",
     "recd_plugin.modules.dedup_ec", "recd_plugin.modules.dedup_ebc", "recd_plugin.modules.tower",
-    "recd_plugin.modules.gather", "recd_plugin.modules.probe",
+    "recd_plugin.modules.gather", "recd_plugin.modules.probe", "recd_plugin.modules.batchnorm",
+    "recd_plugin.sparse.ids",
     "recd_plugin.data", "recd_plugin.data.criteo", "recd_plugin.storage",
     "recd_plugin.fae.profile", "recd_plugin.fae.hotset", "recd_plugin.fae.access", "recd_plugin.fae.trace",
     "recd_plugin.fae.coverage", "recd_plugin.fae.hints", "recd_plugin.fae.hotcold", "recd_plugin.fae.schedule",
-    "recd_plugin.des", "recd_plugin.dist.sharding", "recd_plugin.dist.checkpoint", "recd_plugin.dist.comm",
+    "recd_plugin.des", "recd_plugin.dist.sharding", "recd_plugin.dist.checkpoint", "recd_plugin.dist.position",
+    "recd_plugin.dist.comm",
     "recd_plugin.analyze", "recd_plugin.analyze.command", "recd_plugin.analyze.sources", "recd_plugin.analyze.recd",
     "recd_plugin.analyze.fae", "recd_plugin.analyze.model", "recd_plugin.analyze.des",
-    "recd_plugin.analyze.advice", "recd_plugin.analyze.check", "recd_plugin.analyze.measured",
+    "recd_plugin.analyze.advice", "recd_plugin.analyze.route", "recd_plugin.analyze.check",
+    "recd_plugin.analyze.measured",
 ]
 
 
