@@ -68,6 +68,10 @@ class DESError(RecDError, ValueError):
     / EmbeddingCollection outputs), or shapes that do not match its configuration."""
 
 
+class OptionalDependencyError(RecDError, ImportError):
+    """A tooling feature (plots, the analyze report) needs a package of an optional extra."""
+
+
 class AnalyzeError(RecDError, ValueError):
     """``recd-plugin analyze``: the data cannot be read (missing file, corrupt Parquet, unknown
     source name), or the ``--model`` config does not match the data (unknown tables, bad

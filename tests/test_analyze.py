@@ -260,3 +260,30 @@ def test_step_ms_sets_fixed_costs_against_the_step(tmp_path):
     why = json.loads((tmp_path / "o" / "summary.json").read_text())["advice"][0]["why"]
     assert any("route fixed costs timed here at batch 256" in w for w in why)
     assert any("fixed costs on a 50 ms step" in w for w in why)
+
+
+def test_analyze_without_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from recd_plugin.errors import OptionalDependencyError
+
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an install without the extra sees
+    data = _session_parquet(tmp_path / "s.parquet")
+    from recd_plugin.analyze.command import analyze
+    with pytest.raises(OptionalDependencyError, match=r"pip install 'recd-plugin\[analyze\]'"):
+        analyze(str(data), out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    assert main(["analyze", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "recd-plugin[analyze]" in capsys.readouterr().err
+
+
+def test_report_plots_leave_the_process_plotting_state_alone(tmp_path):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    data = _session_parquet(tmp_path / "s.parquet")
+    assert main(["analyze", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert matplotlib.get_backend() == backend  # no matplotlib.use() inside the library
+    import matplotlib.pyplot as plt
+    assert plt.get_fignums() == []  # no pyplot figure left open

@@ -236,6 +236,23 @@ def test_cli_profile_parquet(tmp_path):
     assert main(["profile", str(tmp_path / "d.parquet"), "--budget", "1", "--out", str(out), "--no-progress"]) == 2
 
 
+def test_cli_profile_without_matplotlib_still_writes_the_hot_set(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from recd_plugin.cli import main
+
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # an install without the analyze extra
+    meta = {b"recd.cardinalities": json.dumps({"a": 10, "b": 5}).encode()}
+    pq.write_table(pa.table({"a": [0, 1, 1, 2], "b": [4, 4, 0, 1]}).replace_schema_metadata(meta), tmp_path / "d.parquet")
+    out = tmp_path / "out"
+    assert main(["profile", str(tmp_path / "d.parquet"), "--budget", "48", "--dim", "4", "--sample", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert (out / "hot.npz").exists() and not (out / "coverage.png").exists()
+    printed = capsys.readouterr().out
+    assert "coverage plot skipped" in printed and "pip install 'recd-plugin[analyze]'" in printed
+
+
 def test_bench_fae_quick_json(tmp_path):
     """SLOW (~30-60 s): the quick benchmark runs and writes the required JSON keys."""
     out = tmp_path / "fae.json"

@@ -55,6 +55,7 @@ def analyze(data: str, model: Optional[str] = None, out: Path = Path("analyze_ou
             seed: int = 0, session_key: Optional[str] = None, batch_size: int = 1024, budget: float = 0.01,
             dedup_share: float = 0.5, progress: bool = True, step_ms: Optional[float] = None) -> Dict[str, Any]:
     """Run the whole analysis; returns {sample, group, fae, des, advice, checks, paths}."""
+    from recd_plugin._plotting import require_matplotlib
     from recd_plugin.analyze.advice import advise
     from recd_plugin.analyze.check import check_predictions
     from recd_plugin.analyze.des import estimate_des
@@ -66,6 +67,7 @@ def analyze(data: str, model: Optional[str] = None, out: Path = Path("analyze_ou
     from recd_plugin.analyze.sources import load_sample
     from recd_plugin.errors import AnalyzeError
 
+    require_matplotlib("recd-plugin analyze's report plots")
     if not 0.0 <= dedup_share <= 1.0:
         raise AnalyzeError(f"--dedup-share is a share of the step time, in [0, 1]; got {dedup_share}")
     if step_ms is not None and not step_ms > 0:

@@ -6,7 +6,8 @@
     paths = write_report(result, Path("out"))    # out/report.html, out/unique_fraction.png, ...
 
 The HTML embeds every plot as a base64 ``data:`` URI, so the one file can be mailed or
-attached to a ticket. Plots use matplotlib's Agg backend (no display needed).
+attached to a ticket. Plots are drawn with matplotlib's Figure API (PNG, no display, no pyplot state; the
+``analyze`` extra).
 """
 
 from __future__ import annotations
@@ -17,21 +18,12 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
+from recd_plugin._plotting import figure
 from recd_plugin.analyze.check import markdown_table
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works on headless machines
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_unique(group, path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = figure(figsize=(6, 3.6))
     for order, style in (("stored", "o-"), ("clustered", "s--"), ("shuffled", "^:")):
         ax.plot(group.batch_sizes, getattr(group, order), style, label=order)
     ax.set_xscale("log", base=2)
@@ -43,13 +35,11 @@ def plot_unique(group, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_fae(fae, path: Path, max_tables: int = 26) -> Path:
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a1, a2) = figure(1, 2, figsize=(10, 3.6))
     names = sorted(fae.tables, key=lambda t: -fae.accesses[t])[:max_tables]
     a1.bar(range(len(names)), [100 * fae.skew[t][0.01] for t in names])
     a1.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
@@ -67,13 +57,11 @@ def plot_fae(fae, path: Path, max_tables: int = 26) -> Path:
     a2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_des(est, path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = figure(figsize=(6, 3.4))
     sides = [("TorchRec table-wise", est.table_wise), ("DES", est.des)]
     comps = sorted({c for _, d in sides for c in d})
     left = [0.0, 0.0]
@@ -86,7 +74,6 @@ def plot_des(est, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

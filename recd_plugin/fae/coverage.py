@@ -10,7 +10,7 @@ hot-sample fraction (samples whose every id is hot)::
     ...
     budget 16,000,000 B, hot 15,999,936 B (249,999 rows); hot-sample fraction 41.3%
 
-``profile.plot(path)`` writes a PNG (matplotlib, Agg backend: no display needed): cumulative
+``profile.plot(path)`` writes a PNG (matplotlib, the ``analyze`` extra; no display needed): cumulative
 share of accesses against the fraction of rows ranked by count, log x axis, for the largest
 ``max_tables`` tables plus the global curve over all tables' rows together.
 """
@@ -124,14 +124,11 @@ def _curve(sorted_counts: np.ndarray, num_rows: int, points: int = 400):
 
 
 def plot_coverage(profile: "AccessProfile", path: Union[str, Path], max_tables: int = 8) -> Path:
-    import matplotlib
+    from recd_plugin._plotting import figure
 
-    matplotlib.use("Agg")  # no display on training hosts
-    import matplotlib.pyplot as plt
-
+    fig, ax = figure(figsize=(7, 4.5))  # before any file is touched: names the extra if missing
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     biggest = sorted(profile.tables, key=lambda t: -profile.tables[t].num_embeddings)[:max_tables]
     for t in biggest:
         x, y = _curve(profile.sorted_counts(t), profile.tables[t].num_embeddings)
@@ -148,5 +145,4 @@ def plot_coverage(profile: "AccessProfile", path: Union[str, Path], max_tables: 
     ax.set_title(f"Access coverage ({profile.samples_sampled:,} sampled samples)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
