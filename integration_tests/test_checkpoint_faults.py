@@ -1,4 +1,4 @@
-"""Checkpoint / resume under fault injection and across world sizes (recd_plugin.dist.checkpoint).
+"""Checkpoint / resume under fault injection and across world sizes (recd_plugin.sharding.checkpoint).
 
 - A saving process killed at each step of a save (``os._exit`` inside a monkeypatched step,
   in a subprocess): the next resume finds the last complete checkpoint, and the next save
@@ -52,7 +52,7 @@ def _build(world: int, seed: int, dense: str, style: str, fused: str = "EXACT_RO
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-    from recd_plugin.dist import sharding
+    from recd_plugin import sharding
 
     class Model(torch.nn.Module):
         def __init__(self) -> None:
@@ -113,7 +113,7 @@ def _full_state(model, optimizer) -> Dict[str, torch.Tensor]:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
-    from recd_plugin.dist import ckpt_state
+    from recd_plugin.sharding import ckpt_state
 
     flat, _ = flatten_state_dict(ckpt_state.state_to_save(model, ckpt_state.optimizers(model, optimizer)))
     out = {}
@@ -139,7 +139,7 @@ def worker(rank: int, port: int, case: dict, outdir: str, world: int) -> None:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=PG_TIMEOUT)
-        from recd_plugin.dist.checkpoint import Checkpointer, CheckpointError, Position
+        from recd_plugin.sharding.checkpoint import Checkpointer, CheckpointError, Position
 
         ckpt = Checkpointer(case["dir"], STEPS)
         if case["kind"] == "exact":
@@ -262,8 +262,8 @@ def _tiny_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps:
 
 def kill_during_save(point: str, directory: str) -> None:
     """Subprocess: save step 2, then die at ``point`` while saving step 4."""
-    from recd_plugin.dist import checkpoint, ckpt_files
-    from recd_plugin.dist.checkpoint import Checkpointer, Position
+    from recd_plugin.sharding import checkpoint, ckpt_files
+    from recd_plugin.sharding.checkpoint import Checkpointer, Position
 
     model, optimizer = _tiny(0)
     ckpt = Checkpointer(directory, 2)
@@ -305,7 +305,7 @@ def kill_during_save(point: str, directory: str) -> None:
 
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint(point: str, tmp_path: Path) -> None:
-    from recd_plugin.dist.checkpoint import Checkpointer, Position
+    from recd_plugin.sharding.checkpoint import Checkpointer, Position
 
     directory = tmp_path / "ckpt"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -9,7 +9,7 @@ world size (TorchRec's pooled-embedding comm backward divides the gradients by t
 
 The passing configurations: TABLE_WISE, COLUMN_WISE (unequal per-rank unique counts are
 fine), ROW_WISE (needs a sharder that lists it for "cpu" when the planner is used, and equal
-per-rank strides per key on gloo: ``recd_plugin.dist.pad.pad_to_max_over_ranks`` pads with empty bags). The last tests pin
+per-rank strides per key on gloo: ``recd_plugin.sharding.pad.pad_to_max_over_ranks`` pads with empty bags). The last tests pin
 down what TorchRec 1.8 refuses, with its own error messages, so a change shows up here.
 
 Every multi-process run is a subprocess (``python this_file.py CASE OUTDIR``) that
@@ -100,7 +100,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
         from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
         from recd_plugin import DedupSpec, FeatureGroup, build_ikjt
-        from recd_plugin.dist.pad import pad_to_max_over_ranks
+        from recd_plugin.sharding.pad import pad_to_max_over_ranks
 
         class CPURowWiseSharder(EmbeddingBagCollectionSharder):
             """The stock sharder offers ROW_WISE / TABLE_ROW_WISE only for cuda; this test adds both on cpu."""

@@ -11,7 +11,7 @@ Building blocks, for users who wire things themselves: ``build_ikjt`` / ``expand
 ``dedup_tower`` (dedup-aware modules). See docs/recd.md. FAE: ``recd_plugin.fae``
 (``HotSet``, ``profile_accesses``, ``convert_hot_cold``, ``HotBatchScheduler``); DES:
 ``recd_plugin.des`` (``FactorizationMachine``, ``WideLinear``, ``FirstDenseLayer``,
-``DESSharder``); sharded training: ``recd_plugin.dist`` (``sharders``, ``constraints``,
+``DESSharder``); sharded training: ``recd_plugin.sharding`` (``sharders``, ``constraints``,
 ``Checkpointer``). See docs/getting-started.md.
 """
 

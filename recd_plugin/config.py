@@ -289,6 +289,8 @@ class FAEConfig:
     hot_set: str
     tables: Optional[List[str]] = None
     window: int = 0
+    #: The ``HotSet`` once read (``recd_plugin.fae.convert.load_hot_set``: FAE reads it, the
+    #: config only names it, so this layer never imports FAE).
     _loaded: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -306,14 +308,6 @@ class FAEConfig:
         window = self.window
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
             raise ConfigError(f"recd fae 'window' must be an integer >= 0 (0: classify batches only), got {window!r}")
-
-    def load(self) -> Any:
-        """The ``HotSet`` at ``hot_set``, read once (apply's check, swap and loader share it)."""
-        if self._loaded is None:
-            from recd_plugin.fae.hotset import HotSet
-
-            self._loaded = HotSet.load(self.hot_set)
-        return self._loaded
 
     @classmethod
     def from_dict(cls, data: Any) -> "FAEConfig":

@@ -27,6 +27,8 @@ from torch import nn
 
 from recd_plugin.config import RecDConfig
 from recd_plugin.errors import UnsupportedModelError
+from recd_plugin.fae.convert import load_hot_set  # also registers FAE's converter (modules/swap.py)
+from recd_plugin.fae.schedule import HotBatchScheduler
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
 from recd_plugin.modules.probe import decide, keep_groups, probe_batches
@@ -126,9 +128,7 @@ def wrap(config: RecDConfig, loader: Optional[Iterable[Any]], model: Optional[nn
         return loader
     config.validate()
     if config.fae is not None and model is not None:
-        from recd_plugin.fae.schedule import HotBatchScheduler
-
-        hot = config.fae.load()
+        hot = load_hot_set(config.fae)
         features = {f: t for t, fs in embedding_tables(model).items() for f in fs if t in hot.tables}
         loader = HotBatchScheduler(loader, hot, features, window=config.fae.window or None)
     if config.groups:

@@ -1,4 +1,4 @@
-"""Checkpoint / resume in one process (recd_plugin.dist.checkpoint): exact resume of the
+"""Checkpoint / resume in one process (recd_plugin.sharding.checkpoint): exact resume of the
 optimizer state, refusal of checkpoints that do not fit (nothing changed), corrupted and edited
 files (flipped bits, truncation, edited manifest / position / latest), and DCP failures
 turned into CheckpointError. Multi-process cases and killed saves: integration_tests/
@@ -23,9 +23,9 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-from recd_plugin.dist import ckpt_files
-from recd_plugin.dist.checkpoint import Checkpointer, CheckpointError, Position, split_batches
 from recd_plugin.errors import RecDError
+from recd_plugin.sharding import ckpt_files
+from recd_plugin.sharding.checkpoint import Checkpointer, CheckpointError, Position, split_batches
 
 XS = [torch.randn(8, 3, generator=torch.Generator().manual_seed(i)) for i in range(12)]
 
@@ -368,8 +368,8 @@ def test_no_latest_means_nothing_to_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("position,match", [
-    ([], "must be a recd_plugin.dist.Position, got list"),
-    ({"epoch": 0, "batch": 2}, "must be a recd_plugin.dist.Position, got dict"),
+    ([], "must be a recd_plugin.sharding.Position, got list"),
+    ({"epoch": 0, "batch": 2}, "must be a recd_plugin.sharding.Position, got dict"),
 ])
 def test_a_bad_position_is_refused_before_anything_is_written(position: Any, match: str, tmp_path: Path) -> None:
     model, optimizer = build("adam", seed=1)

@@ -26,7 +26,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 import recd_plugin  # recd-plugin
-from recd_plugin.dist import sharding as recd_sharding  # recd-plugin
+from recd_plugin import sharding as recd_sharding  # recd-plugin
 
 SHARDING_TYPES = ["auto", "table_wise", "column_wise", "row_wise"]
 

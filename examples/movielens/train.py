@@ -42,9 +42,9 @@ from distributed import SHARDING_TYPES  # noqa: E402
 from model import RECD_FLAG, TwoTower  # noqa: E402
 
 import recd_plugin  # noqa: E402  # recd-plugin
-from recd_plugin.dist import sharding as recd_sharding  # noqa: E402
-from recd_plugin.dist.checkpoint import Checkpointer, Position, split_batches  # noqa: E402
+from recd_plugin import sharding as recd_sharding  # noqa: E402
 from recd_plugin.data import TableBatches, cardinalities, generate_sessions, load_movielens_100k, split_by_time  # noqa: E402
+from recd_plugin.sharding.checkpoint import Checkpointer, Position, split_batches  # noqa: E402
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -89,7 +89,7 @@ class RankBatches(Dataset):
     """The batches of ``table`` this rank trains on. The epoch's batches are one global
     sequence; from global batch ``start`` (where a resumed epoch picks up, at any world size)
     to ``stop``, rank r takes batches start + r, start + r + world, ... and every rank the same
-    number (sharded models run collectives in every step): ``recd_plugin.dist.split_batches``."""
+    number (sharded models run collectives in every step): ``recd_plugin.sharding.split_batches``."""
 
     def __init__(self, table, batch_size: int, rank: int = 0, world: int = 1) -> None:
         self.batches = TableBatches(table, batch_size)

@@ -38,7 +38,7 @@ def _cpu_sharder(lr: float) -> Any:
     """TorchRec's EBC sharder plus ROW_WISE on cpu (the stock one offers it for cuda only)."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-    from recd_plugin.dist.sharding import RecDEmbeddingBagCollectionSharder
+    from recd_plugin.sharding.planner import RecDEmbeddingBagCollectionSharder
 
     return RecDEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr})
 
@@ -52,7 +52,7 @@ def build_side(side: str, make_model: Callable[[], torch.nn.Module], placement: 
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from recd_plugin.des import DESSharder, des_plan
-    from recd_plugin.dist.comm import count_ddp
+    from recd_plugin.sharding.comm import count_ddp
 
     world = dist.get_world_size()
     env = ShardingEnv.from_process_group(dist.group.WORLD)

@@ -13,7 +13,7 @@ own sessions, and the control with a session id per sample.
 Modes: ``unsharded`` (one process), ``dmp1`` / ``dmp2``: DistributedModelParallel with the
 default planner and DMP's default sharders, trained by ``TrainPipelineSparseDist``, on 1 and 2
 gloo ranks; ``dmp2_hints``: the same with the plugin's optional planner hints on the plugin
-side (``recd_plugin.dist.sharding.constraints``: deduplicated batch sizes of grouped tables). The plugin is switched on with ``recd_plugin.apply`` before DMP, nothing else, as
+side (``recd_plugin.sharding.planner.constraints``: deduplicated batch sizes of grouped tables). The plugin is switched on with ``recd_plugin.apply`` before DMP, nothing else, as
 in a user's script; its probe decides which groups pay (``route`` in the JSON).
 
 Per case: the two sides (same initial weights, same batches, SGD) alternate in blocks of one
@@ -281,7 +281,7 @@ def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank
     plugin_batches = list(loader)
     cons = None
     if hints and config.groups:  # the plugin's optional planner hints: deduplicated batch sizes
-        from recd_plugin.dist.sharding import constraints
+        from recd_plugin.sharding.planner import constraints
 
         cons = constraints(plugin_model, config, batch_size, {g.name: u for g in config.groups})
     sides = {"plain": _Side(base, mine, dmp), "plugin": _Side(plugin_model, plugin_batches, dmp, cons)}
@@ -296,7 +296,7 @@ def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, 
     """Both sides of one case, alternating in blocks of one pass; ``rounds`` timed passes
     after one warm-up pass (whose losses are compared). ``flag_suffix`` is appended to the
     model's plugin flag (tests: ``"; probe_batches=0"`` forces the dedup route)."""
-    from recd_plugin.dist.comm import EMBEDDING_OPS, CommCounter
+    from recd_plugin.sharding.comm import EMBEDDING_OPS, CommCounter
 
     # Small batches step in milliseconds, where scheduler jitter dominates one reading: time
     # SMALL_BATCH_ROUNDS x as many passes (still well under a second per side).

@@ -99,6 +99,7 @@ def _tables(spec: Optional[str], known: Dict[str, int], dim: int, dtype_bytes: i
 
 def run(args: argparse.Namespace) -> None:
     from recd_plugin.errors import OptionalDependencyError
+    from recd_plugin.fae.coverage import build_report, plot_coverage
     from recd_plugin.fae.profile import profile_accesses
 
     source, known = _source(args)
@@ -113,11 +114,11 @@ def run(args: argparse.Namespace) -> None:
     profile = profile_accesses(source, tables, sample_fraction=args.sample, seed=args.seed, unit=args.unit,
                                progress=not args.no_progress)
     hot = profile.hot_set(budget)
-    print(profile.report(hot))
+    print(build_report(profile, hot))
     args.out.mkdir(parents=True, exist_ok=True)
     hot.save(args.out / "hot.npz")
     try:
-        profile.plot(args.out / "coverage.png")
+        plot_coverage(profile, args.out / "coverage.png")
         print(f"wrote {args.out / 'hot.npz'} and {args.out / 'coverage.png'}")
     except OptionalDependencyError as e:  # the hot set is the product; the plot is an extra
         print(f"wrote {args.out / 'hot.npz'}; coverage plot skipped: {e}")

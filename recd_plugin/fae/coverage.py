@@ -1,6 +1,12 @@
 """Coverage report and plot of an :class:`~recd_plugin.fae.profile.AccessProfile`.
 
-``profile.report(hot)`` gives a :class:`ProfileReport`; ``print(report)`` shows, per table,
+This module reads the profile; the profile knows nothing of it (one-way)::
+
+    from recd_plugin.fae.coverage import build_report, plot_coverage
+    print(build_report(profile, hot))
+    plot_coverage(profile, "out/coverage.png")
+
+``build_report(profile, hot)`` gives a :class:`ProfileReport`; ``print(report)`` shows, per table,
 its rows, dim, sampled accesses, distinct sampled rows, the share of its accesses covered by
 its top 0.1 / 1 / 10 % rows and its hot rows; then the budget, the hot bytes and the
 hot-sample fraction (samples whose every id is hot)::
@@ -10,7 +16,7 @@ hot-sample fraction (samples whose every id is hot)::
     ...
     budget 16,000,000 B, hot 15,999,936 B (249,999 rows); hot-sample fraction 41.3%
 
-``profile.plot(path)`` writes a PNG (matplotlib, the ``analyze`` extra; no display needed): cumulative
+``plot_coverage(profile, path)`` writes a PNG (matplotlib, the ``analyze`` extra; no display needed): cumulative
 share of accesses against the fraction of rows ranked by count, log x axis, for the largest
 ``max_tables`` tables plus the global curve over all tables' rows together.
 """
@@ -19,14 +25,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
 from recd_plugin.fae.hotset import HotSet
-
-if TYPE_CHECKING:
-    from recd_plugin.fae.profile import AccessProfile
+from recd_plugin.fae.profile import AccessProfile
 
 TOP_FRACTIONS = (0.001, 0.01, 0.1)
 
@@ -88,7 +92,7 @@ class ProfileReport:
         return "\n".join(out)
 
 
-def build_report(profile: "AccessProfile", hot: Optional[HotSet] = None) -> ProfileReport:
+def build_report(profile: AccessProfile, hot: Optional[HotSet] = None) -> ProfileReport:
     rows = []
     hot_acc = total_acc = 0
     for t, shape in profile.tables.items():
@@ -123,7 +127,7 @@ def _curve(sorted_counts: np.ndarray, num_rows: int, points: int = 400):
     return ks / num_rows, y
 
 
-def plot_coverage(profile: "AccessProfile", path: Union[str, Path], max_tables: int = 8) -> Path:
+def plot_coverage(profile: AccessProfile, path: Union[str, Path], max_tables: int = 8) -> Path:
     from recd_plugin._plotting import figure
 
     fig, ax = figure(figsize=(7, 4.5))  # before any file is touched: names the extra if missing

@@ -14,8 +14,11 @@ Python API::
     profile = profile_accesses(criteo_batches(200, 2048, max_rows=10**6), tables,
                                sample_fraction=0.05, seed=0)
     hot = profile.hot_set(budget_bytes=64 << 20)     # HotSet: hot rows per table
-    print(profile.report(hot))                        # coverage table + hot-sample fraction
-    hot.save("out/hot.npz"); profile.plot("out/coverage.png")
+    hot.save("out/hot.npz")
+
+    from recd_plugin.fae.coverage import build_report, plot_coverage
+    print(build_report(profile, hot))                 # coverage table + hot-sample fraction
+    plot_coverage(profile, "out/coverage.png")        # matplotlib: the analyze extra
 
 ``tables`` is keyed by table name; pass ``feature_to_table`` when features share tables or
 are named differently (``recd_plugin.fae.access.tables_from_configs`` reads both from an
@@ -52,7 +55,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -175,17 +178,6 @@ class AccessProfile:
             is_hot = np.isin(self.eval_ids[t], hot.rows.get(t, np.zeros(0, np.int64)))
             cold[self.eval_sample[t][~is_hot]] = True
         return float(1.0 - cold.mean())
-
-    # -- reporting ------------------------------------------------------------------------
-    def report(self, hot: Optional[HotSet] = None):  # -> coverage.ProfileReport
-        from recd_plugin.fae.coverage import build_report
-
-        return build_report(self, hot)
-
-    def plot(self, path: Union[str, Path], max_tables: int = 8) -> Path:
-        from recd_plugin.fae.coverage import plot_coverage
-
-        return plot_coverage(self, path, max_tables=max_tables)
 
 
 def _is_map_style(source: Source) -> bool:

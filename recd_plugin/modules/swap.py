@@ -2,13 +2,16 @@
 
 Like torchtitan's model converters, each technique registers a named converter;
 ``check_model`` checks the whole model against the config first (so a bad config changes
-nothing), then ``convert`` runs every registered converter. Each converter returns undo
+nothing, the registered converters' own checks included), then ``convert`` runs every
+registered converter in their declared ``order``. Each converter returns undo
 callbacks, so ``unconvert`` puts the model back exactly; a converter that still refuses (a
 check only its own construction can make) has the earlier ones undone before the error
 propagates, so a refused ``apply`` leaves no hook or swapped module behind. State-dict keys never change: swapped modules share the originals'
 submodules, and towers are hooks on the user's own modules.
 
-A new technique is one more ``@register_converter("name")`` function.
+A new technique is one more ``@register_converter("name", order=..., check=...)`` function,
+registered by the technique's own package: this module never imports a technique (FAE's
+hot/cold converter is registered by ``recd_plugin/fae/convert.py``), so the layers stay one-way.
 """
 
 from __future__ import annotations
@@ -28,12 +31,29 @@ from recd_plugin.modules.tower import DedupContext, dedup_tower
 
 Undo = Callable[[], None]
 Converter = Callable[[nn.Module, RecDConfig, DedupContext], List[Undo]]
+Check = Callable[[nn.Module, RecDConfig], None]
+#: name -> converter, in the order ``convert`` runs them (by ``order``, then registration).
 CONVERTERS: Dict[str, Converter] = {}
+#: name -> the converter's own check, run by ``check_model`` before anything changes.
+CHECKS: Dict[str, Check] = {}
+_ORDER: Dict[str, int] = {}
+#: Order of a converter registered without one: after the built-in ones.
+DEFAULT_ORDER = 100
 
 
-def register_converter(name: str) -> Callable[[Converter], Converter]:
+def register_converter(name: str, order: int = DEFAULT_ORDER,
+                       check: Optional[Check] = None) -> Callable[[Converter], Converter]:
+    """Register ``fn`` as converter ``name``: ``convert`` runs the converters by ascending
+    ``order`` (built in: FAE's hot/cold layout 10, the RecD swap 20, output gather 30, towers
+    40); ``check(model, config)``, if given, runs in ``check_model`` and raises before
+    anything changes."""
     def register(fn: Converter) -> Converter:
-        CONVERTERS[name] = fn
+        CONVERTERS[name], _ORDER[name] = fn, order
+        ranked = sorted(CONVERTERS.items(), key=lambda item: _ORDER.get(item[0], DEFAULT_ORDER))
+        CONVERTERS.clear()
+        CONVERTERS.update(ranked)
+        if check is not None:
+            CHECKS[name] = check
         return fn
     return register
 
@@ -53,7 +73,8 @@ def dedup_class(module: nn.Module) -> Optional[Type[DedupModule]]:
     return next((d for d in DEDUP_MODULES.values() if d.replaces(module)), None)
 
 
-def _configs(module: nn.Module) -> list:
+def table_configs(module: nn.Module) -> list:
+    """The table configs of an EC / EBC."""
     if isinstance(module, EmbeddingBagCollection):
         return module.embedding_bag_configs()
     return module.embedding_configs()
@@ -62,7 +83,7 @@ def _configs(module: nn.Module) -> list:
 def embedding_tables(model: nn.Module) -> Dict[str, List[str]]:
     """{table name: its feature names} over every EC / EBC of ``model``."""
     return {c.name: list(c.feature_names) for m in model.modules()
-            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for c in _configs(m)}
+            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for c in table_configs(m)}
 
 
 def model_features(model: nn.Module) -> Set[str]:
@@ -71,7 +92,7 @@ def model_features(model: nn.Module) -> Set[str]:
         f
         for m in model.modules()
         if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))
-        for c in _configs(m)
+        for c in table_configs(m)
         for f in c.feature_names
     }
 
@@ -95,8 +116,9 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
             "the model has no torchrec EmbeddingBagCollection or EmbeddingCollection; "
             "recd-plugin deduplicates their inputs, so there is nothing to speed up"
         )
-    if config.fae is not None:
-        _check_fae(model, config)
+    for name in CONVERTERS:  # each technique's own checks (e.g. FAE's hot set against the tables)
+        if name in CHECKS:
+            CHECKS[name](model, config)
     for g in config.groups:
         for f in g.features:
             if f not in known:
@@ -135,57 +157,37 @@ def check_model(model: nn.Module, config: RecDConfig) -> None:
 
 
 def _check_subclasses(model: nn.Module, config: RecDConfig) -> None:
-    """Refuse a subclass of TorchRec's EC / EBC with its own ``forward`` where the plugin would
-    change what it reads: outside towers reading a grouped feature (it would get the IKJT, and
-    TorchRec's EC reads the unique rows as the batch) or holding a table of the FAE hot set
-    (which swaps the module). Swapping it instead would skip the user's forward."""
+    """Refuse a subclass of TorchRec's EC / EBC with its own ``forward`` outside towers that
+    reads a grouped feature: it would get the IKJT (TorchRec's EC reads the unique rows as the
+    batch), and swapping it instead would skip the user's forward."""
     grouped = {f for g in config.groups for f in g.all_features}
-    hot = set(config.fae.load().tables) if config.fae is not None else set()  # type: ignore[union-attr]
-    for path, m, reads in outside_towers(model, config):
-        if isinstance(m, DedupModule) or dedup_class(m) is not None:
-            continue
-        why = ([f"reads grouped feature {f!r}" for f in sorted(reads & grouped)]
-               + [f"holds table {c.name!r} of the fae hot set" for c in _configs(m) if c.name in hot])
+    for path, m, reads in custom_forward_modules(model, config):
+        why = [f"reads grouped feature {f!r}" for f in sorted(reads & grouped)]
         if why:
-            base = next(b for b in DEDUP_MODULES if isinstance(m, b)).__name__
-            raise UnsupportedModelError(
-                f"module {path!r} ({type(m).__name__}) subclasses TorchRec's {base} and overrides "
-                f"forward(), and it {why[0]}: the plugin cannot put its own module in its place "
-                "without skipping your forward, and left as it is the module would read the "
-                f"deduplicated batch. Fix: keep the extra logic in a wrapper module around a plain "
-                f"{base} (or use TorchRec's forward), or leave that feature / table out of the flag."
-            )
+            raise subclass_refused(path, m, why[0])
 
 
-def _check_fae(model: nn.Module, config: RecDConfig) -> None:
-    """The hot set loads and matches the model's tables (a stale one is refused here)."""
-    from recd_plugin.fae.hotcold import ebc_tables
-
-    if config.is_sharded():
-        raise UnsupportedModelError(
-            "fae: the hot/cold layout works on unsharded models (DistributedModelParallel cannot shard it); "
-            "for sharded GPU training use the planner hints instead (recd_plugin.fae.hints.planner_constraints)")
-    hot = config.fae.load()  # type: ignore[union-attr]
-    hot.check_tables({t: shape for m in model.modules() if isinstance(m, EmbeddingBagCollection)
-                      for t, shape in ebc_tables(m).items()})
-    for t in config.fae.tables or []:  # type: ignore[union-attr]
-        if t not in hot.tables:
-            raise UnsupportedModelError(f"fae.tables names {t!r}, which the hot set does not have "
-                                        f"(it has {sorted(hot.tables)}){did_you_mean(t, list(hot.tables))}")
+def custom_forward_modules(model: nn.Module, config: RecDConfig) -> List[Tuple[str, nn.Module, Set[str]]]:
+    """(path, module, features it reads) of every subclass of TorchRec's EC / EBC outside the
+    configured towers that overrides ``forward``: the plugin cannot swap such a module."""
+    return [(path, m, reads) for path, m, reads in outside_towers(model, config)
+            if not isinstance(m, DedupModule) and dedup_class(m) is None]
 
 
-@register_converter("fae_hot_cold")
-def _hot_cold(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
-    """FAE: the hot set's tables become hot/cold tiers (before the RecD swap, which then
-    leaves those modules alone: they read IKJTs themselves)."""
-    if config.fae is None:
-        return []
-    from recd_plugin.fae.hotcold import convert_hot_cold
+def subclass_refused(path: str, m: nn.Module, why: str) -> UnsupportedModelError:
+    """The error for a module of ``custom_forward_modules`` that the config would change
+    (``why``: e.g. "reads grouped feature 'history'")."""
+    base = next(b for b in DEDUP_MODULES if isinstance(m, b)).__name__
+    return UnsupportedModelError(
+        f"module {path!r} ({type(m).__name__}) subclasses TorchRec's {base} and overrides "
+        f"forward(), and it {why}: the plugin cannot put its own module in its place "
+        "without skipping your forward, and left as it is the module would read the "
+        f"deduplicated batch. Fix: keep the extra logic in a wrapper module around a plain "
+        f"{base} (or use TorchRec's forward), or leave that feature / table out of the flag."
+    )
 
-    return [convert_hot_cold(model, config.fae.load(), config.fae.tables)]
 
-
-@register_converter("dedup_embeddings")
+@register_converter("dedup_embeddings", order=20)
 def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
     """Swap every EC / EBC for its dedup-aware version: each one sees the IKJT, even those
     that read no grouped feature (TorchRec's EBC would still run its slow CPU expansion).
@@ -214,7 +216,7 @@ def _swap_embedding_modules(model: nn.Module, config: RecDConfig, ctx: DedupCont
 def outside_towers(model: nn.Module, config: RecDConfig) -> List[Tuple[str, nn.Module, Set[str]]]:
     """(path, module, features it reads) of every EBC / EC outside the configured towers."""
     towers = tuple(p + "." for p in config.towers)
-    return [(path, m, {f for c in _configs(m) for f in c.feature_names}) for path, m in model.named_modules()
+    return [(path, m, {f for c in table_configs(m) for f in c.feature_names}) for path, m in model.named_modules()
             if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) and not (path + ".").startswith(towers)]
 
 
@@ -225,7 +227,7 @@ def gathered_paths(model: nn.Module, config: RecDConfig) -> List[str]:
     return [path for path, _, reads in outside_towers(model, config) if grouped & reads]
 
 
-@register_converter("gather_outputs")
+@register_converter("gather_outputs", order=30)
 def _gather_outputs(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
     """Sharded mode: TorchRec's modules read aligned IKJTs; gather their grouped rows."""
     if not config.is_sharded() or not config.groups:
@@ -235,7 +237,7 @@ def _gather_outputs(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> 
     return [OutputGather.attach(model, ctx, gathered_paths(model, config)).remove]
 
 
-@register_converter("dedup_towers")
+@register_converter("dedup_towers", order=40)
 def _hook_towers(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
     undo: List[Undo] = []
     try:

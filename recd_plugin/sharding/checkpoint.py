@@ -3,8 +3,8 @@
 A job that torchrun / TorchX restarts (``--max-restarts``, ``torchx run ... --max_retries``),
 at the same or another world size, calls :meth:`Checkpointer.resume` at start: the last
 *complete* checkpoint is loaded into the (already sharded) model and optimizer, and the
-:class:`~recd_plugin.dist.position.Position` saved with it is returned: the global data
-position, which :func:`~recd_plugin.dist.position.split_batches` re-splits over the new ranks,
+:class:`~recd_plugin.sharding.position.Position` saved with it is returned: the global data
+position, which :func:`~recd_plugin.sharding.position.split_batches` re-splits over the new ranks,
 so the loop continues with the first unseen sample: nothing skipped, nothing repeated.
 
 What it guarantees (docs/distributed.md, "Checkpoint and resume"):
@@ -48,9 +48,9 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from recd_plugin.dist import ckpt_files as files
-from recd_plugin.dist import ckpt_state as states
-from recd_plugin.dist.position import Position, split_batches
+from recd_plugin.sharding import ckpt_files as files
+from recd_plugin.sharding import ckpt_state as states
+from recd_plugin.sharding.position import Position, split_batches
 from recd_plugin.errors import CheckpointError
 
 __all__ = ["Checkpointer", "CheckpointError", "Position", "split_batches"]
@@ -107,7 +107,7 @@ class Checkpointer:
         if not name:
             raise CheckpointError(f"checkpoint step must be an integer >= 0, got {step!r}")
         if not isinstance(position, Position):
-            raise CheckpointError(f"checkpoint position must be a recd_plugin.dist.Position, got "
+            raise CheckpointError(f"checkpoint position must be a recd_plugin.sharding.Position, got "
                                   f"{type(position).__name__}; build one: Position(epoch=..., samples=..., seed=...)")
         try:
             latest = files.read_latest(self.directory)

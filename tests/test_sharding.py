@@ -1,4 +1,4 @@
-"""recd_plugin.dist.sharding: sharders and planner hints (no process group needed: plans are
+"""recd_plugin.sharding.planner: sharders and planner hints (no process group needed: plans are
 built with torchrec.distributed.sharding_plan helpers)."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from torchrec.distributed.sharding_plan import construct_module_sharding_plan, r
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
 
-from recd_plugin import RecDConfig
-from recd_plugin.dist import sharding
+from recd_plugin import RecDConfig, sharding
 
 CONFIG = RecDConfig.from_string("groups.user.key=session_id; groups.user.features=user_id; sharded=true; "
                                 "towers.tower=user")

@@ -12,7 +12,7 @@ COLUMN_WISE take unequal counts, but padding does them no harm, so sharded mode 
 
 Example::
 
-    from recd_plugin.dist.pad import pad_to_max_over_ranks
+    from recd_plugin.sharding.pad import pad_to_max_over_ranks
     ikjt = pad_to_max_over_ranks(batch.sparse_features)   # inside torch.distributed, each rank
 """
 

@@ -23,7 +23,7 @@ DDP's gradient all-reduce runs in its C++ reducer, not through these functions: 
 
 Example::
 
-    from recd_plugin.dist.comm import CommCounter
+    from recd_plugin.sharding.comm import CommCounter
     with CommCounter() as comm:
         loss = model(batch).sum(); loss.backward()
     comm.bytes, comm.by_op       # e.g. 81920, {"all_to_all_single": 65536, "reduce_scatter_single": 16384}

@@ -14,7 +14,7 @@ without the plugin, and no table takes TorchRec's variable-batch path. What is l
 
 Example (each rank, after ``recd_plugin.apply``)::
 
-    from recd_plugin.dist import sharding
+    from recd_plugin import sharding
     cons = sharding.constraints(model, config, batch_size=1024, unique_fraction={"user": 0.03})
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"), constraints=cons)
     plan = planner.collective_plan(model, sharding.sharders(), dist.group.WORLD)
@@ -34,8 +34,9 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
 from recd_plugin.config import RecDConfig
-from recd_plugin.dist import torchrec_fixes
 from recd_plugin.modules.swap import embedding_tables
+from recd_plugin.sharding import torchrec_fixes
+from recd_plugin.transforms.dedup import measure
 
 
 def _with_cpu_row_wise(types: List[str], compute_device_type: str) -> List[str]:
@@ -68,8 +69,6 @@ def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharde
 def measure_unique_fraction(batches: Iterable[Any], config: RecDConfig, limit: int = 8) -> Dict[str, float]:
     """{group: unique rows / samples} over the first ``limit`` batches (plain torchrec
     ``Batch``es): the measurement ``constraints`` turns into planner batch sizes."""
-    from recd_plugin.transforms.dedup import measure
-
     stats = measure(batches, config.spec, limit)
     return {g.name: stats.unique_fraction(g.name) for g in config.groups}
 
