@@ -41,7 +41,7 @@ from recd_plugin.errors import (  # noqa: E402
 )
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection  # noqa: E402
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection  # noqa: E402
-from recd_plugin.modules.swap import CONVERTERS, register_converter  # noqa: E402
+from recd_plugin.modules.swap import CONVERTERS, register_converter, unregister_converter  # noqa: E402
 from recd_plugin.modules.tower import DedupContext, dedup_tower  # noqa: E402
 from recd_plugin.plugin import apply, remove, wrap  # noqa: E402
 from recd_plugin.sparse.ikjt import (  # noqa: E402
@@ -62,6 +62,7 @@ __all__ = [
     "FeatureGroup", "DedupSpec", "build_ikjt", "expand", "inverse_index", "unique_rows", "is_ikjt",
     "DedupLoader", "DedupCollate", "DedupStats", "dedup_batch",
     "DedupEmbeddingCollection", "DedupEmbeddingBagCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",
+    "unregister_converter",
     "RecDError", "ConfigError", "DedupSpecError", "MalformedBatchError", "NotDeduplicableError",
     "PeerRequirementError", "UnsupportedModelError", "check_peer_requirements",
     "AnalyzeError", "CheckpointError", "DESError", "HotSetError", "ShardingError", "StorageError",

@@ -22,7 +22,10 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
+import pytest
+
 import recd_plugin
+from recd_plugin.errors import ConfigError
 
 PACKAGE = Path(recd_plugin.__file__).parent
 ROOT = "recd_plugin"
@@ -231,11 +234,11 @@ def test_converters_run_in_declared_order_whoever_registers_them() -> None:
 
     assert list(swap.CONVERTERS)[:4] == ["fae_hot_cold", "dedup_embeddings", "gather_outputs", "dedup_towers"]
     assert "fae_hot_cold" in swap.CHECKS
-    before = dict(swap.CONVERTERS)
     try:
         swap.register_converter("late_but_early", order=15)(lambda model, config, ctx: [])
         assert list(swap.CONVERTERS)[:3] == ["fae_hot_cold", "late_but_early", "dedup_embeddings"]
+        with pytest.raises(ConfigError, match="'late_but_early' is already registered"):
+            swap.register_converter("late_but_early")(lambda model, config, ctx: [])  # never a silent overwrite
     finally:
-        swap.CONVERTERS.clear()
-        swap.CONVERTERS.update(before)
-        swap._ORDER.pop("late_but_early", None)
+        swap.unregister_converter("late_but_early")
+    assert "late_but_early" not in swap.CONVERTERS and list(swap.CONVERTERS)[0] == "fae_hot_cold"

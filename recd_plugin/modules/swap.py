@@ -22,7 +22,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recd_plugin.config import RecDConfig
-from recd_plugin.errors import DedupSpecError, UnsupportedModelError, did_you_mean
+from recd_plugin.errors import ConfigError, DedupSpecError, UnsupportedModelError, did_you_mean
 from recd_plugin.modules.base import DedupModule
 from recd_plugin.modules.batchnorm import check_tower_layers
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
@@ -48,6 +48,11 @@ def register_converter(name: str, order: int = DEFAULT_ORDER,
     40); ``check(model, config)``, if given, runs in ``check_model`` and raises before
     anything changes."""
     def register(fn: Converter) -> Converter:
+        if name in CONVERTERS:
+            # A silent overwrite would switch a technique off (or run it twice under two names).
+            old = CONVERTERS[name]
+            raise ConfigError(f"converter {name!r} is already registered (by {old.__module__}.{old.__qualname__}); "
+                              f"pick another name, or unregister_converter({name!r}) first")
         CONVERTERS[name], _ORDER[name] = fn, order
         ranked = sorted(CONVERTERS.items(), key=lambda item: _ORDER.get(item[0], DEFAULT_ORDER))
         CONVERTERS.clear()
@@ -56,6 +61,15 @@ def register_converter(name: str, order: int = DEFAULT_ORDER,
             CHECKS[name] = check
         return fn
     return register
+
+
+def unregister_converter(name: str) -> None:
+    """Remove converter ``name`` and its check (KeyError naming the registered ones if absent)."""
+    if name not in CONVERTERS:
+        raise KeyError(f"no converter {name!r}; registered: {list(CONVERTERS)}")
+    del CONVERTERS[name]
+    _ORDER.pop(name, None)
+    CHECKS.pop(name, None)
 
 
 #: TorchRec module -> its dedup-aware replacement. TorchRec's EC would misread an IKJT; its EBC
