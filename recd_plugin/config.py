@@ -79,6 +79,9 @@ class RecDConfig:
     sharded: Optional[bool] = None
     #: FAE: hot rows in fast memory (see :class:`FAEConfig`); None: off.
     fae: Optional["FAEConfig"] = None
+    #: Set by ``apply``: u per group its probe measured (summed over ranks); the planner hints
+    #: of ``recd_plugin.sharding.for_dmp`` read it instead of measuring again.
+    probed_unique_fraction: Dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Why here and not only in the parsers: a config built in code used to skip every

@@ -33,7 +33,7 @@ from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
 from recd_plugin.modules.probe import decide, keep_groups, probe_batches
 from recd_plugin.modules.swap import check_model, convert, embedding_tables
-from recd_plugin.transforms.dedup import DedupLoader
+from recd_plugin.transforms.dedup import DedupLoader, plain_loader
 
 M = TypeVar("M", bound=nn.Module)
 _UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
@@ -67,7 +67,8 @@ def _apply_checked(config: RecDConfig, model: M, loader: Optional[Iterable[Any]]
     model and loader as they were."""
     _keep_groups_that_pay(config, model, loader)
     if not config.groups and config.fae is None:
-        return model, loader  # nothing pays: TorchRec's plain path, untouched
+        # nothing pays: TorchRec's plain path, untouched (batches that arrive as IKJTs expanded)
+        return model, plain_loader(loader)
     config = dataclasses.replace(config, sharded=config.is_sharded())  # decided once, here
     # Wrap the loader before converting the model: DedupLoader may refuse the loader, and
     # nothing may change before every check has passed.
@@ -102,6 +103,8 @@ def _keep_groups_that_pay(config: RecDConfig, model: nn.Module, loader: Optional
     decisions = decide(model, config, batches, config.probe_batches, aligned=config.is_sharded())
     for d in decisions:
         _say(d.line())
+    # u per group, summed over ranks: the planner hints read it (recd_plugin.sharding.for_dmp)
+    config.probed_unique_fraction = {d.group: d.unique_fraction for d in decisions}
     narrowed = keep_groups(config, decisions)
     config.groups, config.towers = narrowed.groups, narrowed.towers
 
@@ -122,12 +125,19 @@ def wrap(config: RecDConfig, loader: Optional[Iterable[Any]], model: Optional[nn
     loader too. FAE: batches classified all-hot or mixed, regrouped within ``fae.window``
     batches (``HotBatchScheduler``; its feature -> table map comes from ``model``). Returns the
     loader unchanged when the plugin is off, and when ``apply``'s probe kept nothing (it
-    narrows ``config`` to the kept groups).
+    narrows ``config`` to the kept groups); a loader whose batches arrive deduplicated
+    (``recd_plugin.storage.DedupReader``) then yields them expanded to plain KJTs.
     """
-    if not config.enabled or loader is None or (not config.groups and config.fae is None):
+    if not config.enabled or loader is None:
         return loader
+    if not config.groups:  # TorchRec's plain path: a loader of IKJTs (storage.DedupReader) expanded
+        loader = plain_loader(loader)
+        if config.fae is None:
+            return loader
     config.validate()
-    if config.fae is not None and model is not None:
+    if config.fae is not None and model is not None and not config.is_sharded():
+        # Sharded: no hot tier in the model (the hot set became planner hints, for_dmp), so
+        # regrouping batches by hotness would only reorder them.
         hot = load_hot_set(config.fae)
         features = {f: t for t, fs in embedding_tables(model).items() for f in fs if t in hot.tables}
         loader = HotBatchScheduler(loader, hot, features, window=config.fae.window or None)

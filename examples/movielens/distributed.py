@@ -2,9 +2,10 @@
 
 Process group from torchrun's environment (gloo on CPU, nccl on GPU), a planner-made (or
 forced) sharding plan, ``DistributedModelParallel``, the fused embedding optimizer and a
-dense optimizer. The lines marked ``# recd-plugin`` are the plugin's: its sharders (ROW_WISE
-on CPU), its planner constraints (deduplicated batch sizes, FUSED kernel for IKJT tables),
-and the up-front plan check.
+dense optimizer. The lines marked ``# recd-plugin`` are the plugin's: one
+``recd_plugin.sharding.for_dmp`` call gives its sharders (ROW_WISE on CPU), its planner
+constraints (deduplicated batch sizes measured by ``apply``'s probe; FAE placement from the
+flag's hot set on GPUs) and the up-front plan check.
 
     torchrun --nproc_per_node 2 examples/movielens/train.py --sharding row_wise --recd @examples/movielens/recd.toml
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,28 +71,28 @@ class TrainStep(torch.nn.Module):
 
 
 def shard(model: torch.nn.Module, recd: "recd_plugin.RecDConfig", sharding: str, lr: float, optimizer: str,
-          batch_size: int, unique_fraction: Optional[Dict[str, float]] = None,
-          ) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
+          batch_size: int) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
     """Plan and shard ``model`` (or a ``TrainStep`` around it); returns (DMP model, combined optimizer)."""
     inner = model.model if isinstance(model, TrainStep) else model  # what recd_plugin.apply() converted
     world, device = dist.get_world_size(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fused = {"optimizer": EmbOptimType.EXACT_SGD if optimizer == "sgd" else EmbOptimType.EXACT_ROWWISE_ADAGRAD,
              "learning_rate": lr}
-    sharders = recd_sharding.sharders(fused)  # recd-plugin (stock: EmbeddingBagCollectionSharder(fused))
-    tables = _table_names(model)
     constraints: Dict[str, ParameterConstraints] = {}
     if sharding != "auto":
-        constraints = {t: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in tables}
-    if recd.enabled:  # recd-plugin
-        constraints = recd_sharding.constraints(inner, recd, batch_size, unique_fraction, base=constraints)
+        constraints = {t: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"])
+                       for t in _table_names(model)}
+    # recd-plugin: sharders, planner hints and plan check (stock: EmbeddingBagCollectionSharder(fused), constraints)
+    setup = recd_sharding.for_dmp(inner, recd, batch_size, base_constraints=constraints, fused_params=fused,
+                                  compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
-                                       constraints=constraints)
-    plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+                                       constraints=setup.constraints)
+    plan = planner.collective_plan(model, setup.sharders, dist.group.WORLD)
+    setup.check(plan)  # recd-plugin
     if recd.enabled and dist.get_rank() == 0:  # recd-plugin
-        print(recd_sharding.explain(inner, recd, plan, constraints))
+        print(setup.explain(plan))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=device,
-                                   plan=plan, sharders=sharders)
+                                   plan=plan, sharders=setup.sharders)
     dmp.load_state_dict(initial)  # sharding re-initializes the tables: keep the model's own weights
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),

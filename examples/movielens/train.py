@@ -42,7 +42,6 @@ from distributed import SHARDING_TYPES  # noqa: E402
 from model import RECD_FLAG, TwoTower  # noqa: E402
 
 import recd_plugin  # noqa: E402  # recd-plugin
-from recd_plugin import sharding as recd_sharding  # noqa: E402
 from recd_plugin.data import TableBatches, cardinalities, generate_sessions, load_movielens_100k, split_by_time  # noqa: E402
 from recd_plugin.sharding.checkpoint import Checkpointer, Position, split_batches  # noqa: E402
 
@@ -127,16 +126,12 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     train_loader = loader(train_table, args.batch_size, args.workers, rank, world)
     train_batches = train_loader.dataset  # its .start is where a resumed epoch picks up
     test_loader = loader(test_table, args.batch_size, args.workers, rank, world)
-    unique = None
-    if recd.enabled and args.sharding != "none":  # recd-plugin: measured unique fractions for the planner
-        unique = recd_sharding.measure_unique_fraction(train_batches, recd)
     model, train_loader = recd_plugin.apply(recd, model, train_loader)  # recd-plugin
     test_loader = recd_plugin.wrap(recd, test_loader)  # recd-plugin: sharded models need IKJTs on every batch
     if args.pipeline:
-        return train_pipelined(args, model, train_loader, recd, rank, world, unique)
-    if args.sharding != "none":
-        model, optimizer = distributed.shard(model, recd, args.sharding, args.lr, args.optimizer, args.batch_size,
-                                             unique)
+        return train_pipelined(args, model, train_loader, recd, rank, world)
+    if args.sharding != "none":  # the planner hints use what apply() measured (distributed.shard)
+        model, optimizer = distributed.shard(model, recd, args.sharding, args.lr, args.optimizer, args.batch_size)
     elif args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     else:
@@ -195,12 +190,12 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
 
 
 def train_pipelined(args: argparse.Namespace, model: torch.nn.Module, train_loader, recd: recd_plugin.RecDConfig,
-                    rank: int, world: int, unique: Optional[Dict[str, float]]) -> Dict[str, float]:
+                    rank: int, world: int) -> Dict[str, float]:
     """One epoch with TorchRec's TrainPipelineSparseDist (input all-to-alls one batch ahead)."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     step_model, optimizer = distributed.shard(distributed.TrainStep(model), recd, args.sharding, args.lr,
-                                              args.optimizer, args.batch_size, unique)
+                                              args.optimizer, args.batch_size)
     pipeline = TrainPipelineSparseDist(step_model, optimizer, next(step_model.parameters()).device)
     log, batches, total, steps, start = _loss_log(args, recd, rank, world), iter(train_loader), 0.0, 0, time.perf_counter()
     while steps != args.max_steps:

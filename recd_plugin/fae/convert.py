@@ -1,5 +1,10 @@
 """FAE's part of ``recd_plugin.apply``: the flag's hot set, checked against the model and
-converted to the hot/cold layout.
+converted to the hot/cold layout; in sharded mode (``RecDConfig.is_sharded()``) checked only.
+
+Sharded, the model is left as it is: ``DistributedModelParallel`` shards TorchRec's own
+modules, not the hot/cold one. The hot set reaches the planner instead, as placement hints
+(``recd_plugin.sharding.for_dmp``, from ``recd_plugin.fae.hints.hot_set_constraints``): the
+same hot set does on GPUs what the hot/cold layout does on one process.
 
 Registered with the converter registry of ``recd_plugin/modules/swap.py`` (order 10: before
 the RecD swap, which then leaves the hot/cold modules alone, as they read IKJTs themselves),
@@ -32,13 +37,10 @@ def load_hot_set(fae: FAEConfig) -> HotSet:
 
 def check(model: nn.Module, config: RecDConfig) -> None:
     """The hot set loads and matches the model's tables (a stale one is refused here), and no
-    module the layout would swap has a ``forward`` of its own."""
+    module the layout would swap has a ``forward`` of its own (unsharded only: sharded, no
+    module is swapped)."""
     if config.fae is None:
         return
-    if config.is_sharded():
-        raise UnsupportedModelError(
-            "fae: the hot/cold layout works on unsharded models (DistributedModelParallel cannot shard it); "
-            "for sharded GPU training use the planner hints instead (recd_plugin.fae.hints.planner_constraints)")
     hot = load_hot_set(config.fae)
     hot.check_tables({t: shape for m in model.modules() if isinstance(m, EmbeddingBagCollection)
                       for t, shape in ebc_tables(m).items()})
@@ -46,6 +48,8 @@ def check(model: nn.Module, config: RecDConfig) -> None:
         if t not in hot.tables:
             raise UnsupportedModelError(f"fae.tables names {t!r}, which the hot set does not have "
                                         f"(it has {sorted(hot.tables)}){did_you_mean(t, list(hot.tables))}")
+    if config.is_sharded():
+        return  # the model stays as it is; the hot set becomes planner hints (sharding.for_dmp)
     for path, m, _ in custom_forward_modules(model, config):
         held = [c.name for c in table_configs(m) if c.name in hot.tables]
         if held:
@@ -54,7 +58,8 @@ def check(model: nn.Module, config: RecDConfig) -> None:
 
 @register_converter("fae_hot_cold", order=10, check=check)
 def hot_cold(model: nn.Module, config: RecDConfig, ctx: DedupContext) -> List[Undo]:
-    """FAE: the hot set's tables become hot/cold tiers."""
-    if config.fae is None:
+    """FAE: the hot set's tables become hot/cold tiers; sharded, nothing changes (the hot set
+    becomes planner hints: ``recd_plugin.sharding.for_dmp``)."""
+    if config.fae is None or config.is_sharded():
         return []
     return [convert_hot_cold(model, load_hot_set(config.fae), config.fae.tables)]

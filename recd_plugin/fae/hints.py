@@ -20,6 +20,11 @@ module feeds it the measured access distribution instead:
   of rows is at least ``hbm_threshold`` stays whole in HBM (compute kernel ``FUSED``); every
   other table gets ``FUSED_UVM_CACHING`` with ``load_factor`` = its hot share of rows and the
   statistics above.
+* :func:`hot_set_constraints` -- the same placement from the hot set alone (what the flag's
+  ``fae.hot_set`` gives a sharded run, ``recd_plugin.sharding.for_dmp``): hot share of rows
+  per table -> HBM or ``FUSED_UVM_CACHING`` at that load factor, but *no* cache statistics (the
+  hot set keeps no access counts), so TorchRec's planner costs those caches with its own
+  defaults. The profile's :func:`planner_constraints` is the better hint when it is at hand.
 * :func:`show_plans` -- plans the tables twice with ``EmbeddingShardingPlanner`` on a GPU
   ``Topology`` (planning is pure Python and runs on a CPU-only host; nothing is allocated:
   the module is built on the meta device) and prints both plans side by side.
@@ -43,6 +48,7 @@ import numpy as np
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import CacheParams, CacheStatistics
 
+from recd_plugin.errors import HotSetError
 from recd_plugin.fae.hotset import HotSet
 from recd_plugin.fae.profile import AccessProfile
 
@@ -94,26 +100,53 @@ class ProfileCacheStatistics(CacheStatistics):
         return self._cacheability
 
 
+def _placement(share: float, hbm_threshold: float, min_load_factor: float, algorithm,
+               stats: Optional[CacheStatistics]) -> ParameterConstraints:
+    """One table's hint from its hot share of rows: whole in HBM, or UVM-cached at that share."""
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+
+    if share >= hbm_threshold:
+        return ParameterConstraints(compute_kernels=[EmbeddingComputeKernel.FUSED.value])
+    params = CacheParams(algorithm=algorithm, load_factor=max(share, min_load_factor), stats=stats)
+    return ParameterConstraints(compute_kernels=[EmbeddingComputeKernel.FUSED_UVM_CACHING.value],
+                                cache_params=params)
+
+
 def planner_constraints(profile: AccessProfile, hot: HotSet, hbm_threshold: float = 0.5,
                         min_load_factor: float = 0.01, batch_size: Optional[int] = None,
                         algorithm=None) -> Dict[str, ParameterConstraints]:
     """``{table: ParameterConstraints}``: hot tables in HBM, the others UVM-cached at their
     hot share of rows (at least ``min_load_factor``). ``algorithm``: a fbgemm
     ``CacheAlgorithm`` (None: FBGEMM's default, LRU)."""
-    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-
     hot.check_tables(profile.tables)
-    out = {}
-    for t, shape in profile.tables.items():
-        share = hot.num_hot(t) / shape.num_embeddings
-        if share >= hbm_threshold:
-            out[t] = ParameterConstraints(compute_kernels=[EmbeddingComputeKernel.FUSED.value])
-        else:
-            params = CacheParams(algorithm=algorithm, load_factor=max(share, min_load_factor),
-                                 stats=ProfileCacheStatistics(profile, t, batch_size))
-            out[t] = ParameterConstraints(compute_kernels=[EmbeddingComputeKernel.FUSED_UVM_CACHING.value],
-                                          cache_params=params)
-    return out
+    return {t: _placement(hot.num_hot(t) / shape.num_embeddings, hbm_threshold, min_load_factor, algorithm,
+                          ProfileCacheStatistics(profile, t, batch_size))
+            for t, shape in profile.tables.items()}
+
+
+def hot_set_constraints(hot: HotSet, tables: Optional[Sequence[str]] = None, hbm_threshold: float = 0.5,
+                        min_load_factor: float = 0.01, algorithm=None) -> Dict[str, ParameterConstraints]:
+    """``{table: ParameterConstraints}`` from the hot set alone (no access profile at hand).
+
+    The placement is :func:`planner_constraints`' (a table whose hot share of rows is at least
+    ``hbm_threshold`` stays whole in HBM with the ``FUSED`` kernel; the others get
+    ``FUSED_UVM_CACHING`` with ``load_factor`` = their hot share of rows, at least
+    ``min_load_factor``), but the caches carry no ``CacheStatistics``: a hot set holds which
+    rows are hot, not how often rows are read, so the planner's cost of each cache is its own
+    default estimate. ``tables``: only these tables of the hot set (default: every table it
+    profiled; a table with no hot row is cached at ``min_load_factor``).
+
+    Example::
+
+        hot = HotSet.load("out/hot.npz")
+        cons = hot_set_constraints(hot)   # {"t_C1": ParameterConstraints(compute_kernels=["fused"]), ...}
+    """
+    names = list(hot.tables) if tables is None else list(tables)
+    for t in names:
+        if t not in hot.tables:
+            raise HotSetError(f"hot_set_constraints: table {t!r} is not in the hot set (it has {sorted(hot.tables)})")
+    return {t: _placement(hot.num_hot(t) / hot.tables[t].num_embeddings, hbm_threshold, min_load_factor, algorithm,
+                          None) for t in names}
 
 
 def _plan_rows(configs: Sequence, world_size: int, hbm_cap: Optional[int], batch_size: int,

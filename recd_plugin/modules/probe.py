@@ -45,7 +45,7 @@ from recd_plugin._ranks import all_reduce_ints
 from recd_plugin.modules.gather import gather_output
 from recd_plugin.modules.swap import dedup_class, outside_towers
 from recd_plugin.modules.tower import expand_output
-from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup, build_ikjt, group_rows, select_rows
+from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup, build_ikjt, expand, group_rows, select_rows
 from recd_plugin.transforms.dedup import check_not_deduplicated, measure
 
 #: Kept when the measured dedup route takes at most this share of the plain time ...
@@ -206,8 +206,9 @@ def decide(model: nn.Module, config: Any, batches: Iterable[Any], limit: int, al
     samples, unique = counts[0], counts[1:]
     params = list(model.parameters())
     materialized = bool(params) and not any(p.is_meta for p in params)
-    # The loader may yield host batches for a model on a GPU (moved inside the training loop).
-    kjt = sample[0].sparse_features.to(params[0].device) if sample and materialized else None
+    # The loader may yield host batches for a model on a GPU (moved inside the training loop),
+    # and already deduplicated ones (storage.DedupReader): time on the plain KJT.
+    kjt = expand(sample[0].sparse_features).to(params[0].device) if sample and materialized else None
     out = [_decide_group(model, config, g, unique[i] / samples if samples else 1.0, kjt, aligned)
            for i, g in enumerate(spec.groups)]
     agreed = all_reduce_ints([int(d.kept) for d in out], "min")  # one route on every rank

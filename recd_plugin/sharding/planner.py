@@ -1,42 +1,66 @@
-"""Sharding with the plugin on: sharders and optional planner hints.
+"""Sharding with the plugin on: one object with what DMP and its planner need.
 
 In sharded mode the plugin keeps the model's TorchRec modules and feeds them *aligned* IKJTs
 (``recd_plugin.sparse.ikjt``): to TorchRec, ordinary KJTs of batch B, so DMP's default
 sharders, every sharding type, every compute kernel and every fused optimizer work as they do
 without the plugin, and no table takes TorchRec's variable-batch path. What is left here:
 
-* :func:`sharders`: TorchRec's sharders, plus ROW_WISE on cpu (the stock ones offer it for cuda
-  only; TABLE_ROW_WISE stays off on cpu: its weights do not move there). Optional: DMP's
-  defaults work too.
-* :func:`constraints`: optional planner hints. A grouped table looks up only the unique rows'
-  ids, so its ``ParameterConstraints.batch_sizes`` become the deduplicated ``ceil(u * B)``
-  (u measured, e.g. ``measure_unique_fraction``); :func:`explain` prints what that changed.
+* :func:`for_dmp` -> :class:`ShardingSetup`: the one call after ``recd_plugin.apply``. Its
+  ``.sharders`` go to both the planner and DMP, its ``.constraints`` to the planner,
+  ``.check(plan)`` refuses a plan that cannot run, ``.explain(plan)`` says per table what the
+  plugin told the planner. The constraints are the user's own (``base_constraints``) plus:
+
+  - RecD: a grouped table looks up only the unique rows' ids, so its
+    ``ParameterConstraints.batch_sizes`` become the deduplicated ``ceil(u * B)``; u is the
+    unique fraction ``apply``'s probe measured (summed over ranks), or one measured here on
+    ``loader``'s first batches, or the one given;
+  - FAE (``fae.hot_set`` in the flag; the model stays unconverted when sharded): tables whose
+    hot share of rows is at least one half stay whole in HBM (``FUSED``), the others get
+    ``FUSED_UVM_CACHING`` at their hot share of rows as cache load factor
+    (``recd_plugin.fae.hints.hot_set_constraints``). On a cuda topology only: a cpu one has no
+    HBM / host-memory tiers, and says so in ``explain``.
+
+* The pieces it is made of, for scripts that want only one: :func:`sharders` (TorchRec's,
+  plus ROW_WISE on cpu; TABLE_ROW_WISE stays off on cpu: its weights do not move there),
+  :func:`constraints`, :func:`measure_unique_fraction`, :func:`explain`.
 
 Example (each rank, after ``recd_plugin.apply``)::
 
     from recd_plugin import sharding
-    cons = sharding.constraints(model, config, batch_size=1024, unique_fraction={"user": 0.03})
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"), constraints=cons)
-    plan = planner.collective_plan(model, sharding.sharders(), dist.group.WORLD)
-    print(sharding.explain(model, config, plan, cons))
-    model = DistributedModelParallel(model, plan=plan, sharders=sharding.sharders(), device=torch.device("cpu"))
+    model, loader = recd_plugin.apply(config, model, loader)
+    setup = sharding.for_dmp(model, config, batch_size=1024, fused_params={"learning_rate": 0.01})
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"),
+                                       constraints=setup.constraints)
+    plan = planner.collective_plan(model, setup.sharders, dist.group.WORLD)
+    setup.check(plan)
+    print(setup.explain(plan))
+    model = DistributedModelParallel(model, plan=plan, sharders=setup.sharders, device=torch.device("cpu"))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
 
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recd_plugin.config import RecDConfig
-from recd_plugin.modules.swap import embedding_tables
+from recd_plugin.errors import MalformedBatchError, ShardingError
+from recd_plugin.fae.convert import load_hot_set
+from recd_plugin.fae.hints import hot_set_constraints
+from recd_plugin.fae.hotset import TableShape
+from recd_plugin.modules.swap import embedding_tables, table_configs
 from recd_plugin.sharding import torchrec_fixes
-from recd_plugin.transforms.dedup import measure
+from recd_plugin.transforms.dedup import DedupLoader, check_not_deduplicated, measure
 
 
 def _with_cpu_row_wise(types: List[str], compute_device_type: str) -> List[str]:
@@ -111,3 +135,175 @@ def explain(model: nn.Module, config: RecDConfig, plan: ShardingPlan,
             lines.append(f"  {module_path or 'model'}.{table}: {ps.sharding_type}, {ps.compute_kernel}, "
                          f"ranks {ps.ranks}" + (f"  ({'; '.join(hint)})" if hint else ""))
     return "\n".join(lines)
+
+
+#: Sharding types whose weights do not move on cpu (see docs/design/sharded-ikjt.md).
+_NOT_ON_CPU = {ShardingType.TABLE_ROW_WISE.value, "grid_shard"}
+
+
+@dataclass
+class ShardingSetup:
+    """What ``DistributedModelParallel`` and its planner need for a model the plugin converted
+    (:func:`for_dmp` builds it).
+
+    Attributes:
+        sharders: for both the planner and DMP (the plugin's: TorchRec's, plus ROW_WISE on cpu).
+        constraints: ``{table: ParameterConstraints}`` for ``EmbeddingShardingPlanner``: the
+            user's own, with the plugin's hints filled in where the user left a field unset.
+        unique_fraction: ``{group: u}`` behind the deduplicated batch sizes, and
+            ``unique_source`` where it came from ("apply's probe", "loader", "given", "");
+            ``recd_tables``: the tables planned for the unique rows.
+        fae_hints: ``{table: what FAE asked of the planner}``; ``notes``: hints not given, and why.
+        compute_device: the planner topology's device type the hints were made for.
+    """
+
+    sharders: List[ModuleSharder[nn.Module]]
+    constraints: Dict[str, ParameterConstraints]
+    unique_fraction: Dict[str, float] = field(default_factory=dict)
+    unique_source: str = ""
+    recd_tables: List[str] = field(default_factory=list)
+    fae_hints: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    compute_device: str = "cpu"
+    tables: Dict[str, List[str]] = field(default_factory=dict, repr=False)
+
+    def check(self, plan: ShardingPlan) -> None:
+        """Refuse (``ShardingError``, naming the table and the fix) a plan that names a table
+        the model lacks, or that puts a table on a sharding type or kernel the compute device
+        cannot run (TABLE_ROW_WISE / GRID_SHARD or a UVM kernel on cpu)."""
+        for module_path, module_plan in plan.plan.items():
+            for table, ps in module_plan.items():  # type: ignore[union-attr]
+                where = f"{module_path or 'model'}.{table}"
+                if self.tables and table not in self.tables:
+                    raise ShardingError(f"the sharding plan names table {where!r}, which the model does not have "
+                                        f"(its tables: {sorted(self.tables)}); plan the model given to for_dmp()")
+                if self.compute_device == "cpu" and ps.sharding_type in _NOT_ON_CPU:
+                    raise ShardingError(f"{where}: {ps.sharding_type} does not work on cpu (its weights do not move "
+                                        "there); use row_wise, column_wise or table_wise")
+                if self.compute_device == "cpu" and "uvm" in str(ps.compute_kernel):
+                    raise ShardingError(f"{where}: compute kernel {ps.compute_kernel} needs cuda (UVM); on cpu use "
+                                        "fused or dense")
+
+    def explain(self, plan: ShardingPlan) -> str:
+        """One line per table: sharding type, kernel, ranks, and what the plugin told the planner;
+        then the hints not given, and why."""
+        lines = ["recd-plugin sharding plan:"]
+        for module_path, module_plan in plan.plan.items():
+            for table, ps in module_plan.items():  # type: ignore[union-attr]
+                c = self.constraints.get(table)
+                hint = []
+                if c is not None and c.batch_sizes and table in self.recd_tables:
+                    hint.append(f"planned for {c.batch_sizes[0]} unique rows/step")
+                if table in self.fae_hints:
+                    hint.append(self.fae_hints[table])
+                clf = ps.cache_params.load_factor if ps.cache_params is not None else None
+                kernel = f"{ps.compute_kernel}" + (f" (cache load factor {clf:.3f})" if clf else "")
+                lines.append(f"  {module_path or 'model'}.{table}: {ps.sharding_type}, {kernel}, "
+                             f"ranks {ps.ranks}" + (f"  ({'; '.join(hint)})" if hint else ""))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def for_dmp(model: nn.Module, config: RecDConfig, batch_size: int, loader: Optional[Iterable[Any]] = None,
+            base_constraints: Optional[Mapping[str, ParameterConstraints]] = None, *,
+            fused_params: Optional[Dict[str, Any]] = None, unique_fraction: Optional[Mapping[str, float]] = None,
+            compute_device: Optional[str] = None, probe_batches: int = 8) -> ShardingSetup:
+    """Sharders, planner constraints and plan check for ``model`` after ``recd_plugin.apply``.
+
+    Args:
+        model: the model ``apply`` converted (unsharded; the one to plan), or a module around it.
+        config: the flag ``apply`` was given (``apply`` narrowed it to the groups that pay and
+            recorded the unique fractions its probe measured).
+        batch_size: samples per rank per step (B).
+        loader: plain torchrec ``Batch``es (the loader as it was *before* ``apply``) to measure
+            the unique fractions on, over the first ``probe_batches``; only needed when
+            ``apply`` did not probe (no loader given to it, or ``probe_batches = 0`` in the flag).
+        base_constraints: the user's own ``{table: ParameterConstraints}``: kept; a hint only
+            fills a field the user left unset (the objects given are not modified).
+        fused_params: passed to the sharders (e.g. the fused optimizer and learning rate).
+        unique_fraction: ``{group: u}`` to use instead of any measurement.
+        compute_device: the planner topology's device type (default: cuda if available, else
+            cpu). FAE's placement hints are given on cuda only.
+        probe_batches: how many of ``loader``'s batches to measure.
+
+    Returns:
+        :class:`ShardingSetup`: ``.sharders``, ``.constraints``, ``.check(plan)``, ``.explain(plan)``.
+        With the plugin off: the plugin's sharders and the base constraints, no hints.
+
+    Example::
+
+        model, loader = recd_plugin.apply(config, model, loader)
+        setup = recd_plugin.sharding.for_dmp(model, config, batch_size=1024)
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=setup.constraints)
+        plan = planner.collective_plan(model, setup.sharders, dist.group.WORLD)
+        setup.check(plan)
+        model = DistributedModelParallel(model, plan=plan, sharders=setup.sharders, device=device)
+    """
+    device = compute_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = {t: dataclasses.replace(c) for t, c in (base_constraints or {}).items()}  # the caller's stay as given
+    setup = ShardingSetup(sharders=sharders(fused_params), constraints=base, compute_device=device,
+                          tables=embedding_tables(model))
+    if not config.enabled:
+        return setup
+    if config.groups:
+        u, source = _unique_fraction(config, loader, unique_fraction, probe_batches)
+        setup.unique_fraction, setup.unique_source = u, source
+        before = {t: c.batch_sizes for t, c in base.items()}
+        setup.constraints = constraints(model, config, batch_size, u or None, base=base)
+        setup.recd_tables = [t for t, c in setup.constraints.items()
+                                           if c.batch_sizes is not None and before.get(t) is None]
+        if not u:
+            setup.notes.append("recd: no unique fraction measured (apply had no loader to probe): grouped tables are "
+                               "planned for B rows; pass loader= (the plain loader) to plan them for the unique rows")
+    if config.fae is not None:
+        _fae_hints(setup, model, config)
+    return setup
+
+
+def _unique_fraction(config: RecDConfig, loader: Optional[Iterable[Any]], given: Optional[Mapping[str, float]],
+                     limit: int) -> Tuple[Dict[str, float], str]:
+    if given is not None:
+        return dict(given), "given"
+    if loader is not None:
+        if isinstance(loader, DedupLoader) and not loader.in_workers:
+            loader = loader.loader  # apply's wrapped loader: measure the plain batches under it
+        try:
+            check_not_deduplicated(loader)
+        except MalformedBatchError:
+            raise ShardingError("for_dmp(loader=...) measures plain batches, and this loader yields deduplicated "
+                                "ones: pass the loader as it was before apply(), or none (apply's probe measured "
+                                "u already)") from None
+        return measure_unique_fraction(loader, config, limit), "loader"
+    probed = getattr(config, "probed_unique_fraction", None)  # set by apply's probe (recd_plugin/plugin.py)
+    if probed:
+        return dict(probed), "apply's probe"
+    return {}, ""
+
+
+def _fae_hints(setup: ShardingSetup, model: nn.Module, config: RecDConfig) -> None:
+    """FAE's hot set as placement hints (the model itself stays unconverted when sharded)."""
+    assert config.fae is not None
+    hot = load_hot_set(config.fae)
+    shapes = {c.name: TableShape(c.num_embeddings, c.embedding_dim) for m in model.modules()
+              if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for c in table_configs(m)}
+    hot.check_tables(shapes)  # a stale hot set is refused, as apply refuses it
+    if setup.compute_device != "cuda":
+        setup.notes.append(f"fae: no placement hints on {setup.compute_device} (no HBM / host-memory tiers; on cuda "
+                           "the hot set places mostly-hot tables in HBM and caches the others at their hot share)")
+        return
+    for t, hint in hot_set_constraints(hot, config.fae.tables).items():
+        share = hot.num_hot(t) / hot.tables[t].num_embeddings
+        what = (f"fae: {share:.1%} of rows hot -> whole in HBM" if hint.cache_params is None else
+                f"fae: {share:.1%} of rows hot -> UVM cache, load factor {hint.cache_params.load_factor:.3f}")
+        mine = setup.constraints.get(t)
+        if mine is None:
+            setup.constraints[t] = hint
+        elif mine.compute_kernels is None:
+            mine.compute_kernels = hint.compute_kernels
+            if mine.cache_params is None:
+                mine.cache_params = hint.cache_params
+        else:
+            setup.notes.append(f"fae: {t}: your constraints fix its kernel to {mine.compute_kernels}; the hot set's "
+                               f"hint ({what[5:]}) is not applied")
+            continue
+        setup.fae_hints[t] = what

@@ -114,6 +114,10 @@ class DedupReader(IterableDataset):
     StorageError naming the file, never a wrong batch.
     """
 
+    #: Its batches are IKJTs already: ``recd_plugin.apply`` / ``wrap`` pass them on (or expand
+    #: them for TorchRec's plain path) instead of deduplicating them again.
+    deduplicated = True
+
     def __init__(self, path: PathLike, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  shuffle: bool = False, seed: int = 0, epoch: int = 0, verify_checksums: bool = True) -> None:
         if batch_size < 1:

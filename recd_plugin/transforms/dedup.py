@@ -12,13 +12,18 @@ into them (``collate_fn`` becomes ``DedupCollate(collate_fn, spec)``), so buildi
 costs the training loop nothing. The first ``verify_batches`` batches are expanded back and
 compared with the input, so a feature that is *not* constant within a session is reported
 (``NotDeduplicableError``) before the model has taken a step.
+
+A batch that arrives already deduplicated (an IKJT, e.g. from ``recd_plugin.storage.DedupReader``)
+is not deduplicated again: :func:`from_ikjt` checks that each of the flag's groups is one of
+the batch's inverse indices and passes it on in the compact layout (or converts it to the
+aligned one in sharded mode); features the flag does not group get one row per sample again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,7 +31,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.config import verify_step
 from recd_plugin.errors import MalformedBatchError
-from recd_plugin.sparse.ikjt import DedupSpec, build_ikjt, expand, not_constant, unique_count
+from recd_plugin.sparse.ikjt import (
+    DedupSpec, build_ikjt, carrier_rows, complete_cumsum, expand, is_identity, jagged_index_select,
+    lost_inverse_error, not_constant, unique_count,
+)
 
 
 @dataclass
@@ -45,18 +53,29 @@ class DedupStats:
     def add(self, spec: DedupSpec, batch_in: int, ikjt: KeyedJaggedTensor) -> None:
         self.batches += 1
         self.samples_in += batch_in
-        self.samples_out += ikjt.stride()
+        samples = batch_samples(ikjt)
+        self.samples_out += samples
         for g in spec.groups:
-            self.rows[g.name] = self.rows.get(g.name, 0) + ikjt.stride()
+            self.rows[g.name] = self.rows.get(g.name, 0) + samples
             self.unique_rows[g.name] = self.unique_rows.get(g.name, 0) + unique_count(ikjt, g.all_features[0])
+
+
+def batch_samples(kjt: KeyedJaggedTensor) -> int:
+    """Samples in a batch's KJT: B for a plain KJT and for an IKJT of either layout (the
+    width of its inverse indices; a compact IKJT's own ``stride()`` is not B in every TorchRec)."""
+    inv = kjt.inverse_indices_or_none()
+    return int(inv[1].shape[-1]) if inv is not None else kjt.stride()
 
 
 def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False, aligned: bool = False) -> Any:
     """Same batch with ``sparse_features`` replaced by its IKJT.
 
     Args:
-        batch: ``Batch`` (dense_features [B, D], sparse_features KJT batch B, labels [B]).
-        verify: expand the IKJT and check it equals the input (raises NotDeduplicableError).
+        batch: ``Batch`` (dense_features [B, D], sparse_features KJT batch B, labels [B]). A
+            KJT that is already an IKJT (``recd_plugin.storage.DedupReader``'s batches) is
+            checked against ``spec`` and passed on, not deduplicated again (:func:`from_ikjt`).
+        verify: expand the IKJT and check it equals the input (raises NotDeduplicableError);
+            for a batch that arrived deduplicated, check its inverse indices and group keys.
         aligned: the aligned IKJT layout (sharded mode; see ``recd_plugin.sparse.ikjt``).
     """
     kjt = getattr(batch, "sparse_features", None)
@@ -65,11 +84,15 @@ def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False, aligned: bool
             f"expected a torchrec Batch (a dataclass with a KeyedJaggedTensor sparse_features), "
             f"got {type(batch).__name__}; wrap a loader that yields torchrec.datasets.utils.Batch"
         )
+    if kjt.inverse_indices_or_none() is None and kjt.variable_stride_per_key():
+        raise lost_inverse_error("recd-plugin's loader")  # before its stride is read as a batch size
     labels = getattr(batch, "labels", None)
-    if isinstance(labels, torch.Tensor) and labels.shape[0] != kjt.stride():
+    if isinstance(labels, torch.Tensor) and labels.shape[0] != batch_samples(kjt):
         raise MalformedBatchError(
-            f"batch has {labels.shape[0]} labels but its KJT has batch size {kjt.stride()}"
+            f"batch has {labels.shape[0]} labels but its KJT has batch size {batch_samples(kjt)}"
         )
+    if kjt.inverse_indices_or_none() is not None or kjt.variable_stride_per_key():
+        return dataclasses.replace(batch, sparse_features=from_ikjt(kjt, spec, verify, aligned))
     ikjt = build_ikjt(kjt, spec, aligned=aligned)
     if verify:
         check_roundtrip(kjt, ikjt, spec)
@@ -99,8 +122,172 @@ def measure(batches: Iterable[Any], spec: DedupSpec, limit: int) -> DedupStats:
     for i, batch in enumerate(batches):
         if i == limit:
             break
-        stats.add(spec, batch.sparse_features.stride(), dedup_batch(batch, spec).sparse_features)
+        stats.add(spec, batch_samples(batch.sparse_features), dedup_batch(batch, spec).sparse_features)
     return stats
+
+
+# ----------------------------------------------------------------------------------------
+# Batches that arrive deduplicated (recd_plugin.storage.DedupReader): check, then pass on.
+
+
+def _already_error(problem: str, fix: str) -> MalformedBatchError:
+    return MalformedBatchError(
+        f"this batch arrived already deduplicated (an IKJT with inverse indices, e.g. from "
+        f"recd_plugin.storage.DedupReader) and does not match the flag: {problem}. {fix}"
+    )
+
+
+def _batch_groups(keys: List[str], rows: Dict[str, torch.Tensor], strides: Dict[str, int],
+                  batch: int) -> List[List[str]]:
+    """The batch's own groups: keys sharing one inverse index, deduplicated ones only."""
+    groups: List[List[str]] = []
+    for k in keys:
+        if strides[k] == batch and is_identity(rows[k]):
+            continue  # one row per sample: in no group
+        for g in groups:
+            if strides[g[0]] == strides[k] and torch.equal(rows[g[0]], rows[k]):
+                g.append(k)
+                break
+        else:
+            groups.append([k])
+    return groups
+
+
+def _check_groups(spec: DedupSpec, keys: List[str], rows: Dict[str, torch.Tensor],
+                  strides: Dict[str, int], batch: int) -> None:
+    """Every feature of a flag group shares its group's inverse index in the batch (else the
+    towers and dedup modules, which read one inverse per group, would pair rows wrongly)."""
+    for g in spec.groups:
+        lead = g.all_features[0]
+        for f in g.all_features[1:]:
+            if strides[f] == strides[lead] and torch.equal(rows[f], rows[lead]):
+                continue
+            theirs = _batch_groups(keys, rows, strides, batch)
+            of = {k: grp for grp in theirs for k in grp}
+            together = [x for x in g.all_features if x in of.get(lead, [lead])]
+            listed = "; ".join(str(grp) for grp in theirs) or "none: every feature has one row per sample"
+            key = f"groups.{g.name}.key={g.key}; " if g.key is not None and g.key in together else ""
+            feats = ",".join(x for x in together if x != g.key)
+            raise _already_error(
+                f"flag group {g.name!r} puts {f!r} with {lead!r}, but the batch deduplicates them "
+                f"separately ({lead!r} with {of.get(lead, [lead])}, {f!r} with {of.get(f, [f])})",
+                f"Name in each flag group only features the batch deduplicates together (the batch's "
+                f"groups: {listed}), e.g. '{key}groups.{g.name}.features={feats}'; or feed plain "
+                "batches (read the flat data, or recd_plugin.expand the KJT) so that the plugin "
+                "deduplicates them as the flag says.",
+            )
+
+
+def _check_keys(spec: DedupSpec, ikjt: KeyedJaggedTensor, rows: Dict[str, torch.Tensor],
+                strides: Dict[str, int]) -> None:
+    """(verify batches) inverse indices in range, and one id per sample in each group's key."""
+    for k, r in rows.items():
+        if r.numel() and (int(r.min()) < 0 or int(r.max()) >= strides[k]):
+            raise _already_error(f"the inverse index of {k!r} points outside its {strides[k]} rows",
+                                 "Rebuild the batch (build_ikjt) or re-run recd-plugin preprocess.")
+    if batch_samples(ikjt) == 0:
+        return
+    plain = expand(ikjt).to_dict()
+    for g in spec.groups:
+        if g.key is not None and not bool((plain[g.key].lengths() == 1).all()):
+            raise _already_error(f"key feature {g.key!r} of group {g.name!r} does not hold exactly one id per sample",
+                                 f"Key the group by a per-sample id (groups.{g.name}.key=...) or omit the key.")
+
+
+def from_ikjt(ikjt: KeyedJaggedTensor, spec: DedupSpec, verify: bool = False,
+              aligned: bool = False) -> KeyedJaggedTensor:
+    """An IKJT that arrived deduplicated -> the IKJT of ``spec`` in the layout asked for, without
+    deduplicating anything again.
+
+    Each group of ``spec`` must be deduplicated together in ``ikjt`` (its features share one
+    inverse index; checked on every batch, O(K * B)): else ``MalformedBatchError`` naming the
+    mismatch and the fix. Features in no group of ``spec`` get one row per sample again (so
+    the result is what ``build_ikjt(expand(ikjt), spec, aligned)`` builds whenever the batch's
+    groups are the flag's). A compact ``ikjt`` that already is that comes back as is (pass-through).
+
+    Args:
+        ikjt: compact or aligned IKJT (``recd_plugin.storage.DedupReader`` yields compact ones).
+        verify: also check that inverse indices are in range and each group's key holds one id
+            per sample (the first ``verify_batches`` batches).
+        aligned: the aligned layout (sharded mode) instead of the compact one.
+    """
+    inv = ikjt.inverse_indices_or_none()
+    if inv is None:
+        raise lost_inverse_error("recd-plugin's loader")
+    if not spec.groups:
+        return expand(ikjt)  # no group kept: TorchRec's plain path takes plain KJTs
+    names, tensor = inv
+    keys = list(ikjt.keys())
+    spec.check_keys(keys)
+    if sorted(names) != sorted(keys):
+        raise _already_error(f"its inverse indices name {list(names)} but its keys are {keys}",
+                             "Give every key one inverse index (build_ikjt does).")
+    compact = ikjt.variable_stride_per_key()
+    batch = int(tensor.shape[-1])
+    strides = dict(zip(keys, ikjt.stride_per_key()))
+    rows = {k: tensor[names.index(k)] for k in keys}
+    _check_groups(spec, keys, rows, strides, batch)
+    if verify:
+        _check_keys(spec, ikjt, rows, strides)
+    lead_of = {f: g.all_features[0] for g in spec.groups for f in g.all_features}
+    ungrouped = [k for k in keys if k not in lead_of]
+    if compact and not aligned and all(strides[k] == batch and is_identity(rows[k]) for k in ungrouped):
+        return ikjt  # already the flag's compact IKJT: pass-through
+
+    device = tensor.device
+    lengths = ikjt.lengths()
+    if compact:  # key k holds its unique rows at [base[k], base[k] + stride_k) of the KJT
+        base = complete_cumsum(torch.tensor([strides[k] for k in keys], dtype=torch.long)).tolist()
+        first_src = {k: torch.arange(strides[k], device=device) + base[i] for i, k in enumerate(keys)}
+        inverse = rows
+    else:  # aligned: key k's rows are [k * B, (k + 1) * B); a unique row lives at its carrier
+        first_src, inverse = {}, {}
+        for i, k in enumerate(keys):
+            first, inverse[k] = carrier_rows(rows[k])
+            first_src[k] = first + i * batch
+    identity = torch.arange(batch, device=device)
+    select, keep, out_inverse, out_strides = [], [], [], []
+    carriers: Dict[str, Any] = {}  # group lead -> (carrier [B], carries its row [B])
+    for k in keys:
+        grouped = k in lead_of
+        inv_k = inverse[lead_of[k]] if grouped else inverse[k]
+        if grouped and not aligned:  # compact: the unique rows, as they are
+            select.append(first_src[k])
+            out_strides.append([int(first_src[k].numel())])
+            out_inverse.append(inv_k)
+            continue
+        select.append(first_src[k].index_select(0, inv_k))  # one row per sample
+        out_strides.append([batch])
+        if grouped:  # aligned: the row stays only on its carrier, the first sample reading it
+            lead = lead_of[k]
+            if lead not in carriers:
+                first = torch.full((int(first_src[lead].numel()),), batch, dtype=torch.long, device=device)
+                first.scatter_reduce_(0, inv_k, identity, reduce="amin")
+                carrier = first.index_select(0, inv_k)
+                carriers[lead] = carrier, carrier == identity
+            keep.append(carriers[lead][1])
+            out_inverse.append(carriers[lead][0])
+        else:
+            keep.append(torch.ones(batch, dtype=torch.bool, device=device))
+            out_inverse.append(identity)
+    index = torch.cat(select) if select else torch.zeros(0, dtype=torch.long, device=device)
+    out_lengths = lengths.long().index_select(0, index)
+    if aligned:
+        kept = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool, device=device)
+        out_lengths = out_lengths * kept
+        # index_select, not index[kept]: advanced indexing wakes torch's second CPU thread
+        # (milliseconds on an idle core; see sparse/ikjt.py jagged_index_select)
+        index = index.index_select(0, torch.nonzero(kept).flatten())
+    values, _, positions = jagged_index_select(ikjt.values(), lengths, index)
+    weights = ikjt.weights_or_none()
+    common = dict(
+        keys=keys, values=values, weights=weights.index_select(0, positions) if weights is not None else None,
+        lengths=out_lengths.to(lengths.dtype),
+        inverse_indices=(list(keys), torch.stack(out_inverse) if out_inverse else tensor[:0]),
+    )
+    if aligned:
+        return KeyedJaggedTensor(stride=batch, **common)  # type: ignore[arg-type]
+    return KeyedJaggedTensor(stride_per_key_per_rank=out_strides, **common)  # type: ignore[arg-type]
 
 
 class DedupCollate:
@@ -123,6 +310,21 @@ def check_not_deduplicated(loader: Any) -> None:
     """MalformedBatchError if ``loader`` already yields the plugin's IKJTs (wrapped twice)."""
     if isinstance(loader, DedupLoader) or isinstance(getattr(loader, "collate_fn", None), DedupCollate):
         raise MalformedBatchError("this DataLoader is already deduplicated by recd-plugin")
+
+
+def yields_ikjt(loader: Any) -> bool:
+    """True for a loader whose batches arrive deduplicated: it, or a DataLoader's ``dataset``,
+    has a true ``deduplicated`` attribute (``recd_plugin.storage.DedupReader`` has)."""
+    return bool(getattr(loader, "deduplicated", False) or getattr(getattr(loader, "dataset", None), "deduplicated", False))
+
+
+def plain_loader(loader: Any) -> Any:
+    """``loader`` for TorchRec's plain path (no group deduplicated): itself, or for a loader
+    whose batches arrive deduplicated (:func:`yields_ikjt`), a ``DedupLoader`` that expands
+    them back to plain KJTs in this process (the DataLoader's ``collate_fn`` is left alone)."""
+    if loader is None or not yields_ikjt(loader):
+        return loader
+    return DedupLoader(loader, DedupSpec(()), verify_batches=0, in_workers=False)
 
 
 class DedupLoader:
@@ -168,12 +370,12 @@ class DedupLoader:
         for batch in self.loader:
             sparse = getattr(batch, "sparse_features", None)
             if self.in_workers and isinstance(sparse, KeyedJaggedTensor) and sparse.inverse_indices_or_none() is not None:
-                out, batch_in = batch, sparse.stride()
+                out, batch_in = batch, batch_samples(sparse)
             else:
                 # Also taken when workers were started before the wrap (persistent_workers
                 # keeps the old collate_fn): deduplicate here rather than pass plain batches.
                 verify, self._verify_left = verify_step(self._verify_left)
                 out = dedup_batch(batch, self.spec, verify, self.aligned)
-                batch_in = batch.sparse_features.stride()
+                batch_in = batch_samples(batch.sparse_features)
             self.stats.add(self.spec, batch_in, out.sparse_features)
             yield out
