@@ -79,7 +79,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
         from recd_plugin.des import DESSharder, des_plan
-        from recd_plugin.sharding.comm import CommCounter
+        from recd_plugin.bench.comm import CommCounter
 
         class Wrap(torch.nn.Module):
             def __init__(self) -> None:

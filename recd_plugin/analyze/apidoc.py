@@ -32,7 +32,7 @@ MODULES = [
     "recd_plugin.fae.coverage", "recd_plugin.fae.hints", "recd_plugin.fae.hotcold", "recd_plugin.fae.schedule",
     "recd_plugin.fae.convert",
     "recd_plugin.des", "recd_plugin.sharding", "recd_plugin.sharding.planner", "recd_plugin.sharding.checkpoint",
-    "recd_plugin.sharding.position", "recd_plugin.sharding.comm",
+    "recd_plugin.sharding.position", "recd_plugin.bench.comm",
     "recd_plugin.analyze", "recd_plugin.analyze.command", "recd_plugin.analyze.sources", "recd_plugin.analyze.recd",
     "recd_plugin.analyze.fae", "recd_plugin.analyze.model", "recd_plugin.analyze.des",
     "recd_plugin.analyze.advice", "recd_plugin.analyze.route", "recd_plugin.analyze.check",
@@ -112,6 +112,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         first = (inspect.getdoc(importlib.import_module(name)) or "").split("\n")[0]
         index.append(f"- [`{name}`]({name}.md): {first}")
     (out / "index.md").write_text("\n".join(index) + "\n")
+    for stale in sorted(set(out.glob("recd_plugin*.md")) - {out / f"{name}.md" for name in MODULES}):
+        stale.unlink()  # a module that moved or left MODULES: its old page would mislead
+        print(f"removed {stale} (module no longer documented)")
     print(f"wrote {len(index) - 4} pages and {out / 'index.md'}")
     return 0
 

@@ -7,7 +7,7 @@
     est.saving            # 1 - DES bytes / TorchRec table-wise bytes
     est.table_wise, est.des   # {component: bytes per step per rank}
 
-Analytic, counted the way ``recd_plugin.sharding.comm.CommCounter`` (the DES benchmark) counts:
+Analytic, counted the way ``recd_plugin.bench.comm.CommCounter`` (the DES benchmark) counts:
 bytes a rank *sends* per training step (forward + backward), W ranks, B samples per rank,
 tables spread evenly table-wise, so a share r = (W - 1) / W of every field's traffic leaves
 its rank. Per field f: pooling L_f (mean ids per sample), dim D_f; 8-byte ids, 4-byte

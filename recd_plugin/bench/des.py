@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from recd_plugin.bench.report import free_port, machine, median, publish
-from recd_plugin.sharding.comm import EMBEDDING_OPS
+from recd_plugin.bench.comm import EMBEDDING_OPS
 
 WORLD = 2
 FIELDS = 26
@@ -53,7 +53,7 @@ def _bench_model(name: str, cfg: Dict[str, Any], rank: int) -> Dict[str, Any]:
     from recd_plugin.bench.des_sides import SIDES, auc, build_side, example_models
     from recd_plugin.data.criteo import criteo_arrays, to_batch
     from recd_plugin.des import balanced_placement
-    from recd_plugin.sharding.comm import CommCounter
+    from recd_plugin.bench.comm import CommCounter
 
     models = example_models()
     d, h, rows, b = cfg["dim"], cfg["hidden"], cfg["max_rows"], cfg["batch_size"]

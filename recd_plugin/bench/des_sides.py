@@ -52,7 +52,7 @@ def build_side(side: str, make_model: Callable[[], torch.nn.Module], placement: 
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from recd_plugin.des import DESSharder, des_plan
-    from recd_plugin.sharding.comm import count_ddp
+    from recd_plugin.bench.comm import count_ddp
 
     world = dist.get_world_size()
     env = ShardingEnv.from_process_group(dist.group.WORLD)

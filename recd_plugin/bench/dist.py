@@ -16,7 +16,7 @@ fused EXACT_SGD; dense SGD), one fed plain KJTs and one fed the plugin's aligned
 before timing, as DataLoader workers would; the towers' row-count all_reduce runs inside the
 step).
 Sides alternate in blocks; samples/s is both ranks' samples over the slower rank's time.
-Bytes are counted by ``recd_plugin.sharding.comm.CommCounter`` on every collective of a step
+Bytes are counted by ``recd_plugin.bench.comm.CommCounter`` on every collective of a step
 (embedding all-to-all / reduce-scatter / all-gather; DDP's gradient all_reduce is the same on
 both sides and reported apart; the towers' all_reduce is counted on the plugin side). The
 losses of both sides must agree step by step. ``single_process_ratio`` is the same model and
@@ -42,7 +42,7 @@ from torch import nn
 
 from recd_plugin.bench.dedup import _example
 from recd_plugin.bench.report import free_port, machine, median, publish
-from recd_plugin.sharding.comm import EMBEDDING_OPS
+from recd_plugin.bench.comm import EMBEDDING_OPS
 
 WORLD = 2
 LR = 0.05
@@ -94,7 +94,7 @@ def _worker(rank: int, port: int, cfg: Dict[str, Any], outdir: str) -> None:
 
     import recd_plugin
     from recd_plugin import sharding
-    from recd_plugin.sharding.comm import CommCounter
+    from recd_plugin.bench.comm import CommCounter
     from recd_plugin.sparse.ikjt import unique_count
     from recd_plugin.modules.swap import embedding_tables
     from recd_plugin.transforms.dedup import dedup_batch
@@ -254,7 +254,7 @@ def _markdown(result: Dict[str, Any]) -> str:
         "(target >= 80%) | plain emb. bytes/step/rank | plugin emb. bytes/step/rank | comm ratio | dup factor | "
         "comm ratio / dup factor (target >= 0.9) | max loss diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n\n"
-        "Bytes are counted collective by collective (`recd_plugin.sharding.comm.CommCounter`): the embedding "
+        "Bytes are counted collective by collective (`recd_plugin.bench.comm.CommCounter`): the embedding "
         "all-to-alls (ids, lengths, pooled rows and their gradients). Ids and sequence rows shrink less than "
         "the row count (dup factor = rows / unique rows): a MovieLens user's first session is usually the "
         "longest and has an empty history, so per sample the histories are shorter than per unique session "

@@ -296,7 +296,7 @@ def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, 
     """Both sides of one case, alternating in blocks of one pass; ``rounds`` timed passes
     after one warm-up pass (whose losses are compared). ``flag_suffix`` is appended to the
     model's plugin flag (tests: ``"; probe_batches=0"`` forces the dedup route)."""
-    from recd_plugin.sharding.comm import EMBEDDING_OPS, CommCounter
+    from recd_plugin.bench.comm import EMBEDDING_OPS, CommCounter
 
     # Small batches step in milliseconds, where scheduler jitter dominates one reading: time
     # SMALL_BATCH_ROUNDS x as many passes (still well under a second per side).

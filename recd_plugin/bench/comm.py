@@ -1,5 +1,8 @@
 """Count the bytes every torch.distributed collective moves: measured, not estimated.
 
+Benchmark tooling, not runtime API: it patches ``torch.distributed`` attributes while it is
+active, which no training job should have done to it by a library.
+
 TorchRec's sharded modules (input KJT all-to-all, pooled-embedding all-to-all and
 reduce-scatter, their backward passes) and our own DES operators all call the
 ``torch.distributed`` functions through the module attribute (``dist.all_to_all_single(...)``),
@@ -23,7 +26,7 @@ DDP's gradient all-reduce runs in its C++ reducer, not through these functions: 
 
 Example::
 
-    from recd_plugin.sharding.comm import CommCounter
+    from recd_plugin.bench.comm import CommCounter
     with CommCounter() as comm:
         loss = model(batch).sum(); loss.backward()
     comm.bytes, comm.by_op       # e.g. 81920, {"all_to_all_single": 65536, "reduce_scatter_single": 16384}
