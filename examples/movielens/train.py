@@ -127,7 +127,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     train_batches = train_loader.dataset  # its .start is where a resumed epoch picks up
     test_loader = loader(test_table, args.batch_size, args.workers, rank, world)
     model, train_loader = recd_plugin.apply(recd, model, train_loader)  # recd-plugin
-    test_loader = recd_plugin.wrap(recd, test_loader)  # recd-plugin: sharded models need IKJTs on every batch
+    test_loader = recd_plugin.wrap(recd, test_loader)  # recd-plugin, optional: deduplicated evaluation (plain batches work too)
     if args.pipeline:
         return train_pipelined(args, model, train_loader, recd, rank, world)
     if args.sharding != "none":  # the planner hints use what apply() measured (distributed.shard)
