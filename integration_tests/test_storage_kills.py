@@ -21,11 +21,11 @@ from typing import Iterator, List, Tuple
 import pytest
 from two_ranks import HANG_GUARD_S, ROOT
 
-from recd_plugin.data import generate_sessions
+from recd_plugin.data import generate_sessions, storage_roles
 from recd_plugin.storage import DedupReader, StorageError, StorageSpec, preprocess
 
 KILLED = 77  # a job's exit status when the injected kill fired
-SPEC = StorageSpec.movielens()
+SPEC = StorageSpec(**storage_roles())
 
 #: A job server: imports the plugin once (seconds), then runs each job read from stdin
 #: ("OUT KILL_AT preprocess|open") in a forked process, so that each of the many kill points
@@ -34,7 +34,7 @@ SPEC = StorageSpec.movielens()
 SERVER = r"""
 import os, signal, sys
 from pathlib import Path
-from recd_plugin.data import generate_sessions
+from recd_plugin.data import generate_sessions, storage_roles
 from recd_plugin.storage import StorageSpec, preprocess, read_manifest
 
 def job(out, kill_at, what):
@@ -51,7 +51,7 @@ def job(out, kill_at, what):
     for name in ("mkdir", "fsync", "rename", "replace", "unlink", "rmdir"):
         setattr(os, name, counted(getattr(os, name)))
     if what == "preprocess":
-        preprocess(table, out, StorageSpec.movielens(), overwrite=True, progress=False)
+        preprocess(table, out, StorageSpec(**storage_roles()), overwrite=True, progress=False)
     else:
         read_manifest(out)
     sys.stdout.write(f"STEPS {calls[0]}\n")

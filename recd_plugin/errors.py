@@ -43,6 +43,13 @@ class UnsupportedModelError(RecDError, ValueError):
     """The model cannot take the plugin as configured (unknown module, unsupported setup)."""
 
 
+class DataSourceError(RecDError, ValueError):
+    """A data source name that is not a built-in source (``recd_plugin.data.builtin``), or a
+    built-in source that a command cannot use (e.g. one without an item key for preprocess).
+    The commands raise their own class instead (``StorageError``, ``HotSetError``,
+    ``AnalyzeError``) with the same message."""
+
+
 class StorageError(RecDError, ValueError):
     """Input to preprocessing or a stored RecD dataset is missing, malformed or incomplete."""
 

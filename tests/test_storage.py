@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from conftest import assert_kjt_equal
-from recd_plugin.data import TableBatches, generate_sessions
+from recd_plugin.data import TableBatches, generate_sessions, storage_roles
 from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup, build_ikjt, expand
 from recd_plugin.storage import (
     DedupReader, FlatReader, StorageError, StorageSpec, epoch_check, pack_sessions, preprocess,
@@ -26,7 +26,7 @@ from recd_plugin.storage import (
 )
 from recd_plugin.storage.layout import probe_dictionary
 
-SPEC = StorageSpec.movielens()
+SPEC = StorageSpec(**storage_roles())
 GROUPS = DedupSpec([
     FeatureGroup("session", [f for f in SPEC.session_columns if f in SPEC.sparse_features], key="session_id"),
     FeatureGroup("item", [f for f in SPEC.item_columns if f in SPEC.sparse_features], key="item_id"),
@@ -153,12 +153,12 @@ def test_deterministic_by_seed(stored: Path) -> None:
 def test_flat_reader_matches_table_batches(table: pa.Table, tmp_path: Path) -> None:
     path = tmp_path / "flat.parquet"
     assert write_flat(table, path, row_group_rows=500) == os.path.getsize(path)
-    batches = list(FlatReader(path, 128))
+    batches = list(FlatReader(path, 128, SPEC))
     for i, b in enumerate(batches):
         assert_kjt_equal(b.sparse_features, TableBatches(table, 128)[i].sparse_features)
-    shards = [sum(b.labels.numel() for b in FlatReader(path, 128, rank=r, world_size=3)) for r in range(3)]
+    shards = [sum(b.labels.numel() for b in FlatReader(path, 128, SPEC, rank=r, world_size=3)) for r in range(3)]
     assert sum(shards) == table.num_rows
-    assert epoch_check(FlatReader(path, 128), source=table).samples == table.num_rows
+    assert epoch_check(FlatReader(path, 128, SPEC), source=table).samples == table.num_rows
 
 
 def test_manifest_guard(table: pa.Table, tmp_path: Path) -> None:
@@ -296,7 +296,7 @@ def test_manifest_records_reference_mode_and_files_hold_whole_users(table: pa.Ta
 
 
 def test_list_mode_round_trip_when_disabled(table: pa.Table, tmp_path: Path) -> None:
-    spec = StorageSpec(history=None)
+    spec = StorageSpec(**dict(storage_roles(), history=None))
     summary = preprocess(table, tmp_path / "ds", spec, rows_per_file=700, progress=False)
     assert summary.history_mode == "list" and "history stored by list" in str(summary)
     assert read_manifest(tmp_path / "ds").history_mode == "list"

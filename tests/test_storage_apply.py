@@ -36,14 +36,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from conftest import assert_kjt_equal
 import recd_plugin
 from recd_plugin import MalformedBatchError, RecDConfig
-from recd_plugin.data import TableBatches, cardinalities, generate_sessions
+from recd_plugin.data import TableBatches, cardinalities, generate_sessions, storage_roles
 from recd_plugin.modules.probe import decide
 from recd_plugin.sparse.ikjt import build_ikjt, expand, is_aligned
 from recd_plugin.storage import DedupReader, StorageSpec, preprocess
 from recd_plugin.transforms.dedup import DedupLoader, dedup_batch, from_ikjt
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = StorageSpec.movielens()
+SPEC = StorageSpec(**storage_roles())
 BATCH = 64
 
 

@@ -21,14 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recd_plugin.data import generate_sessions
+from recd_plugin.data import generate_sessions, storage_roles
 from recd_plugin.storage import (
     DedupReader, FlatReader, StorageError, StorageSpec, epoch_check, preprocess, read_manifest, write_flat,
 )
 from recd_plugin.storage.commit import commit, journal_path, lock_path, temp_dir, writer_lock
 from recd_plugin.storage.layout import CHECKSUM, MANIFEST, manifest_digest, write_manifest, write_table
 
-SPEC = StorageSpec.movielens()
+SPEC = StorageSpec(**storage_roles())
 Signature = List[Tuple[bytes, ...]]
 
 
@@ -134,7 +134,7 @@ def test_page_checksums_are_written_and_verified(base: Path, tmp_path: Path) -> 
     write_flat(generate_sessions(num_users=5, num_items=10, seed=0), flat)
     _flip_in_page(flat, "label")
     with pytest.raises(StorageError, match="flat.parquet: cannot read .*CRC checksum verification failed"):
-        list(FlatReader(flat, 16))
+        list(FlatReader(flat, 16, SPEC))
 
 
 def test_truncated_file_is_refused_at_open(base: Path, tmp_path: Path) -> None:
@@ -344,10 +344,10 @@ def test_epoch_check_counts_nan_labels_instead_of_reporting_loss(table: pa.Table
     bad = _nan_labels(table, [0, 10, 500])
     flat = tmp_path / "flat.parquet"
     write_flat(bad, flat, row_group_rows=100)
-    report = epoch_check(FlatReader(flat, 64), source=bad)
+    report = epoch_check(FlatReader(flat, 64, SPEC), source=bad)
     assert report.samples == bad.num_rows and report.nan_labels == 3
     assert report.label_sum == pytest.approx(float(np.nansum(bad.column("label").to_numpy())))
-    batches = list(FlatReader(flat, 64))
+    batches = list(FlatReader(flat, 64, SPEC))
     with pytest.raises(StorageError, match="lost 64 samples"):
         epoch_check(batches[1:], source=bad)
     altered = list(batches)

@@ -27,7 +27,7 @@ MODULES = [
     "recd_plugin.modules.dedup_ec", "recd_plugin.modules.dedup_ebc", "recd_plugin.modules.tower",
     "recd_plugin.modules.gather", "recd_plugin.modules.probe", "recd_plugin.modules.batchnorm",
     "recd_plugin.sparse.ids",
-    "recd_plugin.data", "recd_plugin.data.criteo", "recd_plugin.storage",
+    "recd_plugin.data", "recd_plugin.data.criteo", "recd_plugin.data.builtin", "recd_plugin.storage",
     "recd_plugin.fae.profile", "recd_plugin.fae.hotset", "recd_plugin.fae.access", "recd_plugin.fae.trace",
     "recd_plugin.fae.coverage", "recd_plugin.fae.hints", "recd_plugin.fae.hotcold", "recd_plugin.fae.schedule",
     "recd_plugin.fae.convert",

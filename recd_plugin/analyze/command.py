@@ -24,7 +24,9 @@ import numpy as np
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="Parquet file/directory, or synthetic / movielens-100k / criteo-synthetic / criteo-sessions")
+    from recd_plugin.data.builtin import builtin_names
+
+    p.add_argument("data", help=f"Parquet file/directory, or a built-in source: {', '.join(builtin_names())}")
     p.add_argument("--model", default=None, help="TOML/JSON model config: tables, operators, world size "
                                                  "(default: every sparse feature a dim-16 table, FM + wide, 2 ranks)")
     p.add_argument("--out", type=Path, default=Path("analyze_out"), help="output directory (default analyze_out)")

@@ -6,17 +6,19 @@
     sample = load_sample("movielens-100k", max_rows=100_000)     # or a Parquet path
     sample.session_key, sample.session_columns                   # "session_id", [user_id, ...]
 
-DATA is a Parquet file / directory (one row per sample) or a built-in source name:
-``synthetic`` (``recd_plugin.data.generate_sessions``), ``movielens-100k``
-(``load_movielens_100k``, fetched into the cache when missing), ``criteo-synthetic``
-(``recd_plugin.data.criteo.criteo_table``, tables capped at 10^6 rows like the FAE benchmark:
-independent impressions) or ``criteo-sessions`` (the same in sessions of 16 samples sharing
-``C1..C13``, with a ``session_id`` column: the data of ``recd-plugin bench models``).
+DATA is a Parquet file / directory (one row per sample) or a built-in source name, the names
+every command takes (``recd_plugin.data.builtin``): ``synthetic``
+(``recd_plugin.data.generate_sessions``), ``movielens-100k`` (``load_movielens_100k``, fetched
+into the cache when missing), ``criteo-synthetic`` (``recd_plugin.data.criteo.criteo_table``,
+tables capped at 10^6 rows like the FAE benchmark: independent impressions) or
+``criteo-sessions`` (the same in sessions of 16 samples sharing ``C1..C13``, with a
+``session_id`` column: the data of ``recd-plugin bench models``).
 
 The sample is the *first* ``max_rows`` rows, in stored order: the unique fraction "as stored"
 depends on which rows sit next to each other, which a random sample would destroy. A Parquet
-input is read record batch by record batch (64k rows) and reading stops once the sample is
-full, so memory is bounded by the sample, not by the data set.
+input is read record batch by record batch (64k rows) by the reader every tool shares
+(``recd_plugin.storage.parquet_input``) and reading stops once the sample is full, so memory
+is bounded by the sample, not by the data set.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 
+from recd_plugin.data.builtin import BuiltinSource, not_found_hint, resolve_data
 from recd_plugin.errors import AnalyzeError, did_you_mean
+from recd_plugin.storage.parquet_input import open_parquet
 
-BUILTIN = ("synthetic", "movielens-100k", "criteo-synthetic", "criteo-sessions")
 #: Integer columns that are not embedding features in the common formats.
 NOT_FEATURES = {"label", "timestamp"}
 _READ_ROWS = 65_536
@@ -67,56 +70,31 @@ def _is_int(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or (is_list(t) and pa.types.is_integer(t.value_type))
 
 
-def _read_parquet(path: Path, max_rows: int, progress: bool) -> tuple:
-    import pyarrow.dataset as ds
-
-    if not path.exists():
-        raise AnalyzeError(f"{path}: no such Parquet file or directory; give a Parquet path or one of "
-                           f"the built-in sources {', '.join(BUILTIN)}{did_you_mean(str(path), BUILTIN)}")
-    try:
-        dataset = ds.dataset(str(path), format="parquet")
-        total = dataset.count_rows()
-        batches, n = [], 0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=min(total, max_rows), desc="read", unit="row")
-        for rb in dataset.to_batches(batch_size=_READ_ROWS):
-            take = rb.slice(0, max_rows - n)
-            batches.append(take)
-            n += take.num_rows
-            if bar is not None:
-                bar.update(take.num_rows)
-            if n >= max_rows:
-                break  # bounded memory: stop reading once the sample is full
-        if bar is not None:
-            bar.close()
-        table = pa.Table.from_batches(batches, schema=dataset.schema)
-    except (pa.ArrowException, OSError) as e:
-        raise AnalyzeError(f"{path}: not a readable Parquet file or directory ({type(e).__name__}: {e}); "
-                           "check the file is complete (re-copy it) and written as Parquet") from e
-    if table.num_rows == 0:
+def _read_parquet(path: Path, max_rows: int, progress: bool) -> Tuple[pa.Table, int]:
+    parquet = open_parquet(path, error=AnalyzeError, hint=not_found_hint())
+    total = parquet.num_rows
+    if total == 0:
         raise AnalyzeError(f"{path}: the Parquet data has no rows: nothing to analyze")
-    return table.replace_schema_metadata(dataset.schema.metadata), total
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=min(total, max_rows), desc="read", unit="row")
+    batches = []
+    for _, rb in parquet.batches(_READ_ROWS, max_rows=max_rows):  # stops once the sample is full
+        batches.append(rb)
+        if bar is not None:
+            bar.update(rb.num_rows)
+    if bar is not None:
+        bar.close()
+    return pa.Table.from_batches(batches, schema=parquet.schema), total
 
 
-def _builtin(name: str, max_rows: int, seed: int) -> tuple:
-    if name == "synthetic":
-        from recd_plugin.data import generate_sessions
-
-        table = generate_sessions(seed=seed)
-    elif name == "movielens-100k":
-        from recd_plugin.data import load_movielens_100k
-
-        table = load_movielens_100k()
-    else:
-        from recd_plugin.data.criteo import SESSION, criteo_table
-
-        # Capped at 10^6 rows per table, like the FAE benchmark, so predictions compare.
-        return criteo_table(max_rows, seed=seed, max_rows=1_000_000,
-                            session=SESSION if name == "criteo-sessions" else 1), None
-    return table.slice(0, max_rows), table.num_rows
+def _builtin(source: BuiltinSource, max_rows: int, seed: int) -> Tuple[pa.Table, Optional[int]]:
+    # Generated sources make exactly the sample (their tables capped at 10^6 rows, like the FAE
+    # benchmark, so predictions compare); fixed-size ones are read whole and cut.
+    table = source.load(num_samples=max_rows, seed=seed).table
+    return table.slice(0, max_rows), (table.num_rows if source.fixed_size else None)
 
 
 def load_sample(data: str, max_rows: int = 200_000, seed: int = 0, session_key: Optional[str] = None,
@@ -124,14 +102,11 @@ def load_sample(data: str, max_rows: int = 200_000, seed: int = 0, session_key: 
     """Read DATA's first ``max_rows`` rows and classify its columns (see the module doc)."""
     if max_rows < 1:
         raise AnalyzeError(f"--sample must be >= 1 rows, got {max_rows}")
-    if data in BUILTIN:
-        table, total = _builtin(data, max_rows, seed)
+    found = resolve_data(data, AnalyzeError)
+    if isinstance(found, Path):
+        table, total = _read_parquet(found, max_rows, progress)
     else:
-        path = Path(data)
-        if not path.exists() and not data.endswith(".parquet") and "/" not in data:
-            raise AnalyzeError(f"unknown data source {data!r}{did_you_mean(data, BUILTIN)}: give a Parquet "
-                               f"file or directory, or one of {', '.join(BUILTIN)}")
-        table, total = _read_parquet(path, max_rows, progress)
+        table, total = _builtin(found, max_rows, seed)
     meta = table.schema.metadata or {}
     known = json.loads(meta[b"recd.cardinalities"]) if b"recd.cardinalities" in meta else {}
     if session_key is None:

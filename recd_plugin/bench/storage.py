@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from recd_plugin.bench.report import machine, median, timed, publish
-from recd_plugin.data import load_movielens_100k
+from recd_plugin.data import load_movielens_100k, storage_roles
 from recd_plugin.storage import DedupReader, FlatReader, StorageSpec, epoch_check, preprocess, write_flat
 
 
@@ -31,8 +31,9 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_size: int = 
     with tempfile.TemporaryDirectory() as tmp:
         flat_path, layout = Path(tmp) / "flat.parquet", Path(tmp) / "layout"
         flat_bytes = write_flat(table, flat_path)
-        summary = preprocess(table, layout, StorageSpec.movielens(), rows_per_file=25_000, progress=False)
-        flat = FlatReader(flat_path, batch_size)
+        spec = StorageSpec(**storage_roles())
+        summary = preprocess(table, layout, spec, rows_per_file=25_000, progress=False)
+        flat = FlatReader(flat_path, batch_size, spec)
         dedup = DedupReader(layout, batch_size)
         for reader in (flat, dedup):  # correctness: every sample once, same labels
             epoch_check(reader, dedup.manifest, source=table)

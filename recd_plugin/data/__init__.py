@@ -4,7 +4,12 @@
   (the embedded default);
 * :func:`load_movielens_100k` -- MovieLens-100k (GroupLens or RecBole layout, fetched into
   a cache when missing; never shipped);
-* :class:`TableBatches` -- a table as consecutive ``torchrec.datasets.utils.Batch`` es.
+* :class:`TableBatches` -- a table as consecutive ``torchrec.datasets.utils.Batch`` es;
+* :func:`builtin_source` -- the built-in sources by the names every command takes
+  (``synthetic``, ``movielens-100k``, ``criteo-synthetic``, ``criteo-sessions``:
+  :mod:`recd_plugin.data.builtin`);
+* :func:`storage_roles` -- the common format's column roles, for
+  ``recd_plugin.storage.StorageSpec(**storage_roles())``.
 
 Every source returns a ``pyarrow.Table``, one row per rating event, ordered by
 (user_id, timestamp), with the columns ``session_id``, ``user_id``, ``user_age``,
@@ -22,6 +27,7 @@ Example::
 """
 
 from .batches import TableBatches, split_by_time
+from .builtin import builtin_names, builtin_source
 from .movielens import (
     MovieLensFormatError,
     MovieLensNotFoundError,
@@ -39,6 +45,7 @@ from .sessions import (
     build_session_table,
     cardinalities,
     sessionize,
+    storage_roles,
 )
 from .synthetic import generate_sessions, simulate_events
 
@@ -53,6 +60,8 @@ __all__ = [
     "MovieLensNotFoundError",
     "TableBatches",
     "build_session_table",
+    "builtin_names",
+    "builtin_source",
     "cardinalities",
     "default_root",
     "fetch_movielens_100k",
@@ -61,4 +70,5 @@ __all__ = [
     "sessionize",
     "simulate_events",
     "split_by_time",
+    "storage_roles",
 ]

@@ -153,13 +153,15 @@ def criteo_batches(num_batches: int, batch_size: int, seed: int = 0, max_rows: O
 
 class CriteoBatches:
     """Map-style view of :func:`criteo_batches`: ``CriteoBatches(...)[b]`` is the ``b``-th
-    batch of ``criteo_batches(num_batches, batch_size, seed, max_rows, zipf_exponent)``,
+    batch of ``criteo_batches(num_batches, batch_size, seed, max_rows, zipf_exponent, session)``,
     built on demand (a profiler sampling 5% of the batches generates only those)."""
 
     def __init__(self, num_batches: int, batch_size: int, seed: int = 0, max_rows: Optional[int] = 100_000,
-                 zipf_exponent: float = DEFAULT_ZIPF_EXPONENT) -> None:
+                 zipf_exponent: float = DEFAULT_ZIPF_EXPONENT, session: int = 1) -> None:
+        if session < 1:
+            raise ValueError(f"session must be >= 1 samples, got {session}")
         self.num_batches, self.batch_size, self.seed = num_batches, batch_size, seed
-        self.max_rows, self.zipf_exponent = max_rows, zipf_exponent
+        self.max_rows, self.zipf_exponent, self.session = max_rows, zipf_exponent, session
 
     def __len__(self) -> int:
         return self.num_batches
@@ -167,7 +169,8 @@ class CriteoBatches:
     def __getitem__(self, b: int) -> Batch:
         if not 0 <= b < self.num_batches:
             raise IndexError(f"batch {b} out of range ({self.num_batches} batches)")
-        return to_batch(criteo_arrays(self.batch_size, self.seed * 1_000_003 + b, self.max_rows, self.zipf_exponent))
+        cols = criteo_arrays(self.batch_size, self.seed * 1_000_003 + b, self.max_rows, self.zipf_exponent)
+        return to_batch(with_sessions(cols, self.session) if self.session > 1 else cols)
 
     def __iter__(self) -> Iterator[Batch]:
         return (self[b] for b in range(self.num_batches))

@@ -30,7 +30,7 @@ column (the user's previous events), so it is gathered with one ``np.repeat`` + 
 from __future__ import annotations
 
 import json
-from typing import Dict, Mapping
+from typing import Any, Dict, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,29 @@ SOURCE_KEY = b"recd.source"
 # Column order of the common format every built-in source produces: the session features, the
 # item features, the timestamp, the dense features, the label.
 COLUMNS = SESSION_FEATURES + ITEM_FEATURES + ["timestamp"] + DENSE_FEATURES + ["label"]
+
+
+def storage_roles() -> Dict[str, Any]:
+    """The common format's column roles, as keyword arguments of
+    ``recd_plugin.storage.StorageSpec``: ``StorageSpec(**storage_roles())``.
+
+    They live here, with the format they describe, because the storage layer takes every
+    schema from its caller and knows no data set's columns. Session level: the user profile and
+    the history (constant within a session); item level: genres, year and its dense form.
+    A fresh dict each call, so a caller may change it (``dict(storage_roles(), history=None)``).
+    """
+    return {
+        "session_key": "session_id",
+        "session_columns": [c for c in SESSION_FEATURES if c != "session_id"],
+        "item_key": "item_id",
+        "item_columns": [c for c in ITEM_FEATURES if c != "item_id"] + ["dense_year"],
+        "sparse_features": list(SPARSE_FEATURES),
+        "dense_features": list(DENSE_FEATURES),
+        "label": "label",
+        "order_by": "timestamp",
+        "history": "history",
+        "user_key": "user_id",
+    }
 
 
 def cardinalities(table: pa.Table) -> Dict[str, int]:

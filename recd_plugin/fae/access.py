@@ -2,10 +2,12 @@
 
 A *source* is any iterable of ``torchrec.datasets.utils.Batch`` (its ``sparse_features`` KJT
 is read) or the path of a Parquet file / directory with one row per sample (integer or
-list<integer> columns named like the features). :func:`iter_accesses` turns either into
-chunks of ``(B, {feature: (ids, sample)})`` where ``ids`` int64 [N] are the feature's ids in
-the chunk and ``sample`` int64 [N] the index in [0, B) of the sample each id belongs to, so
-the profiler and the trace replay never touch a KJT themselves.
+list<integer> columns named like the features; read by ``recd_plugin.storage.parquet_input``,
+the Parquet reader every tool shares, so its errors read as in preprocess and analyze).
+:func:`iter_accesses` turns either into chunks of ``(B, {feature: (ids, sample)})`` where
+``ids`` int64 [N] are the feature's ids in the chunk and ``sample`` int64 [N] the index in
+[0, B) of the sample each id belongs to, so the profiler and the trace replay never touch a
+KJT themselves.
 
 Tables: FAE ranks *table rows*, and several features may share a table.
 :func:`tables_from_configs` reads ``EmbeddingBagConfig`` / ``EmbeddingConfig`` lists into
@@ -90,16 +92,16 @@ def _kjt_chunk(batch: Batch, features: Sequence[str], checked: List[bool]) -> Ch
     return b, out
 
 
+#: How a profile's user fixes a feature the Parquet input lacks.
+PARQUET_FIX = ": name features that exist in the data (--tables / feature_to_table)"
+
+
 def _parquet_chunks(path: Path, features: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
-    import pyarrow.dataset as ds
-
     from recd_plugin.data.columns import JaggedColumn
+    from recd_plugin.storage.parquet_input import open_parquet
 
-    if not path.exists():
-        raise HotSetError(f"{path}: no such Parquet file or directory")
-    dataset = ds.dataset(str(path), format="parquet")
-    _check_features(features, dataset.schema.names, f"Parquet dataset {path}")
-    for rb in dataset.to_batches(columns=list(features), batch_size=batch_rows):
+    parquet = open_parquet(path, features, error=HotSetError, fix=PARQUET_FIX)
+    for _, rb in parquet.batches(batch_rows, columns=features):
         b = rb.num_rows
         out = {}
         for f in features:

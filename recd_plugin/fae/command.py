@@ -7,11 +7,14 @@
     recd-plugin profile data/events.parquet --tables item_id:1682,user_id:943 --budget 64MiB
     recd-plugin profile criteo-synthetic --budget 1% --show-plan --hbm-cap 1GiB
 
-DATA is ``criteo-synthetic`` (``--batches`` x ``--batch-size`` samples, tables capped at
-``--max-rows``), ``movielens-100k`` (fetched into the cache if missing) or a Parquet file /
-directory with one row per sample. ``--tables`` lists features as ``name[:rows[:dim]]``
-(default: every sparse feature whose size the source knows; rows from the source's
-cardinalities, dim from ``--dim``); each feature gets its own table of the same name.
+DATA is a Parquet file / directory with one row per sample, or a built-in source
+(``recd_plugin.data.builtin``, the names every command takes): ``synthetic``,
+``movielens-100k`` (fetched into the cache if missing), ``criteo-synthetic`` (``--batches`` x
+``--batch-size`` samples generated on demand, tables capped at ``--max-rows``) or
+``criteo-sessions`` (``--batches`` x ``--batch-size`` samples in sessions, same cap).
+``--tables`` lists features as ``name[:rows[:dim]]`` (default: every sparse feature whose
+size the source knows; rows from the source's cardinalities, dim from ``--dim``); each feature
+gets its own table of the same name.
 ``--budget`` is bytes (``65536``, ``64KiB``, ``1.5GB``) or a share of all tables' bytes
 (``1%``). Writes ``OUT/hot.npz`` (``HotSet.load``) and ``OUT/coverage.png``.
 """
@@ -24,6 +27,8 @@ import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+import pyarrow as pa
+
 from recd_plugin.errors import HotSetError
 from recd_plugin.fae.hotset import TableShape
 
@@ -32,7 +37,9 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="criteo-synthetic, movielens-100k, or a Parquet file/directory")
+    from recd_plugin.data.builtin import builtin_names
+
+    p.add_argument("data", help=f"Parquet file/directory, or a built-in source: {', '.join(builtin_names())}")
     p.add_argument("--budget", required=True, help="fast-memory bytes (64MiB, 1e9) or a share of all rows (1%%)")
     p.add_argument("--tables", default=None, help="features as name[:rows[:dim]], comma separated (default: all)")
     p.add_argument("--dim", type=int, default=16, help="embedding dim of tables without one (default 16)")
@@ -41,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit", choices=["sample", "batch"], default="sample", help="what is sampled")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", type=Path, default=Path("fae_profile"), help="output directory")
-    p.add_argument("--batches", type=int, default=1000, help="criteo-synthetic: batches in the data")
+    p.add_argument("--batches", type=int, default=1000, help="criteo-*: batches in the data")
     p.add_argument("--batch-size", type=int, default=2048, help="batch size of the built-in sources")
-    p.add_argument("--max-rows", type=int, default=1_000_000, help="criteo-synthetic: table size cap")
+    p.add_argument("--max-rows", type=int, default=1_000_000, help="criteo-*: table size cap")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--show-plan", action="store_true", help="print TorchRec's plan without / with the hints")
     p.add_argument("--world-size", type=int, default=2, help="--show-plan: GPUs in the topology")
@@ -58,24 +65,21 @@ def parse_bytes(text: str) -> int:
 
 
 def _source(args: argparse.Namespace) -> Tuple[object, Dict[str, int]]:
-    """(batches or Parquet path, {feature: rows known from the source})."""
-    if args.data == "criteo-synthetic":
-        from recd_plugin.data.criteo import CriteoBatches, criteo_cardinalities
+    """(batches, a table or a Parquet path; {feature: rows known from the source})."""
+    from recd_plugin.data.builtin import not_found_hint, resolve_data
 
-        return CriteoBatches(args.batches, args.batch_size, 0, args.max_rows), criteo_cardinalities(args.max_rows)
-    if args.data == "movielens-100k":
-        from recd_plugin.data import cardinalities, load_movielens_100k
+    found = resolve_data(args.data, HotSetError)
+    if isinstance(found, Path):
+        from recd_plugin.storage.parquet_input import open_parquet
 
-        table = load_movielens_100k()
-        return table, cardinalities(table)
-    path = Path(args.data)
-    if not path.exists():
-        raise HotSetError(f"{path}: no such Parquet file or directory (or use criteo-synthetic / movielens-100k)")
-    import pyarrow.dataset as ds
-
-    meta = ds.dataset(str(path), format="parquet").schema.metadata or {}
-    known = json.loads(meta[b"recd.cardinalities"]) if b"recd.cardinalities" in meta else {}
-    return path, {k: int(v) for k, v in known.items()}
+        meta = open_parquet(found, error=HotSetError, hint=not_found_hint()).metadata
+        known = json.loads(meta[b"recd.cardinalities"]) if b"recd.cardinalities" in meta else {}
+        return found, {k: int(v) for k, v in known.items()}
+    lazy = found.batches(args.batches, args.batch_size, max_rows=args.max_rows)
+    if lazy is not None:  # generated on demand: a 5% sample builds 5% of the batches
+        return lazy
+    data = found.load(num_samples=args.batches * args.batch_size, max_rows=args.max_rows)
+    return data.table, data.cardinalities
 
 
 def _tables(spec: Optional[str], known: Dict[str, int], dim: int, dtype_bytes: int) -> Dict[str, TableShape]:
@@ -104,10 +108,13 @@ def run(args: argparse.Namespace) -> None:
 
     source, known = _source(args)
     tables = _tables(args.tables, known, args.dim, args.dtype_bytes)
-    if args.data == "movielens-100k":
+    if isinstance(source, pa.Table):  # a built-in source's rows: batched like a training loader
         from recd_plugin.data import TableBatches
+        from recd_plugin.fae.access import PARQUET_FIX
+        from recd_plugin.storage.parquet_input import check_schema
 
-        source = TableBatches(source, args.batch_size, sparse_features=list(tables))
+        check_schema(args.data, source.schema, list(tables), error=HotSetError, fix=PARQUET_FIX)
+        source = TableBatches(source, args.batch_size, sparse_features=list(tables), dense_features=[])
     total = sum(s.num_embeddings * s.row_bytes for s in tables.values())
     budget = (int(float(args.budget.rstrip("% ")) / 100 * total) if args.budget.strip().endswith("%")
               else parse_bytes(args.budget))

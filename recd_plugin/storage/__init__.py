@@ -6,10 +6,11 @@ the plain-KJT baseline on the same data.
 
 Example::
 
-    from recd_plugin.data import load_movielens_100k
+    from recd_plugin.data import load_movielens_100k, storage_roles
     from recd_plugin.storage import DedupReader, StorageSpec, epoch_check, preprocess
     table = load_movielens_100k()
-    print(preprocess(table, "ml100k-recd", StorageSpec.movielens(), rows_per_file=25_000))
+    spec = StorageSpec(**storage_roles())   # the column roles: storage knows no data set's schema
+    print(preprocess(table, "ml100k-recd", spec, rows_per_file=25_000))
     reader = DedupReader("ml100k-recd", batch_size=1024, shuffle=True, seed=0)
     epoch_check(reader, source=table)
 """

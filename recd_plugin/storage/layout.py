@@ -27,8 +27,9 @@ each file it reads. Any mismatch is a StorageError naming the file and the fix.
 
 Example::
 
+    from recd_plugin.data import storage_roles
     from recd_plugin.storage.layout import StorageSpec, read_manifest
-    spec = StorageSpec.movielens()          # the common table format of recd_plugin.data
+    spec = StorageSpec(**storage_roles())   # the common table format of recd_plugin.data
     manifest = read_manifest("/data/ml100k-recd")   # StorageError unless complete and consistent
     manifest.totals["samples"], manifest.files["events"][0]["rows"]
 """
@@ -43,18 +44,16 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recd_plugin.data.sessions import (
-    DENSE_FEATURES,
-    SESSION_FEATURES,
-    SPARSE_FEATURES,
-)
-from recd_plugin.errors import StorageError
+from recd_plugin.errors import StorageError, did_you_mean
 from recd_plugin.storage.commit import recover
+
+if TYPE_CHECKING:
+    from recd_plugin.config import RecDConfig
 
 #: 2: every data file's sha256 is in the manifest and every Parquet page has a CRC (version 1
 #: files have neither, so they are refused: re-run preprocess).
@@ -87,35 +86,47 @@ DEFAULT_ROW_GROUP_ROWS = 64 * 1024  # several row groups per file: readers can s
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StorageSpec:
     """Which input columns are session-level, item-level, and what the reader emits.
 
-    Every input column that is neither the keys nor listed here is per-sample (events table).
+    The storage layer knows no data set: every role is given by the caller, by keyword. For
+    the common format of ``recd_plugin.data`` (MovieLens-100k, the synthetic generator) that
+    is ``StorageSpec(**recd_plugin.data.storage_roles())``; from the RecD flag,
+    :meth:`from_config`. Every input column that is neither a key nor listed here is
+    per-sample (events table).
 
     Args:
         session_key: column naming the session (also stored, once, in the sessions table).
         session_columns: constant within a session (user profile, history, ...).
         item_key: column naming the item; item_columns: constant per item.
-        order_by: sort key of the samples inside a session (None: keep input order).
         sparse_features / dense_features / label: the ``Batch`` the reader builds.
+        order_by: sort key of the samples inside a session (None: keep input order).
+        history: session-level list column that may be stored by reference (the user's last
+            items before the session); user_key: the column naming the user (files are cut at
+            user boundaries when the history is stored by reference). None: store lists.
     """
 
-    session_key: str = "session_id"
-    session_columns: Tuple[str, ...] = tuple(c for c in SESSION_FEATURES if c != "session_id")
-    item_key: str = "item_id"
-    item_columns: Tuple[str, ...] = ("item_genres", "item_year", "dense_year")
-    order_by: Union[str, None] = "timestamp"
-    sparse_features: Tuple[str, ...] = tuple(SPARSE_FEATURES)
-    dense_features: Tuple[str, ...] = tuple(DENSE_FEATURES)
-    label: str = "label"
-    #: session-level list column that may be stored by reference (the user's last items
-    #: before the session), and the column naming the user (files are cut at user boundaries
-    #: when the history is stored by reference). None: always store the history as lists.
-    history: Optional[str] = "history"
-    user_key: Optional[str] = "user_id"
+    session_key: str
+    session_columns: Tuple[str, ...]
+    item_key: str
+    item_columns: Tuple[str, ...]
+    sparse_features: Tuple[str, ...]
+    dense_features: Tuple[str, ...]
+    label: str
+    order_by: Optional[str] = None
+    history: Optional[str] = None
+    user_key: Optional[str] = None
 
     def __post_init__(self) -> None:
+        for name in ("session_key", "item_key", "label"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value):
+                raise StorageError(f"StorageSpec.{name} must be a column name, got {value!r}")
+        for name in ("order_by", "history", "user_key"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise StorageError(f"StorageSpec.{name} must be a column name or None, got {value!r}")
         for name in ("session_columns", "item_columns", "sparse_features", "dense_features"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -129,10 +140,38 @@ class StorageSpec:
                 raise StorageError(f"StorageSpec: column name {reserved!r} is reserved by the layout")
 
     @classmethod
-    def movielens(cls) -> "StorageSpec":
-        """The spec of the common table format (MovieLens-100k and the synthetic generator):
-        user profile + history per session, genres/year per item."""
-        return cls()
+    def from_config(cls, config: "RecDConfig", *, item_key: str, sparse_features: Sequence[str],
+                    dense_features: Sequence[str], label: str, item_columns: Optional[Sequence[str]] = None,
+                    group: Optional[str] = None, **roles: Any) -> "StorageSpec":
+        """The spec whose session roles come from the RecD flag, so the layout stores once what
+        training deduplicates: ``session_key`` is the key of the flag's keyed group and
+        ``session_columns`` its features. ``group`` names the group when the flag keys several
+        (default: the one keyed group not keyed by ``item_key``). ``item_columns`` default to
+        the features of a group keyed by ``item_key``, else none. ``roles``: ``order_by``,
+        ``history``, ``user_key``."""
+        keyed = [g for g in config.groups if g.key is not None]
+        if group is not None:
+            names = [g.name for g in config.groups]
+            found = [g for g in keyed if g.name == group]
+            if not found:
+                raise StorageError(f"the flag has no keyed group {group!r}{did_you_mean(group, names)}; its "
+                                   f"groups: {names} (a session group needs a key: groups.{group}.key=...)")
+            session = found[0]
+        else:
+            candidates = [g for g in keyed if g.key != item_key]
+            if len(candidates) != 1:
+                what = "no group with a key" if not candidates else f"{len(candidates)} keyed groups"
+                raise StorageError(f"the flag has {what} to take the session columns from (groups: "
+                                   f"{[g.name for g in config.groups]}); give a flag whose session group names "
+                                   "its key (groups.user.key=session_id), or name the group (group=NAME, --group NAME)")
+            session = candidates[0]
+        if item_columns is None:
+            item_group = next((g for g in keyed if g.key == item_key and g is not session), None)
+            item_columns = [f for f in item_group.features if f != item_key] if item_group else []
+        assert session.key is not None
+        return cls(session_key=session.key, session_columns=[f for f in session.features if f != session.key],
+                   item_key=item_key, item_columns=item_columns, sparse_features=sparse_features,
+                   dense_features=dense_features, label=label, **roles)
 
     @property
     def session_level(self) -> Tuple[str, ...]:

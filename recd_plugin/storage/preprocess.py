@@ -28,9 +28,9 @@ preprocess of the same ``out_dir`` deletes the temp directories killed runs left
 
 Example::
 
-    from recd_plugin.data import load_movielens_100k
+    from recd_plugin.data import load_movielens_100k, storage_roles
     from recd_plugin.storage import StorageSpec, preprocess
-    summary = preprocess(load_movielens_100k(), "/data/ml100k-recd", StorageSpec.movielens())
+    summary = preprocess(load_movielens_100k(), "/data/ml100k-recd", StorageSpec(**storage_roles()))
     print(summary)             # rows, sessions, items, bytes flat vs layout, violations
 """
 
@@ -307,7 +307,10 @@ def preprocess(source: Source, out_dir: "str | os.PathLike[str]", spec: Optional
 
     Args:
         source: pyarrow Table, Parquet file/directory path, or pyarrow dataset (one row per sample).
-        spec: column roles; default :meth:`StorageSpec.movielens`.
+        spec: the column roles of ``source``; required (None raises StorageError naming the fix:
+            the storage layer knows no data set's columns).
+            ``StorageSpec(**recd_plugin.data.storage_roles())`` for the common format of
+            ``recd_plugin.data``; :meth:`StorageSpec.from_config` from the RecD flag.
         rows_per_file: target samples per events file (whole sessions, so files can be larger).
         row_group_rows: Parquet row-group size (the unit a parallel reader can split on).
         read_batch_rows: rows per input record batch.
@@ -316,7 +319,12 @@ def preprocess(source: Source, out_dir: "str | os.PathLike[str]", spec: Optional
         measure_flat: also write the rows as flat zstd Parquet in the temp dir, to report
             ``bytes_flat`` (deleted before the commit).
     """
-    spec = spec or StorageSpec.movielens()
+    if not isinstance(spec, StorageSpec):
+        raise StorageError(f"preprocess needs the column roles of the input as a StorageSpec, got {spec!r}: "
+                           "pass StorageSpec(session_key=..., session_columns=[...], item_key=..., "
+                           "item_columns=[...], sparse_features=[...], dense_features=[...], label=...), "
+                           "StorageSpec(**recd_plugin.data.storage_roles()) for the common format of "
+                           "recd_plugin.data, or StorageSpec.from_config(flag, ...) (docs/storage.md)")
     out = Path(out_dir)
     recover(out)  # a killed overwrite left `out` mid-swap: finish it, so `exists` below is the truth
     if out.exists() and not overwrite:

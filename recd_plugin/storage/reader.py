@@ -39,13 +39,12 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.data.batches import TableBatches
-from recd_plugin.data.sessions import DENSE_FEATURES, SPARSE_FEATURES
 from recd_plugin.errors import RecDError, StorageError
 from recd_plugin.sparse.plan import offsets_of, segment_positions
 from recd_plugin.data.columns import JaggedColumn, dense_column
 from recd_plugin.storage.layout import (
-    DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF, PathLike, read_data_file,
-    read_manifest, rewrite_fix, write_table,
+    DEFAULT_ROW_GROUP_ROWS, HISTORY_LEN, HISTORY_START, ITEM_REF, SESSION_REF, PathLike, StorageSpec,
+    read_data_file, read_manifest, rewrite_fix, write_table,
 )
 
 
@@ -309,14 +308,19 @@ class FlatReader(IterableDataset):
 
     Reads ``batch_size`` rows at a time in stored order and builds each KJT with
     :class:`recd_plugin.data.TableBatches`; row groups are dealt round-robin to ranks and
-    DataLoader workers.
+    DataLoader workers. ``spec``: the column roles (its ``sparse_features``,
+    ``dense_features`` and ``label`` are read): the spec the layout of the same data was
+    written with, so both sides emit the same batches (``DedupReader(...).spec``).
     """
 
-    def __init__(self, path: PathLike, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 sparse_features: Sequence[str] = SPARSE_FEATURES,
-                 dense_features: Sequence[str] = DENSE_FEATURES, label: str = "label") -> None:
+    def __init__(self, path: PathLike, batch_size: int, spec: StorageSpec, *, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not isinstance(spec, StorageSpec):
+            raise StorageError(f"FlatReader needs the StorageSpec naming the features to read, got {spec!r}; "
+                               "pass the layout's (DedupReader(...).spec) or the one given to preprocess")
         self.path, self.batch_size, self.rank, self.world_size = Path(path), batch_size, rank, world_size
-        self.sparse_features, self.dense_features, self.label = list(sparse_features), list(dense_features), label
+        self.sparse_features, self.dense_features = list(spec.sparse_features), list(spec.dense_features)
+        self.label = spec.label
         if not self.path.is_file():
             raise StorageError(f"{self.path}: no such flat Parquet file; write it with write_flat(table, path)")
 
