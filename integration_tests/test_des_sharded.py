@@ -153,10 +153,36 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             one["ref_grad_scale"] = float(max(p.grad.abs().max() for p in ref.parameters()))
             return one
 
+        def flag_case(flag: str) -> dict:
+            """The user's route: the flag's des section, apply, for_dmp, TorchRec's planner."""
+            import recd_plugin
+            from recd_plugin import sharding
+            from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+            ref, model = build_module(), Wrap()
+            config = recd_plugin.RecDConfig.from_string(flag)
+            model, _ = recd_plugin.apply(config, model, None)
+            setup = sharding.for_dmp(model, config, batch_size=max(case["batch"]), compute_device="cpu")
+            planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"),
+                                               constraints=setup.constraints)
+            plan = planner.collective_plan(model, setup.sharders, dist.group.WORLD)
+            setup.check(plan)
+            dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                           device=torch.device("cpu"), plan=plan, sharders=setup.sharders)
+            kjt, dense = make_batch(10 + rank, case["batch"][rank])
+            with CommCounter() as comm:
+                out = dmp(kjt, dense)
+            want = ref(kjt, dense)
+            return {"sharded_type": type(dmp.module.sparse).__name__, "plan_modules": sorted(plan.plan),
+                    "sharding_types": sorted({ps.sharding_type for ps in plan.plan["sparse"].values()}),
+                    "out_maxdiff": max(float((out[k] - want[k]).abs().max()) for k in want),
+                    "comm": dict(comm.by_op), "explain": setup.explain(plan)}
+
         res["cases"] = []
-        for placement in case["placements"]:
+        for placement in case.get("placements", []):
             for fused in case.get("fused", [None]):
                 res["cases"].append(run_case(placement, fused))
+        res["flag_cases"] = [flag_case(flag) for flag in case.get("flags", [])]
         dist.barrier()
 
 
@@ -213,6 +239,24 @@ def test_des_fused_tables_update_in_backward_like_unsharded_sgd_and_rowwise_adag
             if fused == "EXACT_ROWWISE_ADAGRAD":
                 assert any(k.startswith("momentum:") for k in res["grad_maxdiff"])
                 assert res["momentum_after_load"] == 7.0
+
+
+def test_des_from_the_flag_is_planned_by_torchrec_and_matches_unsharded(tmp_path) -> None:
+    """The one-flag route: ``des.sharding=...`` in the flag, ``apply`` then ``for_dmp``; TorchRec's
+    own planner (no des_plan by hand) plans the DES module with DES's sharder, DMP shards it,
+    and the outputs equal the unsharded operators' on each rank's batch."""
+    batch = [4, 3]
+    results = _run({"flags": ["des.sharding=table_wise", "des.sharding=row_wise; des.modules=sparse"],
+                    "batch": batch}, tmp_path)
+    for rank_res in results:
+        tw, rw = rank_res["flag_cases"]
+        for res in (tw, rw):
+            assert res["sharded_type"] == "ShardedDESEmbeddingOperators"
+            assert res["plan_modules"] == ["sparse"]  # the DES module, not its inner ebc
+            assert res["out_maxdiff"] < 1e-5, res
+            assert "reduce_scatter_single" in res["comm"]  # partials travel
+            assert "des: " in res["explain"]
+        assert tw["sharding_types"] == ["table_wise"] and rw["sharding_types"] == ["row_wise"]
 
 
 def test_bench_des_quick_runs_and_reports_keys(tmp_path) -> None:

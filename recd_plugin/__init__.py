@@ -23,7 +23,7 @@ from recd_plugin import _fx_warning  # noqa: E402
 
 _fx_warning.install()  # torch.fx's is_fx_tracing notice is not for our users (see _fx_warning.py)
 
-from recd_plugin.config import ENV_VAR, FAEConfig, RecDConfig  # noqa: E402
+from recd_plugin.config import ENV_VAR, DESConfig, FAEConfig, RecDConfig  # noqa: E402
 from recd_plugin.errors import (  # noqa: E402
     AnalyzeError,
     CheckpointError,
@@ -41,9 +41,9 @@ from recd_plugin.errors import (  # noqa: E402
 )
 from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection  # noqa: E402
 from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection  # noqa: E402
-from recd_plugin.modules.swap import CONVERTERS, register_converter, unregister_converter  # noqa: E402
 from recd_plugin.modules.tower import DedupContext, dedup_tower  # noqa: E402
 from recd_plugin.plugin import apply, remove, wrap  # noqa: E402
+from recd_plugin.technique import TECHNIQUES, PlannerHints, Technique, register_technique, unregister_technique  # noqa: E402
 from recd_plugin.sparse.ikjt import (  # noqa: E402
     DedupSpec,
     FeatureGroup,
@@ -58,11 +58,11 @@ from recd_plugin.transforms.dedup import DedupCollate, DedupLoader, DedupStats, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "remove", "wrap", "RecDConfig", "FAEConfig", "ENV_VAR",
+    "apply", "remove", "wrap", "RecDConfig", "FAEConfig", "DESConfig", "ENV_VAR",
+    "Technique", "TECHNIQUES", "PlannerHints", "register_technique", "unregister_technique",
     "FeatureGroup", "DedupSpec", "build_ikjt", "expand", "inverse_index", "unique_rows", "is_ikjt",
     "DedupLoader", "DedupCollate", "DedupStats", "dedup_batch",
-    "DedupEmbeddingCollection", "DedupEmbeddingBagCollection", "DedupContext", "dedup_tower", "CONVERTERS", "register_converter",
-    "unregister_converter",
+    "DedupEmbeddingCollection", "DedupEmbeddingBagCollection", "DedupContext", "dedup_tower",
     "RecDError", "ConfigError", "DedupSpecError", "MalformedBatchError", "NotDeduplicableError",
     "PeerRequirementError", "UnsupportedModelError", "check_peer_requirements",
     "AnalyzeError", "CheckpointError", "DESError", "HotSetError", "ShardingError", "StorageError",

@@ -1,7 +1,10 @@
 """The plugin's one flag: a ``RecDConfig`` read from a flag string, ``$RECD_PLUGIN`` or TOML.
 
-All three spell the same schema. In TOML (a file of its own, or a ``[recd]`` table in your
-project's config)::
+All three spell the same schema: plugin-wide settings, then a section per technique (RecD's
+``groups`` and ``towers``, ``fae``, ``des``), each one config type (the ``RecDConfig`` itself,
+:class:`FAEConfig`, :class:`DESConfig`) that ``recd_plugin.apply`` dispatches to the technique
+registered for it (``recd_plugin/technique.py``). In TOML (a file of its own, or a ``[recd]``
+table in your project's config)::
 
     [recd]
     verify_batches = 1              # compare the first N batches' ids exactly (0 off, -1 all)
@@ -16,6 +19,12 @@ project's config)::
     [recd.towers]                   # module path in the model -> group it reads
     "user_tower" = "user"
 
+    [recd.fae]                      # FAE: hot rows in fast memory
+    hot_set = "out/hot.npz"         # written by `recd-plugin profile`
+
+    [recd.des]                      # DES: the model's DESEmbeddingOperators sharded the DES way
+    sharding = "table_wise"         # or "row_wise"
+
 As one flag string, the same keys as dotted paths separated by ``;`` (lists with ``,``)::
 
     --recd "groups.user.key=session_id; groups.user.features=user_id,user_age,history;
@@ -29,7 +38,8 @@ A ``pathlib.Path`` flag is read as a TOML file.
 
 Built in code, ``RecDConfig(groups=[FeatureGroup(...)], ...)`` is on (as a flag naming groups
 is) and checked by the same rules when built: a bad value raises ``ConfigError`` there, never
-at the first batch. ``RecDConfig()`` is off.
+at the first batch. ``RecDConfig()`` is off. ``FAEConfig(...)`` and ``DESConfig(...)`` are on
+when built and may be given to ``apply`` alone (torchao's ``quantize_(model, config)`` style).
 """
 
 from __future__ import annotations
@@ -50,8 +60,10 @@ except ImportError:  # Python 3.10
 
 ENV_VAR = "RECD_PLUGIN"
 _OFF = {"", "0", "off", "false", "no", "none"}
-_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "fae", "probe_batches"}
+_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "fae", "des", "probe_batches"}
 _FAE_KEYS = {"hot_set", "tables", "window"}
+_DES_KEYS = {"modules", "sharding"}
+_DES_SHARDING = ("table_wise", "row_wise")
 _GROUP_KEYS = {"key", "features"}
 _INT = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() also passes '²' and '--5' to int()
 
@@ -79,6 +91,8 @@ class RecDConfig:
     sharded: Optional[bool] = None
     #: FAE: hot rows in fast memory (see :class:`FAEConfig`); None: off.
     fae: Optional["FAEConfig"] = None
+    #: DES: the model's DES operator modules sharded the DES way (see :class:`DESConfig`); None: off.
+    des: Optional["DESConfig"] = None
     #: Set by ``apply``: u per group its probe measured (summed over ranks); the planner hints
     #: of ``recd_plugin.sharding.for_dmp`` read it instead of measuring again.
     probed_unique_fraction: Dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -87,7 +101,7 @@ class RecDConfig:
         # Why here and not only in the parsers: a config built in code used to skip every
         # check (verify_batches='x' failed at the first batch) and stayed off with groups.
         if self.enabled is None:
-            self.enabled = bool(self.groups) or self.fae is not None
+            self.enabled = bool(self.groups) or self.fae is not None or self.des is not None
         if self.enabled:
             self.validate()
         else:
@@ -114,6 +128,14 @@ class RecDConfig:
     @property
     def spec(self) -> DedupSpec:
         return DedupSpec(tuple(self.groups))
+
+    def parts(self) -> List[Any]:
+        """The technique configs this flag switches on, one per section: the RecD groups
+        (this config itself, when it names groups), ``fae``, ``des``. ``recd_plugin.apply``
+        builds the technique registered for each part's type (``recd_plugin/technique.py``)."""
+        if not self.enabled:
+            return []
+        return ([self] if self.groups else []) + [p for p in (self.fae, self.des) if p is not None]
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -231,6 +253,7 @@ class RecDConfig:
             probe_batches=data.get("probe_batches", 4),
             sharded=data.get("sharded"),
             fae=FAEConfig.from_dict(data["fae"]) if "fae" in data else None,
+            des=DESConfig.from_dict(data["des"]) if "des" in data else None,
         )
 
     def _check_fields(self) -> None:
@@ -260,15 +283,19 @@ class RecDConfig:
         if self.fae is not None and not isinstance(self.fae, FAEConfig):
             raise ConfigError(f"RecDConfig.fae must be an FAEConfig or None, got {self.fae!r}; "
                               "e.g. fae=FAEConfig(hot_set='out/hot.npz')")
+        if self.des is not None and not isinstance(self.des, DESConfig):
+            raise ConfigError(f"RecDConfig.des must be a DESConfig or None, got {self.des!r}; "
+                              "e.g. des=DESConfig(modules=['sparse'])")
 
     def validate(self) -> None:
         """Checks that need no model: fields well typed, groups exist, are disjoint, and
         towers name them."""
         self._check_fields()
-        if not self.groups and self.fae is None:
+        if not self.groups and self.fae is None and self.des is None:
             raise ConfigError(
-                "recd is on but names no feature group and no fae hot set; add one, e.g. "
-                "'groups.user.key=session_id; groups.user.features=user_id,history' or 'fae.hot_set=out/hot.npz'"
+                "recd is on but names no feature group, no fae hot set and no des section; add one, e.g. "
+                "'groups.user.key=session_id; groups.user.features=user_id,history', 'fae.hot_set=out/hot.npz' "
+                "or 'des.sharding=table_wise'"
             )
         try:
             spec = self.spec
@@ -292,7 +319,7 @@ class FAEConfig:
     hot_set: str
     tables: Optional[List[str]] = None
     window: int = 0
-    #: The ``HotSet`` once read (``recd_plugin.fae.convert.load_hot_set``: FAE reads it, the
+    #: The ``HotSet`` once read (``recd_plugin.fae.technique.load_hot_set``: FAE reads it, the
     #: config only names it, so this layer never imports FAE).
     _loaded: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -320,6 +347,57 @@ class FAEConfig:
         if not isinstance(data.get("hot_set"), str):  # a TOML path is a string (no PathLike here)
             raise ConfigError("recd fae needs 'hot_set': the .npz written by `recd-plugin profile ... --out DIR`")
         return cls(hot_set=data["hot_set"], tables=data.get("tables"), window=data.get("window", 0))
+
+
+@dataclass
+class DESConfig:
+    """DES's part of the flag: ``des.modules`` (paths of the model's
+    ``recd_plugin.des.DESEmbeddingOperators``; default: every one) and ``des.sharding``
+    (``table_wise``, the default, or ``row_wise``: how the planner may shard their tables).
+
+    Unsharded, DES operators are their plain math and nothing changes; under
+    ``DistributedModelParallel`` the named modules are sharded the DES way (each rank computes
+    the operators' partial results on the rows it owns; only partials cross the network):
+    ``recd_plugin.sharding.for_dmp`` adds DES's sharder and the planner constraints."""
+
+    modules: Optional[List[str]] = None
+    sharding: str = "table_wise"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules, str):
+            self.modules = [self.modules]
+        if self.modules is not None and not (isinstance(self.modules, (list, tuple)) and self.modules
+                                             and all(isinstance(m, str) and m for m in self.modules)):
+            raise ConfigError(f"recd des 'modules' must be a non-empty list of module paths, got {self.modules!r}; "
+                              "e.g. des.modules = [\"sparse\"] (omit it: every DESEmbeddingOperators of the model)")
+        if self.modules is not None:
+            self.modules = list(self.modules)
+        if self.sharding not in _DES_SHARDING:
+            raise ConfigError(f"recd des 'sharding' must be one of {list(_DES_SHARDING)}, got {self.sharding!r}"
+                              f"{did_you_mean(str(self.sharding), list(_DES_SHARDING))}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "DESConfig":
+        if data is True:  # `des = true` in TOML: DES on, defaults
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError("recd 'des' must be a table: des.sharding = \"table_wise\" (or des = true)")
+        _no_unknown(data, _DES_KEYS, "recd des")
+        return cls(modules=data.get("modules"), sharding=data.get("sharding", "table_wise"))
+
+
+def as_flag(config: Any) -> RecDConfig:
+    """The whole flag for ``config``: a ``RecDConfig`` as it is; one technique's config alone
+    (``FAEConfig``, ``DESConfig``: torchao style, the type says which technique) as a flag
+    holding only that section."""
+    if isinstance(config, RecDConfig):
+        return config
+    if isinstance(config, FAEConfig):
+        return RecDConfig(fae=config)
+    if isinstance(config, DESConfig):
+        return RecDConfig(des=config)
+    raise ConfigError(f"recd-plugin takes a RecDConfig (the flag: RecDConfig.load(...)), an FAEConfig or a "
+                      f"DESConfig, got {type(config).__name__} {config!r}")
 
 
 def verify_step(left: int) -> Tuple[bool, int]:

@@ -21,37 +21,44 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Callable, Iterable, Optional, Tuple, TypeVar
+from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from torch import nn
 
-from recd_plugin.config import RecDConfig
+from recd_plugin.config import DESConfig, FAEConfig, RecDConfig, as_flag
+from recd_plugin.des.technique import DES
 from recd_plugin.errors import UnsupportedModelError
-from recd_plugin.fae.convert import load_hot_set  # also registers FAE's converter (modules/swap.py)
-from recd_plugin.fae.schedule import HotBatchScheduler
-from recd_plugin.modules.dedup_ebc import DedupEmbeddingBagCollection
-from recd_plugin.modules.dedup_ec import DedupEmbeddingCollection
+from recd_plugin.fae.technique import FAE
+from recd_plugin.modules.recd import RecD
 from recd_plugin.modules.probe import decide, keep_groups, probe_batches
-from recd_plugin.modules.swap import check_model, convert, embedding_tables
-from recd_plugin.transforms.dedup import DedupLoader, plain_loader
+from recd_plugin.modules.swap import check_model
+from recd_plugin.technique import TECHNIQUES, Technique, build, convert_all
+from recd_plugin.transforms.dedup import plain_loader
 
+#: The built-in techniques: each registered itself when imported (recd_plugin/technique.py).
+BUILT_IN = (FAE, RecD, DES)
 M = TypeVar("M", bound=nn.Module)
+Config = Union[RecDConfig, FAEConfig, DESConfig]
 _UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
 
 
-def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) -> Tuple[M, Any]:
+def apply(config: Config, model: M, loader: Optional[Iterable[Any]] = None) -> Tuple[M, Any]:
     """Switch the plugin on for ``model`` and ``loader`` as ``config`` says.
 
+    ``config``: the flag (``RecDConfig.load(flag)``: every technique it names), or one
+    technique's config alone (``FAEConfig(...)``, ``DESConfig(...)``).
+
     Returns:
-        (model, loader): the same model converted in place, and a ``DedupLoader`` over
-        ``loader`` (``None`` stays ``None``). Unchanged objects when ``config.enabled`` is off.
+        (model, loader): the same model converted in place, and the loader wrapped as the
+        techniques need (``None`` stays ``None``). Unchanged objects when the plugin is off.
     """
+    config = as_flag(config)
     if not config.enabled:
         return model, loader
     if model in _UNDO:
         raise UnsupportedModelError("recd-plugin is already applied to this model; call remove() first")
     config.validate()
-    check_model(model, config)
+    check_model(model, build(config))
     chosen = config.groups, config.towers
     try:
         return _apply_checked(config, model, loader)
@@ -62,28 +69,27 @@ def apply(config: RecDConfig, model: M, loader: Optional[Iterable[Any]] = None) 
 
 
 def _apply_checked(config: RecDConfig, model: M, loader: Optional[Iterable[Any]]) -> Tuple[M, Any]:
-    """``apply`` after ``check_model``: probe, wrap the loader, convert the model. A refusal
-    on the way (a loader DedupLoader cannot take, a converter that refuses a table) leaves
-    model and loader as they were."""
+    """``apply`` after the checks: probe, wrap the loader, convert the model. A refusal on the
+    way (a loader a technique cannot take, a conversion that refuses a table) leaves model and
+    loader as they were."""
     _keep_groups_that_pay(config, model, loader)
-    if not config.groups and config.fae is None:
+    if not config.parts():
         # nothing pays: TorchRec's plain path, untouched (batches that arrive as IKJTs expanded)
         return model, plain_loader(loader)
     config = dataclasses.replace(config, sharded=config.is_sharded())  # decided once, here
-    # Wrap the loader before converting the model: DedupLoader may refuse the loader, and
+    techniques = build(config)
+    # Wrap the loader before converting the model: a loader step may refuse the loader, and
     # nothing may change before every check has passed.
-    wrapped = wrap(config, loader, model)
+    wrapped, unwrap = _wrap(techniques, config, loader, model)
     try:
-        unconvert = convert(model, config)  # undoes its own work if a converter refuses
+        unconvert = convert_all(model, techniques)  # undoes its own work if a technique refuses
     except BaseException:
-        if isinstance(wrapped, DedupLoader):
-            wrapped.unwrap()  # the loader's own collate_fn back
+        unwrap()
         raise
 
     def undo() -> None:
         unconvert()
-        if isinstance(wrapped, DedupLoader):
-            wrapped.unwrap()
+        unwrap()
 
     _UNDO[model] = undo
     return model, wrapped
@@ -117,44 +123,58 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
-def wrap(config: RecDConfig, loader: Optional[Iterable[Any]], model: Optional[nn.Module] = None) -> Any:
+def wrap(config: Config, loader: Optional[Iterable[Any]], model: Optional[nn.Module] = None) -> Any:
     """The loader as ``apply`` wraps it; also for another loader (evaluation, test) of a model
     that ``apply`` converted.
 
-    RecD groups: IKJT batches (``DedupLoader``), so that towers run on unique rows for this
-    loader too. FAE: batches classified all-hot or mixed, regrouped within ``fae.window``
-    batches (``HotBatchScheduler``; its feature -> table map comes from ``model``). Returns the
-    loader unchanged when the plugin is off, and when ``apply``'s probe kept nothing (it
-    narrows ``config`` to the kept groups); a loader whose batches arrive deduplicated
-    (``recd_plugin.storage.DedupReader``) then yields them expanded to plain KJTs.
+    Each technique's loader step, in their declared order: FAE regroups batches into all-hot
+    and mixed ones within ``fae.window`` batches (``HotBatchScheduler``; its feature -> table
+    map comes from ``model``; unsharded only); RecD yields IKJT batches (``DedupLoader``), so
+    that towers run on unique rows for this loader too. Returns the loader unchanged when the
+    plugin is off; without RecD groups (none configured, or none kept by ``apply``'s probe,
+    which narrows ``config``), a loader whose batches arrive deduplicated
+    (``recd_plugin.storage.DedupReader``) yields them expanded to plain KJTs.
     """
+    config = as_flag(config)
     if not config.enabled or loader is None:
         return loader
+    config.validate() if config.parts() else None
+    return _wrap(build(config), config, loader, model)[0]
+
+
+def _wrap(techniques: List[Technique], config: RecDConfig, loader: Optional[Iterable[Any]],
+          model: Optional[nn.Module]) -> Tuple[Any, Callable[[], None]]:
+    """(the wrapped loader, undo): undo gives a wrapped ``DataLoader`` its own ``collate_fn`` back."""
+    if loader is None:
+        return None, lambda: None
     if not config.groups:  # TorchRec's plain path: a loader of IKJTs (storage.DedupReader) expanded
         loader = plain_loader(loader)
-        if config.fae is None:
-            return loader
-    config.validate()
-    if config.fae is not None and model is not None and not config.is_sharded():
-        # Sharded: no hot tier in the model (the hot set became planner hints, for_dmp), so
-        # regrouping batches by hotness would only reorder them.
-        hot = load_hot_set(config.fae)
-        features = {f: t for t, fs in embedding_tables(model).items() for f in fs if t in hot.tables}
-        loader = HotBatchScheduler(loader, hot, features, window=config.fae.window or None)
-    if config.groups:
-        loader = DedupLoader(loader, config.spec, config.verify_batches, config.in_workers,
-                             aligned=config.is_sharded())
-    return loader
+    undo: List[Callable[[], None]] = []
+    try:
+        for t in techniques:
+            loader = t.wrap_loader(loader, model)
+            if hasattr(loader, "unwrap"):
+                undo.append(loader.unwrap)
+    except BaseException:
+        for u in reversed(undo):
+            u()
+        raise
 
+    def unwrap() -> None:
+        for u in reversed(undo):
+            u()
+
+    return loader, unwrap
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo ``apply`` on ``model``: plain TorchRec modules again, no hooks, and the loader
     given to ``apply`` gets its own ``collate_fn`` back."""
+    converted = tuple(t for technique in TECHNIQUES.values() for t in technique.converted_types)
     undo = _UNDO.pop(model, None)
     if undo is not None:
         undo()
-    elif any(isinstance(m, (DedupEmbeddingBagCollection, DedupEmbeddingCollection)) for m in model.modules()):
+    elif any(isinstance(m, converted) for m in model.modules()):
         raise UnsupportedModelError(
             "this model holds recd-plugin modules but was not converted by apply() itself (a copy "
             "of a converted model?); call remove() on the original before copying it"

@@ -50,8 +50,9 @@ from recd_plugin import (
     inverse_index,
 )
 from recd_plugin.config import FAEConfig
+from recd_plugin.technique import TECHNIQUES
 from recd_plugin.fae.hotset import HotSet, TableShape
-from recd_plugin.modules import swap
+from recd_plugin.modules import recd as recd_technique
 from recd_plugin.modules.base import DedupModule
 from recd_plugin.modules.probe import GroupDecision, keep_groups
 from recd_plugin.sparse.ikjt import unique_count
@@ -328,14 +329,20 @@ def test_fae_hot_set_naming_a_weighted_mean_table_leaves_no_hook(tmp_path: Path)
 
 
 @pytest.mark.parametrize("sharded", [False, True])
-@pytest.mark.parametrize("failing", ["fae_hot_cold", "dedup_embeddings", "gather_outputs", "dedup_towers", "second_tower"])
+@pytest.mark.parametrize("failing", ["fae", "recd_swap_or_gather", "recd", "second_tower"])
 def test_a_converter_that_fails_leaves_model_loader_and_config_as_they_were(
-        monkeypatch: pytest.MonkeyPatch, failing: str, sharded: bool) -> None:
-    """Fault injection: each converter in turn raises (after the earlier ones ran), or the
-    second tower's hooks refuse after the first tower's were installed."""
+        monkeypatch: pytest.MonkeyPatch, failing: str, sharded: bool, tmp_path: Path) -> None:
+    """Fault injection, with FAE (order 10) and RecD (20) on: each technique's conversion in
+    turn raises (RecD's after FAE's hot/cold layout was made), RecD's towers step raises after
+    its swap (unsharded) or gather (sharded) step ran, or the second tower's hooks refuse after
+    the first tower's were installed."""
+    HotSet({"t_user": TableShape(20, 8)}, {"t_user": np.arange(3)}, budget_bytes=96).save(tmp_path / "hot.npz")
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedModelError(f"injected: {failing} refused")
+
     if failing == "second_tower":
         calls: List[int] = []
-        real = swap.dedup_tower
+        real = recd_technique._tower.dedup_tower
 
         def flaky(*args: Any, **kwargs: Any) -> Any:
             calls.append(1)
@@ -343,16 +350,15 @@ def test_a_converter_that_fails_leaves_model_loader_and_config_as_they_were(
                 raise UnsupportedModelError("injected: second tower refused")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(swap, "dedup_tower", flaky)
+        monkeypatch.setattr(recd_technique._tower, "dedup_tower", flaky)
+    elif failing == "recd_swap_or_gather":  # the towers' step refuses, after the swap / gather ran
+        monkeypatch.setattr(recd_technique, "_hook_towers", boom)
     else:
-        def boom(model: nn.Module, config: RecDConfig, ctx: Any) -> List[Any]:
-            raise UnsupportedModelError(f"injected: {failing} refused")
-
-        monkeypatch.setitem(swap.CONVERTERS, failing, boom)
+        monkeypatch.setattr(TECHNIQUES[{"fae": FAEConfig, "recd": RecDConfig}[failing]], "convert", boom)
     model = RecModel()
     loader = DataLoader([session_batch(0)], batch_size=None, num_workers=2)
     collate = loader.collate_fn
-    config = RecDConfig.from_string(FULL_FLAG + f"; sharded={str(sharded).lower()}")
+    config = RecDConfig.from_string(FULL_FLAG + f"; sharded={str(sharded).lower()}; fae.hot_set={tmp_path / 'hot.npz'}")
     groups, towers = list(config.groups), dict(config.towers)
     before = snapshot(model)
     with pytest.raises(UnsupportedModelError, match="injected"):

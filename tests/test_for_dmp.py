@@ -99,7 +99,7 @@ def test_plugin_off_gives_the_plugins_sharders_and_the_base_constraints_only() -
     base = {"t_item": ParameterConstraints(sharding_types=["table_wise"])}
     setup = sharding.for_dmp(Model(), RecDConfig(), 512, base_constraints=base,
                              fused_params={"learning_rate": 0.1}, compute_device="cpu")
-    assert setup.constraints == base and not setup.recd_tables and not setup.fae_hints
+    assert setup.constraints == base and not setup.recd_tables and not setup.hints
     assert [type(s) for s in setup.sharders] == [type(s) for s in sharding.sharders()]
     assert all(s.fused_params == {"learning_rate": 0.1} for s in setup.sharders)
     assert all("row_wise" in s.sharding_types("cpu") for s in setup.sharders)
@@ -161,7 +161,7 @@ def test_fae_flag_under_sharding_leaves_the_model_and_gives_hints(hot_path: Path
     assert cons["t_hist"].cache_params.load_factor == pytest.approx(0.05)
     assert cons["t_item"].cache_params.load_factor == pytest.approx(0.01)  # no hot row: the minimum
     assert cons == hot_set_constraints(HotSet.load(hot_path))
-    assert "whole in HBM" in setup.fae_hints["t_user"] and "load factor 0.050" in setup.fae_hints["t_hist"]
+    assert "whole in HBM" in setup.hints["t_user"] and "load factor 0.050" in setup.hints["t_hist"]
 
     # the planner takes them (cuda topology, meta-device model: pure Python)
     plan = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cuda"),

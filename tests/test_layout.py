@@ -38,6 +38,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("_peer", "_ranks", "_fx_warning", "_plotting"),  # peer check, rank helpers, warnings, figures
     ("sparse",),                                      # the IKJT
     ("config",),                                      # the flag
+    ("technique",),                                   # the technique registry (dispatch by config type)
     ("data",),                                        # sample data sources, Batch helpers
     ("storage",),                                     # deduplicated Parquet layout and reader
     ("transforms",),                                  # dataloader transform: Batch -> IKJT batch
@@ -227,18 +228,39 @@ def test_apply_loads_no_sharding_code_unsharded_or_in_sharded_mode() -> None:
     assert not _unwanted(loaded)
 
 
-def test_converters_run_in_declared_order_whoever_registers_them() -> None:
-    """FAE's converter is registered from fae/ (after modules/swap.py registered RecD's), yet
-    runs first: the order is declared, not the order of imports."""
-    from recd_plugin.modules import swap
+def test_techniques_run_in_declared_order_whoever_registers_them() -> None:
+    """FAE's technique is registered from fae/ after RecD's from modules/, yet runs first:
+    the order is declared, not the order of imports; dispatch is by config type."""
+    from dataclasses import dataclass
 
-    assert list(swap.CONVERTERS)[:4] == ["fae_hot_cold", "dedup_embeddings", "gather_outputs", "dedup_towers"]
-    assert "fae_hot_cold" in swap.CHECKS
+    from recd_plugin.config import DESConfig, FAEConfig, RecDConfig
+    from recd_plugin.technique import TECHNIQUES, Technique, register_technique, technique_for, unregister_technique
+
+    assert [c.name for c in TECHNIQUES.values()] == ["fae", "recd", "des"]
+    assert [t.__name__ for t in TECHNIQUES] == ["FAEConfig", "RecDConfig", "DESConfig"]
+    assert technique_for(DESConfig()).name == "des"
+
+    @dataclass
+    class LateConfig:
+        pass
+
+    class Late(Technique):
+        config_type, name, order = LateConfig, "late_but_early", 15
+
     try:
-        swap.register_converter("late_but_early", order=15)(lambda model, config, ctx: [])
-        assert list(swap.CONVERTERS)[:3] == ["fae_hot_cold", "late_but_early", "dedup_embeddings"]
-        with pytest.raises(ConfigError, match="'late_but_early' is already registered"):
-            swap.register_converter("late_but_early")(lambda model, config, ctx: [])  # never a silent overwrite
+        register_technique(Late)
+        assert [c.name for c in TECHNIQUES.values()] == ["fae", "late_but_early", "recd", "des"]
+
+        class Again(Technique):
+            config_type, name = LateConfig, "another_name"
+
+        with pytest.raises(ConfigError, match="'another_name' .*already registered"):
+            register_technique(Again)  # never a silent overwrite: same config type
+        with pytest.raises(ConfigError, match="already registered"):
+            register_technique(type("Same", (Technique,), {"config_type": FAEConfig, "name": "x"}))
     finally:
-        swap.unregister_converter("late_but_early")
-    assert "late_but_early" not in swap.CONVERTERS and list(swap.CONVERTERS)[0] == "fae_hot_cold"
+        unregister_technique("late_but_early")
+    assert [c.name for c in TECHNIQUES.values()] == ["fae", "recd", "des"]
+    with pytest.raises(ConfigError, match="no technique is registered for LateConfig"):
+        technique_for(LateConfig())
+    assert technique_for(RecDConfig()).name == "recd"

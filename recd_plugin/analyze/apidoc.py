@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 MODULES = [
-    "recd_plugin", "recd_plugin.config", "recd_plugin.plugin", "recd_plugin.errors",
+    "recd_plugin", "recd_plugin.config", "recd_plugin.technique", "recd_plugin.plugin", "recd_plugin.errors",
     "recd_plugin.sparse.ikjt", "recd_plugin.transforms.dedup", "recd_plugin.modules.swap",
-    "recd_plugin.modules.dedup_ec", "recd_plugin.modules.dedup_ebc", "recd_plugin.modules.tower",
+    "recd_plugin.modules.recd", "recd_plugin.modules.dedup_ec", "recd_plugin.modules.dedup_ebc", "recd_plugin.modules.tower",
     "recd_plugin.modules.gather", "recd_plugin.modules.probe", "recd_plugin.modules.batchnorm",
     "recd_plugin.sparse.ids",
     "recd_plugin.data", "recd_plugin.data.criteo", "recd_plugin.data.builtin", "recd_plugin.storage",
     "recd_plugin.fae.profile", "recd_plugin.fae.hotset", "recd_plugin.fae.access", "recd_plugin.fae.trace",
     "recd_plugin.fae.coverage", "recd_plugin.fae.hints", "recd_plugin.fae.hotcold", "recd_plugin.fae.schedule",
-    "recd_plugin.fae.convert",
-    "recd_plugin.des", "recd_plugin.sharding", "recd_plugin.sharding.planner", "recd_plugin.sharding.checkpoint",
+    "recd_plugin.fae.technique",
+    "recd_plugin.des", "recd_plugin.des.technique", "recd_plugin.sharding", "recd_plugin.sharding.planner", "recd_plugin.sharding.checkpoint",
     "recd_plugin.sharding.position", "recd_plugin.bench.comm",
     "recd_plugin.analyze", "recd_plugin.analyze.command", "recd_plugin.analyze.sources", "recd_plugin.analyze.recd",
     "recd_plugin.analyze.fae", "recd_plugin.analyze.model", "recd_plugin.analyze.des",

@@ -59,6 +59,7 @@ from recd_plugin.errors import HotSetError, UnsupportedModelError
 from recd_plugin.fae.hotset import HotSet, TableShape
 from recd_plugin.fae.lookup import bag_sum, build_remap, cold_pools, split_tiers
 from recd_plugin.modules.base import DedupModule
+from recd_plugin.modules.swap import swap_modules
 from recd_plugin.sparse.ids import first_bad_id
 from recd_plugin.sparse.ikjt import expand_rows
 
@@ -381,9 +382,7 @@ def convert_hot_cold(model: nn.Module, hot_set: HotSet, tables: Optional[List[st
         for t in hc.hot_cold_tables:  # the tiers hold these rows now
             w = originals[key].embedding_bags[t].weight
             w.data = w.data.new_empty((0, w.shape[1]))
-    swapped = [(p, m) for p, m in found if id(m) in new]
-    for p, m in swapped:
-        _set_submodule(model, p, new[id(m)])
+    restore = swap_modules(model, new)
     done = [False]
 
     def undo() -> None:
@@ -392,13 +391,6 @@ def convert_hot_cold(model: nn.Module, hot_set: HotSet, tables: Optional[List[st
         done[0] = True
         for key, hc in new.items():
             hc.write_back(originals[key])
-            originals[key].train(hc.training)
-        for p, m in swapped:
-            _set_submodule(model, p, m)
+        restore()
 
     return undo
-
-
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)

@@ -51,15 +51,12 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from recd_plugin.config import RecDConfig
+from recd_plugin.config import RecDConfig, as_flag
 from recd_plugin.errors import MalformedBatchError, ShardingError
-from recd_plugin.fae.convert import load_hot_set
-from recd_plugin.fae.hints import hot_set_constraints
-from recd_plugin.fae.hotset import TableShape
-from recd_plugin.modules.swap import embedding_tables, table_configs
+from recd_plugin.modules.swap import embedding_tables
 from recd_plugin.sharding import torchrec_fixes
+from recd_plugin.technique import PlannerHints, build
 from recd_plugin.transforms.dedup import DedupLoader, check_not_deduplicated, measure
 
 
@@ -153,7 +150,8 @@ class ShardingSetup:
         unique_fraction: ``{group: u}`` behind the deduplicated batch sizes, and
             ``unique_source`` where it came from ("apply's probe", "loader", "given", "");
             ``recd_tables``: the tables planned for the unique rows.
-        fae_hints: ``{table: what FAE asked of the planner}``; ``notes``: hints not given, and why.
+        hints: ``{table: what the techniques asked of the planner}`` (FAE's placement, DES's
+            sharding); ``notes``: hints not given, and why.
         compute_device: the planner topology's device type the hints were made for.
     """
 
@@ -162,7 +160,7 @@ class ShardingSetup:
     unique_fraction: Dict[str, float] = field(default_factory=dict)
     unique_source: str = ""
     recd_tables: List[str] = field(default_factory=list)
-    fae_hints: Dict[str, str] = field(default_factory=dict)
+    hints: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     compute_device: str = "cpu"
     tables: Dict[str, List[str]] = field(default_factory=dict, repr=False)
@@ -194,8 +192,8 @@ class ShardingSetup:
                 hint = []
                 if c is not None and c.batch_sizes and table in self.recd_tables:
                     hint.append(f"planned for {c.batch_sizes[0]} unique rows/step")
-                if table in self.fae_hints:
-                    hint.append(self.fae_hints[table])
+                if table in self.hints:
+                    hint.append(self.hints[table])
                 clf = ps.cache_params.load_factor if ps.cache_params is not None else None
                 kernel = f"{ps.compute_kernel}" + (f" (cache load factor {clf:.3f})" if clf else "")
                 lines.append(f"  {module_path or 'model'}.{table}: {ps.sharding_type}, {kernel}, "
@@ -204,7 +202,7 @@ class ShardingSetup:
         return "\n".join(lines)
 
 
-def for_dmp(model: nn.Module, config: RecDConfig, batch_size: int, loader: Optional[Iterable[Any]] = None,
+def for_dmp(model: nn.Module, config: Any, batch_size: int, loader: Optional[Iterable[Any]] = None,
             base_constraints: Optional[Mapping[str, ParameterConstraints]] = None, *,
             fused_params: Optional[Dict[str, Any]] = None, unique_fraction: Optional[Mapping[str, float]] = None,
             compute_device: Optional[str] = None, probe_batches: int = 8) -> ShardingSetup:
@@ -239,6 +237,7 @@ def for_dmp(model: nn.Module, config: RecDConfig, batch_size: int, loader: Optio
         setup.check(plan)
         model = DistributedModelParallel(model, plan=plan, sharders=setup.sharders, device=device)
     """
+    config = as_flag(config)
     device = compute_device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = {t: dataclasses.replace(c) for t, c in (base_constraints or {}).items()}  # the caller's stay as given
     setup = ShardingSetup(sharders=sharders(fused_params), constraints=base, compute_device=device,
@@ -255,8 +254,8 @@ def for_dmp(model: nn.Module, config: RecDConfig, batch_size: int, loader: Optio
         if not u:
             setup.notes.append("recd: no unique fraction measured (apply had no loader to probe): grouped tables are "
                                "planned for B rows; pass loader= (the plain loader) to plan them for the unique rows")
-    if config.fae is not None:
-        _fae_hints(setup, model, config)
+    for technique in build(config):  # FAE's placement, DES's sharder: each technique's own hints
+        _merge(setup, technique.planner_hints(model, device, fused_params))
     return setup
 
 
@@ -280,30 +279,59 @@ def _unique_fraction(config: RecDConfig, loader: Optional[Iterable[Any]], given:
     return {}, ""
 
 
-def _fae_hints(setup: ShardingSetup, model: nn.Module, config: RecDConfig) -> None:
-    """FAE's hot set as placement hints (the model itself stays unconverted when sharded)."""
-    assert config.fae is not None
-    hot = load_hot_set(config.fae)
-    shapes = {c.name: TableShape(c.num_embeddings, c.embedding_dim) for m in model.modules()
-              if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) for c in table_configs(m)}
-    hot.check_tables(shapes)  # a stale hot set is refused, as apply refuses it
-    if setup.compute_device != "cuda":
-        setup.notes.append(f"fae: no placement hints on {setup.compute_device} (no HBM / host-memory tiers; on cuda "
-                           "the hot set places mostly-hot tables in HBM and caches the others at their hot share)")
-        return
-    for t, hint in hot_set_constraints(hot, config.fae.tables).items():
-        share = hot.num_hot(t) / hot.tables[t].num_embeddings
-        what = (f"fae: {share:.1%} of rows hot -> whole in HBM" if hint.cache_params is None else
-                f"fae: {share:.1%} of rows hot -> UVM cache, load factor {hint.cache_params.load_factor:.3f}")
-        mine = setup.constraints.get(t)
+def _merge(setup: ShardingSetup, hints: PlannerHints) -> None:
+    """One technique's hints into ``setup``: its sharders first (its module types), and per
+    table the constraint fields it sets, where the user's (or an earlier hint's) leave them
+    unset; a table where one of those fields is already set otherwise keeps what it has, with
+    a note saying the hint was not applied."""
+    setup.sharders[:0] = hints.sharders
+    setup.notes += hints.notes
+    narrowed: Dict[Tuple[str, str, str], List[str]] = {}  # (field, yours, runnable) -> tables
+    for table, hint in hints.constraints.items():
+        asked = {name: getattr(hint, name) for name in _set_fields(hint)}
+        why = hints.explain.get(table, "")
+        mine = setup.constraints.get(table)
+        if mine is not None and table in hints.runnable:
+            setup.constraints[table] = mine = dataclasses.replace(mine)
+            _keep_runnable(table, mine, hints.runnable[table], narrowed)
         if mine is None:
-            setup.constraints[t] = hint
-        elif mine.compute_kernels is None:
-            mine.compute_kernels = hint.compute_kernels
-            if mine.cache_params is None:
-                mine.cache_params = hint.cache_params
+            setup.constraints[table] = hint
         else:
-            setup.notes.append(f"fae: {t}: your constraints fix its kernel to {mine.compute_kernels}; the hot set's "
-                               f"hint ({what[5:]}) is not applied")
+            fixed = [name for name in _set_fields(mine) if name in asked and getattr(mine, name) != asked[name]]
+            if fixed:
+                setup.notes.append(f"{table}: your constraints fix its {fixed[0]} to {getattr(mine, fixed[0])}; "
+                                   f"the hint ({why or asked}) is not applied")
+                continue
+            for name, value in asked.items():
+                setattr(mine, name, value)
+        if why:
+            setup.hints[table] = f"{setup.hints[table]}; {why}" if table in setup.hints else why
+    for (name, yours, runnable), tables in narrowed.items():
+        setup.notes.append(f"{', '.join(tables)}: your constraints allow {name} {yours}, but their module is "
+                           f"sharded by a technique's own sharder, which runs {runnable}; planned with those")
+
+
+def _keep_runnable(table: str, mine: ParameterConstraints, runnable: Dict[str, List[str]],
+                   narrowed: Dict[Tuple[str, str, str], List[str]]) -> None:
+    """A user's constraint on a table that a technique's own sharder shards (e.g. DES: written
+    for TorchRec's EBC) keeps the values that sharder can run; a field left with none is
+    cleared, for the hint to fill."""
+    for name, allowed in runnable.items():
+        values = getattr(mine, name)
+        if values is None:
             continue
-        setup.fae_hints[t] = what
+        kept = [v for v in values if v in allowed]
+        if kept != list(values):
+            narrowed.setdefault((name, str(values), str(kept or allowed)), []).append(table)
+        setattr(mine, name, kept or None)
+
+
+def _set_fields(c: ParameterConstraints) -> List[str]:
+    """The fields of ``c`` given a value (not None, not the dataclass default)."""
+    out = []
+    for f in dataclasses.fields(c):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        value = getattr(c, f.name)
+        if value is not None and value != default:
+            out.append(f.name)
+    return out

@@ -1,0 +1,138 @@
+"""RecD as a registered technique (``recd_plugin/technique.py``): its checks, model conversion
+and loader step, for the flag's groups and towers (the ``RecDConfig`` itself is its config).
+
+* ``check``: every group feature is read by an embedding table of the model; towers are
+  submodules, not nested, not embedding modules, read only their group's features and have no
+  layer that reduces over the batch other than BatchNorm (``modules/batchnorm.py``); a
+  subclass of TorchRec's EC / EBC with its own ``forward`` that reads a grouped feature is
+  refused (it would read the IKJT as the batch).
+* ``convert``, unsharded: every EC / EBC is swapped for its dedup-aware version (TorchRec's EC
+  would misread an IKJT; its EBC reads it but expands slowly on CPU). Sharded: nothing is
+  swapped, since DMP's default sharders shard only TorchRec's exact module types; the modules
+  reading a group get their outputs gathered from the aligned IKJT's carrier rows
+  (``modules/gather.py``). Then the towers get their hooks (``modules/tower.py``). State-dict
+  keys never change: swapped modules share the originals' submodules, towers are hooks.
+* ``wrap_loader``: the loader yields IKJT batches (``DedupLoader``; aligned when sharded).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from recd_plugin.config import RecDConfig
+from recd_plugin.errors import DedupSpecError, UnsupportedModelError, did_you_mean
+from recd_plugin.modules import tower as _tower
+from recd_plugin.modules.base import DedupModule
+from recd_plugin.modules.batchnorm import check_tower_layers
+from recd_plugin.modules.swap import (custom_forward_modules, dedup_class, gathered_paths, model_features,
+                                      subclass_refused, swap_modules)
+from recd_plugin.modules.tower import DedupContext
+from recd_plugin.technique import Technique, Undo, register_technique
+from recd_plugin.transforms.dedup import DedupLoader
+
+
+@register_technique
+class RecD(Technique):
+    """In-batch deduplication of the flag's feature groups (order 20: after FAE's hot/cold
+    layout, whose modules read IKJTs themselves and are left alone by the swap)."""
+
+    config_type = RecDConfig
+    name = "recd"
+    order = 20
+    converted_types = (DedupModule,)
+    config: RecDConfig
+
+    def check(self, model: nn.Module) -> None:
+        config = self.config
+        known = model_features(model)
+        for g in config.groups:
+            for f in g.features:
+                if f not in known:
+                    raise DedupSpecError(
+                        f"group {g.name!r} names feature {f!r}, which no embedding table of the "
+                        f"model reads{did_you_mean(f, sorted(known))}; model features: {sorted(known)}"
+                    )
+        grouped = {f for g in config.groups for f in g.all_features}
+        for path, m, reads in custom_forward_modules(model, config):
+            why = [f"reads grouped feature {f!r}" for f in sorted(reads & grouped)]
+            if why:
+                raise subclass_refused(path, m, why[0])
+        modules = dict(model.named_modules())
+        for path in config.towers:
+            _check_tower(config, modules, path)
+
+    def convert(self, model: nn.Module) -> List[Undo]:
+        ctx = DedupContext.attach(model, self.config.spec, pad_over_ranks=self.sharded)
+        undo: List[Undo] = [ctx.detach]
+        try:
+            if self.sharded:
+                from recd_plugin.modules.gather import OutputGather  # sharded mode only
+
+                undo.append(OutputGather.attach(model, ctx, gathered_paths(model, self.config)).remove)
+            else:
+                undo.extend(_swap_embedding_modules(model))
+            undo.extend(_hook_towers(model, self.config, ctx, self.sharded))
+        except BaseException:
+            for u in reversed(undo):
+                u()
+            raise
+        return undo
+
+    def wrap_loader(self, loader: Any, model: Optional[nn.Module]) -> Any:
+        config = self.config
+        return DedupLoader(loader, config.spec, config.verify_batches, config.in_workers, aligned=self.sharded)
+
+
+def _check_tower(config: RecDConfig, modules: Dict[str, nn.Module], path: str) -> None:
+    if path not in modules or path == "":
+        raise UnsupportedModelError(
+            f"recd tower {path!r} is not a submodule of the model"
+            f"{did_you_mean(path, [p for p in modules if p])}; pass a path from model.named_modules()"
+        )
+    inner = [other for other in config.towers if other != path and other.startswith(path + ".")]
+    if inner:
+        raise UnsupportedModelError(
+            f"recd towers {path!r} and {inner[0]!r} are nested; name only the outer one "
+            "(its submodules then run on unique rows too)"
+        )
+    if isinstance(modules[path], (EmbeddingBagCollection, EmbeddingCollection)):
+        raise UnsupportedModelError(
+            f"recd tower {path!r} is an embedding module; towers are dense modules "
+            "(embedding modules are deduplicated automatically)"
+        )
+    group = config.spec.group(config.towers[path])
+    outside = sorted(model_features(modules[path]) - set(group.all_features))
+    if outside:
+        raise UnsupportedModelError(
+            f"recd tower {path!r} reads feature {outside[0]!r}, which is not in group "
+            f"{group.name!r}: a tower runs once per unique {group.name!r} row, so it may only "
+            f"read that group's features {list(group.all_features)}"
+        )
+    check_tower_layers(modules[path], path)
+
+
+def _swap_embedding_modules(model: nn.Module) -> List[Undo]:
+    """Every EC / EBC becomes its dedup-aware version: each one sees the IKJT, even those that
+    read no grouped feature (TorchRec's EBC would still run its slow CPU expansion)."""
+    replacement: Dict[int, nn.Module] = {}  # one replacement per module object, at every name
+    for _, m in model.named_modules(remove_duplicate=False):
+        dedup_cls = dedup_class(m)  # None: not an EC / EBC, or a subclass with its own forward (checked)
+        if dedup_cls is not None and id(m) not in replacement:
+            replacement[id(m)] = dedup_cls.from_module(m)
+    return [swap_modules(model, replacement)]
+
+
+def _hook_towers(model: nn.Module, config: RecDConfig, ctx: DedupContext, sharded: bool) -> List[Undo]:
+    undo: List[Undo] = []
+    try:
+        for path, group in config.towers.items():
+            undo.append(_tower.dedup_tower(model.get_submodule(path), ctx, group, path, config.verify_batches,
+                                           always=sharded).remove)
+    except BaseException:  # a later tower refused: the earlier ones' hooks go too
+        for u in reversed(undo):
+            u()
+        raise
+    return undo
