@@ -18,6 +18,14 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def say(line: str) -> None:
+    """Print ``line`` once per job: on rank 0 (or the only process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(line, flush=True)
+
+
 def all_reduce_ints(values: List[int], op: str = "sum") -> List[int]:
     """``values`` reduced over ranks (``op``: "sum", "min" or "max"); as is without a group."""
     if not distributed() or not values:

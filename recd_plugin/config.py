@@ -61,7 +61,7 @@ except ImportError:  # Python 3.10
 ENV_VAR = "RECD_PLUGIN"
 _OFF = {"", "0", "off", "false", "no", "none"}
 _TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "fae", "des", "probe_batches"}
-_FAE_KEYS = {"hot_set", "tables", "window"}
+_FAE_KEYS = {"hot_set", "tables", "window", "force_layout"}
 _DES_KEYS = {"modules", "sharding"}
 _DES_SHARDING = ("table_wise", "row_wise")
 _GROUP_KEYS = {"key", "features"}
@@ -313,12 +313,15 @@ class RecDConfig:
 @dataclass
 class FAEConfig:
     """FAE's part of the flag: ``fae.hot_set`` (the ``.npz`` written by ``recd-plugin
-    profile``), optional ``fae.tables`` (a subset of its tables) and ``fae.window`` (regroup
-    samples into all-hot and mixed batches within this many batches; 0 classifies only)."""
+    profile``), optional ``fae.tables`` (a subset of its tables), ``fae.window`` (regroup
+    samples into all-hot and mixed batches within this many batches; 0 classifies only) and
+    ``fae.force_layout`` (build the hot/cold layout even where it cannot pay: tables on a cpu
+    model have no faster tier for the hot rows, so without it FAE leaves them as they are)."""
 
     hot_set: str
     tables: Optional[List[str]] = None
     window: int = 0
+    force_layout: bool = False
     #: The ``HotSet`` once read (``recd_plugin.fae.technique.load_hot_set``: FAE reads it, the
     #: config only names it, so this layer never imports FAE).
     _loaded: Any = field(default=None, init=False, repr=False, compare=False)
@@ -338,6 +341,8 @@ class FAEConfig:
         window = self.window
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
             raise ConfigError(f"recd fae 'window' must be an integer >= 0 (0: classify batches only), got {window!r}")
+        if not isinstance(self.force_layout, bool):
+            raise ConfigError(f"recd fae 'force_layout' must be true or false, got {self.force_layout!r}")
 
     @classmethod
     def from_dict(cls, data: Any) -> "FAEConfig":
@@ -346,7 +351,8 @@ class FAEConfig:
         _no_unknown(data, _FAE_KEYS, "recd fae")
         if not isinstance(data.get("hot_set"), str):  # a TOML path is a string (no PathLike here)
             raise ConfigError("recd fae needs 'hot_set': the .npz written by `recd-plugin profile ... --out DIR`")
-        return cls(hot_set=data["hot_set"], tables=data.get("tables"), window=data.get("window", 0))
+        return cls(hot_set=data["hot_set"], tables=data.get("tables"), window=data.get("window", 0),
+                   force_layout=data.get("force_layout", False))
 
 
 @dataclass

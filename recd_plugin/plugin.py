@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar, Unio
 
 from torch import nn
 
+from recd_plugin._ranks import say
 from recd_plugin.config import DESConfig, FAEConfig, RecDConfig, as_flag
 from recd_plugin.des.technique import DES
 from recd_plugin.errors import UnsupportedModelError
@@ -33,7 +34,7 @@ from recd_plugin.modules.recd import RecD
 from recd_plugin.modules.probe import decide, keep_groups, probe_batches
 from recd_plugin.modules.swap import check_model
 from recd_plugin.technique import TECHNIQUES, Technique, build, convert_all
-from recd_plugin.transforms.dedup import plain_loader
+from recd_plugin.transforms.dedup import builds_in_workers, plain_loader
 
 #: The built-in techniques: each registered itself when imported (recd_plugin/technique.py).
 BUILT_IN = (FAE, RecD, DES)
@@ -104,23 +105,16 @@ def _keep_groups_that_pay(config: RecDConfig, model: nn.Module, loader: Optional
     batches, why_not = probe_batches(loader, config.probe_batches)
     if batches is None:
         if loader is not None and config.probe_batches > 0:
-            _say(f"recd-plugin: every group deduplicated unmeasured: {why_not}")
+            say(f"recd-plugin: every group deduplicated unmeasured: {why_not}")
         return
-    decisions = decide(model, config, batches, config.probe_batches, aligned=config.is_sharded())
+    decisions = decide(model, config, batches, config.probe_batches, aligned=config.is_sharded(),
+                       build_in_loop=not builds_in_workers(loader, config.in_workers))
     for d in decisions:
-        _say(d.line())
+        say(d.line())
     # u per group, summed over ranks: the planner hints read it (recd_plugin.sharding.for_dmp)
     config.probed_unique_fraction = {d.group: d.unique_fraction for d in decisions}
     narrowed = keep_groups(config, decisions)
     config.groups, config.towers = narrowed.groups, narrowed.towers
-
-
-def _say(line: str) -> None:
-    """Print once per job: on rank 0 (or the only process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        print(line, flush=True)
 
 
 def wrap(config: Config, loader: Optional[Iterable[Any]], model: Optional[nn.Module] = None) -> Any:

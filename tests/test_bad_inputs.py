@@ -321,7 +321,7 @@ def test_fae_hot_set_naming_a_weighted_mean_table_leaves_no_hook(tmp_path: Path)
     HotSet({"t_item": TableShape(30, 4)}, {"t_item": np.arange(3)}, budget_bytes=48).save(tmp_path / "hot.npz")
     model = WeightedMeanModel()
     before = snapshot(model)
-    config = RecDConfig.from_string(f"fae.hot_set={tmp_path / 'hot.npz'}; groups.user.key=session_id; "
+    config = RecDConfig.from_string(f"fae.hot_set={tmp_path / 'hot.npz'}; fae.force_layout=true; groups.user.key=session_id; "
                                     "groups.user.features=user_id; towers.user_tower=user; probe_batches=0")
     with pytest.raises(UnsupportedModelError, match="weighted MEAN"):
         recd_plugin.apply(config, model, [session_batch(0)])
@@ -358,7 +358,8 @@ def test_a_converter_that_fails_leaves_model_loader_and_config_as_they_were(
     model = RecModel()
     loader = DataLoader([session_batch(0)], batch_size=None, num_workers=2)
     collate = loader.collate_fn
-    config = RecDConfig.from_string(FULL_FLAG + f"; sharded={str(sharded).lower()}; fae.hot_set={tmp_path / 'hot.npz'}")
+    config = RecDConfig.from_string(FULL_FLAG + f"; sharded={str(sharded).lower()}; fae.hot_set={tmp_path / 'hot.npz'}; "
+                                    "fae.force_layout=true")
     groups, towers = list(config.groups), dict(config.towers)
     before = snapshot(model)
     with pytest.raises(UnsupportedModelError, match="injected"):

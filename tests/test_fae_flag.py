@@ -54,7 +54,7 @@ def test_flag_turns_fae_on_and_remove_restores(hot_path: Path) -> None:
     model, plain = Model(), Model()
     plain.load_state_dict(model.state_dict())
     batches = _batches()
-    config = RecDConfig.from_string(f"fae.hot_set={hot_path}; fae.window=3")
+    config = RecDConfig.from_string(f"fae.hot_set={hot_path}; fae.window=3; fae.force_layout=true")  # on cpu
     model, loader = recd_plugin.apply(config, model, batches)
     assert isinstance(model.ebc, HotColdEmbeddingBagCollection)
     seen = 0
@@ -68,6 +68,20 @@ def test_flag_turns_fae_on_and_remove_restores(hot_path: Path) -> None:
     assert type(model.ebc) is EmbeddingBagCollection
     torch.testing.assert_close(model.state_dict()["ebc.embedding_bags.t_C1.weight"],
                                plain.state_dict()["ebc.embedding_bags.t_C1.weight"])
+
+
+def test_on_a_cpu_model_fae_leaves_the_plain_path_and_says_why(hot_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Never slower: a cpu model's tables have no faster tier for the hot rows, so the hot/cold
+    layout (two lookups and a merge instead of one) and the scheduler are not built."""
+    model, batches = Model(), _batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out, loader = recd_plugin.apply(RecDConfig.from_string(f"fae.hot_set={hot_path}; fae.window=3"), model, batches)
+    assert type(out.ebc) is EmbeddingBagCollection and loader is batches
+    assert "fae left on TorchRec's plain path" in capsys.readouterr().out
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    recd_plugin.remove(model)
+    with pytest.raises(ConfigError, match="'force_layout' must be true or false"):
+        RecDConfig.from_string(f"fae.hot_set={hot_path}; fae.force_layout=3")
 
 
 def test_stale_hot_set_and_bad_fae_flags_are_refused_before_any_change(hot_path: Path, tmp_path: Path) -> None:

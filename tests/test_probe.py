@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import List
+
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -113,6 +115,37 @@ def test_a_tower_that_takes_the_kjt_is_timed_in_eval_mode_and_restored() -> None
     batches = [session_batch(s, batch=64, sessions=2) for s in range(2)]
     [d] = decide(model, config, batches, limit=2, aligned=False)
     assert d.plain_ms > 0 and d.dedup_ms > 0 and model.user_side.training
+
+
+def test_building_the_ikjt_in_the_loop_counts_against_the_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without DataLoader workers the IKJT is built in the training loop: its build time is
+    added to the route's (and named in the line); with workers it is not."""
+    from recd_plugin.modules import probe
+
+    monkeypatch.setattr(probe, "_time_group", lambda *a, **k: (0.010, 0.006, 1, []))  # 4 ms saved by the modules
+    monkeypatch.setattr(probe, "_time_build", lambda *a, **k: 0.005)                 # 5 ms to build the IKJT
+    config = RecDConfig.from_string(USER)
+    batches = [session_batch(s, batch=64, sessions=2) for s in range(2)]
+    [in_workers] = decide(RecModel(), config, batches, limit=2, aligned=False, build_in_loop=False)
+    [in_loop] = decide(RecModel(), config, batches, limit=2, aligned=False, build_in_loop=True)
+    assert in_workers.kept and in_workers.dedup_ms == pytest.approx(6.0)
+    assert not in_loop.kept and in_loop.dedup_ms == pytest.approx(11.0)
+    assert "5.00 ms of it building the IKJT in the training loop" in in_loop.reason
+
+
+def test_apply_tells_the_probe_where_the_ikjt_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.data import DataLoader
+
+    from recd_plugin import plugin
+
+    seen: List[bool] = []
+    real = plugin.decide
+    monkeypatch.setattr(plugin, "decide", lambda *a, **k: seen.append(k["build_in_loop"]) or real(*a, **k))
+    batches = [session_batch(s, batch=64, sessions=2) for s in range(2)]
+    for loader in (batches, DataLoader(batches, batch_size=None, num_workers=1)):
+        model, _ = recd_plugin.apply(RecDConfig.from_string(USER), RecModel(), loader)
+        recd_plugin.remove(model)
+    assert seen == [True, False]
 
 
 def test_a_module_that_cannot_be_timed_does_not_block_apply(monkeypatch: pytest.MonkeyPatch,

@@ -125,7 +125,7 @@ def test_apply_takes_one_techniques_config_alone(tmp_path: Path) -> None:
 
     HotSet({"t_user": TableShape(20, 8)}, {"t_user": torch.arange(3).numpy()}, budget_bytes=96).save(tmp_path / "h.npz")
     rec = RecModel()
-    recd_plugin.apply(FAEConfig(hot_set=str(tmp_path / "h.npz")), rec, [session_batch(0)])
+    recd_plugin.apply(FAEConfig(hot_set=str(tmp_path / "h.npz"), force_layout=True), rec, [session_batch(0)])
     assert type(rec.ebc).__name__ == "HotColdEmbeddingBagCollection"
     recd_plugin.remove(rec)
     assert type(rec.ebc) is EmbeddingBagCollection

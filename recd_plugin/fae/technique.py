@@ -3,7 +3,10 @@
 
 * unsharded: the hot set's tables converted to the hot/cold layout (``fae/hotcold.py``), and
   the loader's batches regrouped into all-hot and mixed ones within ``fae.window`` batches
-  (``HotBatchScheduler``);
+  (``HotBatchScheduler``). Only where the hot tier is faster memory than the tables': tables
+  of a cpu model have none (both tiers would be host memory, and the split lookup costs more
+  than the one it replaces), so FAE then leaves the model and loader as they are and prints one
+  line saying so (``fae.force_layout = true`` builds the layout anyway, e.g. to test it);
 * sharded (``DistributedModelParallel``): the model is left as it is (DMP shards TorchRec's own
   modules, not the hot/cold one) and the hot set reaches the planner instead, as placement
   hints (:meth:`FAE.planner_hints`, from ``fae/hints.py``): on GPUs the same hot set does what
@@ -19,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from recd_plugin._ranks import say
 from recd_plugin.config import FAEConfig
 from recd_plugin.errors import UnsupportedModelError, did_you_mean
 from recd_plugin.fae.hints import hot_set_constraints
@@ -65,13 +69,29 @@ class FAE(Technique):
             if held:
                 raise subclass_refused(path, m, f"holds table {held[0]!r} of the fae hot set")
 
+    def no_fast_tier(self, model: nn.Module) -> bool:
+        """Unsharded, every table of the hot set is in host memory (a cpu model): the hot/cold
+        layout has no faster tier to put the hot rows in."""
+        if self.config.force_layout:
+            return False
+        hot = load_hot_set(self.config)
+        names = set(self.config.tables or hot.tables)
+        devices = {p.device.type for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+                   for c in table_configs(m) if c.name in names for p in m.embedding_bags[c.name].parameters()}
+        return devices == {"cpu"}
+
     def convert(self, model: nn.Module) -> List[Undo]:
         if self.sharded:
+            return []
+        if self.no_fast_tier(model):
+            say("recd-plugin: fae left on TorchRec's plain path: the hot set's tables are in host memory (a cpu "
+                "model), so the hot/cold layout has no faster tier for the hot rows and would only split each "
+                "lookup in two; on cuda it keeps the hot rows in HBM (fae.force_layout=true builds it anyway)")
             return []
         return [convert_hot_cold(model, load_hot_set(self.config), self.config.tables)]
 
     def wrap_loader(self, loader: Any, model: Optional[nn.Module]) -> Any:
-        if self.sharded or model is None:
+        if self.sharded or model is None or self.no_fast_tier(model):
             return loader
         hot = load_hot_set(self.config)
         features = {f: t for t, fs in embedding_tables(model).items() for f in fs if t in hot.tables}

@@ -16,6 +16,11 @@ parts of the model that deduplication changes, both ways:
   parameterized layer an ``nn.Linear``) gets a random [B, in_features] input, whose values do
   not change its time.
 
+When no DataLoader worker will build the IKJTs (a plain iterable, ``num_workers=0`` or
+``in_workers = false``), they are built in the training loop: the time to build the group's
+IKJT from the first batch is added to the route's. A tower that takes the batch's KJT is timed
+on that KJT as the plain model passes it, and on the group's U unique rows.
+
 The group is kept when the dedup route takes at most ``MARGIN`` of the plain time and saves
 at least ``MIN_SAVING_MS`` per step (the route's bookkeeping outside the timed modules). Gradients
 are computed with ``torch.autograd.grad`` (nothing accumulates into ``.grad``) and towers run
@@ -133,6 +138,18 @@ def _dense_input(tower: nn.Module, batch: int, device: torch.device) -> Optional
     return None
 
 
+def _time_build(kjt: KeyedJaggedTensor, spec: DedupSpec, aligned: bool, reps: int = 3) -> float:
+    """Best of ``reps`` seconds to build the group's IKJT from ``kjt`` (after a warm-up)."""
+    build_ikjt(kjt, spec, aligned=aligned)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        build_ikjt(kjt, spec, aligned=aligned)
+        _sync(kjt.values().device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJaggedTensor,
                 aligned: bool) -> Tuple[float, float, int, List[str]]:
     """(plain seconds, dedup seconds, parts timed, towers timed) of the modules that
@@ -164,7 +181,6 @@ def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJagged
         dedup += _fwd_bwd(route, params, device)
         parts += 1
     first, inv = group_rows(ikjt, g.all_features[0])
-    rows = torch.arange(kjt.stride(), device=device)
     timed: List[str] = []
     for path in towers:
         tower = model.get_submodule(path)
@@ -179,7 +195,9 @@ def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJagged
                 return expand_output(tower(x.index_select(0, first)), inv, first.numel())
         else:  # a tower that takes the batch's KJT (its own embeddings inside)
             def plain_call(tower: nn.Module = tower) -> Any:
-                return tower(select_rows(kjt, names, rows))
+                # the batch's KJT as the plain model passes it: selecting its B rows here would
+                # charge the plain side a copy it never makes
+                return tower(kjt)
 
             def dedup_call(tower: nn.Module = tower) -> Any:
                 return expand_output(tower(select_rows(kjt, names, first)), inv, first.numel())
@@ -197,8 +215,12 @@ def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJagged
     return plain, dedup, parts, timed
 
 
-def decide(model: nn.Module, config: Any, batches: Iterable[Any], limit: int, aligned: bool) -> List[GroupDecision]:
-    """Measure every group of ``config`` on the first ``limit`` plain ``Batch``es of ``batches``."""
+def decide(model: nn.Module, config: Any, batches: Iterable[Any], limit: int, aligned: bool,
+           build_in_loop: bool = False) -> List[GroupDecision]:
+    """Measure every group of ``config`` on the first ``limit`` plain ``Batch``es of ``batches``.
+
+    ``build_in_loop``: the IKJTs will be built in the training loop (no DataLoader workers to
+    build them in), so the time to build the group's IKJT counts against its route."""
     spec: DedupSpec = config.spec
     sample = list(itertools.islice(batches, limit))
     stats = measure(sample, spec, limit)
@@ -209,7 +231,7 @@ def decide(model: nn.Module, config: Any, batches: Iterable[Any], limit: int, al
     # The loader may yield host batches for a model on a GPU (moved inside the training loop),
     # and already deduplicated ones (storage.DedupReader): time on the plain KJT.
     kjt = expand(sample[0].sparse_features).to(params[0].device) if sample and materialized else None
-    out = [_decide_group(model, config, g, unique[i] / samples if samples else 1.0, kjt, aligned)
+    out = [_decide_group(model, config, g, unique[i] / samples if samples else 1.0, kjt, aligned, build_in_loop)
            for i, g in enumerate(spec.groups)]
     agreed = all_reduce_ints([int(d.kept) for d in out], "min")  # one route on every rank
     return [d if d.kept == bool(k) else dataclasses.replace(
@@ -217,17 +239,20 @@ def decide(model: nn.Module, config: Any, batches: Iterable[Any], limit: int, al
 
 
 def _decide_group(model: nn.Module, config: Any, g: FeatureGroup, u: float, kjt: Optional[KeyedJaggedTensor],
-                  aligned: bool) -> GroupDecision:
+                  aligned: bool, build_in_loop: bool = False) -> GroupDecision:
     if u >= 1.0:
         return GroupDecision(g.name, u, False, reason="no sample repeats another in the first batches (unique "
                              "fraction 1.00), so deduplication would save nothing")
     batch = kjt.stride() if kjt is not None else 0
     plain = dedup = 0.0
     parts, timed = 0, []
-    failed = ""
+    failed, build = "", 0.0
     if kjt is not None:
         try:
             plain, dedup, parts, timed = _time_group(model, config, g, kjt, aligned)
+            if parts and build_in_loop:
+                build = _time_build(kjt, DedupSpec((g,)), aligned)
+                dedup += build
         except Exception as e:  # noqa: BLE001 - never block training on a measurement: use the rule
             failed = f"; its modules could not be timed ({type(e).__name__}: {e})"
             plain = dedup = 0.0
@@ -237,8 +262,9 @@ def _decide_group(model: nn.Module, config: Any, g: FeatureGroup, u: float, kjt:
     route = "aligned" if aligned else "compact"
     if parts:
         measured = dedup <= MARGIN * plain and plain - dedup >= MIN_SAVING_MS / 1e3
+        built = f", {1e3 * build:.2f} ms of it building the IKJT in the training loop" if build else ""
         why = (f"unique fraction {u:.3f}; the modules it changes take {1e3 * dedup:.2f} ms deduplicated "
-               f"({route} IKJT) vs {1e3 * plain:.2f} ms plain, forward and backward on batch {batch}")
+               f"({route} IKJT{built}) vs {1e3 * plain:.2f} ms plain, forward and backward on batch {batch}")
         if not measured and rule:
             why += f"; kept for its tower(s) {dense_towers}, which run on {u:.1%} of the rows"
         elif not measured:
@@ -270,7 +296,7 @@ def keep_groups(config: Any, decisions: List[GroupDecision]) -> Any:
     groups = [g for g in config.groups if g.name in kept]
     return dataclasses.replace(
         config,
-        enabled=config.enabled and bool(groups or config.fae is not None),  # nothing kept: off
+        enabled=config.enabled and bool(groups or config.fae is not None or config.des is not None),  # nothing: off
         groups=groups,
         towers={m: g for m, g in config.towers.items() if g in kept},
     )

@@ -327,6 +327,13 @@ def plain_loader(loader: Any) -> Any:
     return DedupLoader(loader, DedupSpec(()), verify_batches=0, in_workers=False)
 
 
+def builds_in_workers(loader: Any, in_workers: bool = True) -> bool:
+    """Whether ``DedupLoader`` builds the IKJTs inside the loader's worker processes (a
+    ``DataLoader`` with workers, ``in_workers`` on), off the training loop; otherwise every
+    batch is deduplicated in the loop, a cost the probe counts against the route."""
+    return in_workers and isinstance(loader, DataLoader) and loader.num_workers > 0
+
+
 class DedupLoader:
     """Iterable wrapper that yields IKJT batches and counts what passes through.
 
@@ -344,8 +351,8 @@ class DedupLoader:
         self._verify_left = verify_batches
         self.in_workers = False
         check_not_deduplicated(loader)
-        if in_workers and isinstance(loader, DataLoader) and loader.num_workers > 0:
-            collate = loader.collate_fn
+        if builds_in_workers(loader, in_workers):
+            collate = loader.collate_fn  # type: ignore[attr-defined]
             loader.collate_fn = DedupCollate(collate, spec, verify_batches, aligned)
             self.in_workers = True
             self._original_collate = collate
