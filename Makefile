@@ -62,7 +62,7 @@ test: venv
 test-latest: venv-latest
 	$(LPY) -m pytest -q tests integration_tests
 
-# Every benchmark; each rewrites its section of docs/benchmarks.md and docs/bench/<name>.json.
+# Every benchmark; each rewrites its section of docs/benchmarks.md and recd_plugin/bench/results/<name>.json.
 bench: venv
 	for b in dedup storage dist fae des models; do $(VPY) -m recd_plugin.bench $$b || exit 1; done
 

@@ -189,17 +189,24 @@ def test_model_config_naming_unknown_tables(tmp_path):
 
 
 def test_measured_results_parse_or_say_none(tmp_path):
-    from recd_plugin.analyze.measured import measured, section
+    from recd_plugin.analyze.measured import RESULTS, measured
 
-    assert measured("dedup", docs=tmp_path) is None  # no JSON, no docs: "no measurement yet"
-    (tmp_path / "benchmarks.md").write_text(
-        "<!-- bench:storage:start -->\n| | flat | dedup layout | ratio |\n|---|---|---|---|\n"
-        "| bytes | 648,416 | 317,834 | 2.04x |\n| read + build batches | 1 | 2 | 2.22x |\n<!-- bench:storage:end -->\n")
-    assert section("dedup", tmp_path / "benchmarks.md") is None
-    assert measured("storage", docs=tmp_path) == {"storage_ratio": 2.04, "preprocess_ratio": 2.22}
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "storage.json").write_text('{"storage_ratio": 3.0, "preprocess_ratio": 1.5}')
-    assert measured("storage", docs=tmp_path) == {"storage_ratio": 3.0, "preprocess_ratio": 1.5}
+    assert measured("dedup", results=tmp_path) is None  # no result: "no measurement yet"
+    (tmp_path / "storage.json").write_text('{"storage_ratio": 3.0, "preprocess_ratio": 1.5}')
+    assert measured("storage", results=tmp_path) == {"storage_ratio": 3.0, "preprocess_ratio": 1.5}
+    (tmp_path / "fae.json").write_text('{"renamed": 1}')
+    assert measured("fae", results=tmp_path) is None  # a layout that changed: none, not a crash
+    # the published results ship inside the package (package data), found without the docs
+    assert {p.name for p in RESULTS.glob("*.json")} >= {"dedup.json", "models.json", "storage.json"}
+    assert measured("models")[0]["model"] == "dlrm"
+
+
+def test_the_wheel_ships_the_published_results():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "results/*.json" in pyproject["tool"]["setuptools"]["package-data"]["recd_plugin.bench"]
 
 
 def test_route_prediction_follows_the_probe_rule():
@@ -239,9 +246,8 @@ def test_models_check_rows_only_for_the_benchmarks_data(tmp_path, monkeypatch):
               "route": "dedup", "ratio": 1.9, "samples_per_s_plain": 1e5},
              {"model": "dlrm", "mode": "dmp2", "batch": 1024, "unique_fraction": 1.0, "f": 0.0,
               "route": "plain", "ratio": 1.0, "samples_per_s_plain": 1e5}]
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "models.json").write_text(json.dumps({"cases": cases}))
-    monkeypatch.setattr(measured, "DOCS", tmp_path)
+    (tmp_path / "models.json").write_text(json.dumps({"cases": cases}))
+    monkeypatch.setattr(measured, "RESULTS", tmp_path)
     s = load_sample("criteo-sessions", max_rows=2048, progress=False)
     g = analyze_groups(s, batch_sizes=(1024,))
     rows = check.models_rows("criteo-sessions", g)

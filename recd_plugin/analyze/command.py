@@ -135,6 +135,6 @@ def run(args: argparse.Namespace) -> None:
                 args.budget, args.dedup_share, progress=not args.no_progress, step_ms=args.step_ms)
     print(summary_text(r))
     if r["checks"]:
-        print("\npredicted vs measured (docs/benchmarks.md):")
+        print("\npredicted vs measured (the benchmarks' last full runs, docs/benchmarks.md):")
         print(markdown_table(r["checks"]))
     print(f"\nwrote {r['paths']['html']} ({len(r['paths']) - 2} plots, hot set, summary.json)")

@@ -153,7 +153,7 @@ def write_report(r: Dict[str, Any], out: Path) -> Dict[str, Path]:
     parts.append(_img(paths["des"]))
     parts.append("<h2>Check: predictions vs the benchmarks' measurements</h2>"
                  "<p>relative error = (predicted - measured) / measured; measured numbers from "
-                 "docs/bench/*.json or docs/benchmarks.md.</p>")
+                 "the last full benchmark runs (recd_plugin/bench/results/*.json, as docs/benchmarks.md shows them).</p>")
     parts.append(_md_to_html(markdown_table(r["checks"])) if r["checks"] else "<p>nothing to compare</p>")
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%}")

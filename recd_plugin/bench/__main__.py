@@ -2,7 +2,7 @@
 
 Each benchmark measures ratios side by side in one process, checks both sides computed the
 same thing, prints a table and, on a full run with the default settings in a source checkout,
-regenerates its section of docs/benchmarks.md and docs/bench/NAME.json (``--quick``,
+regenerates its section of docs/benchmarks.md and recd_plugin/bench/results/NAME.json (``--quick``,
 ``--batch-size``, ``--seed``, ``--models`` or ``--modes`` leave the published figures alone)::
 
     python -m recd_plugin.bench dedup               # RecD dedup on MovieLens-100k (~2 min)
@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None, reexec: bool = False) -> None:
 
 
 def publishable(args: argparse.Namespace) -> bool:
-    """Whether this run may rewrite the published figures (docs/benchmarks.md, docs/bench/):
+    """Whether this run may rewrite the published figures (docs/benchmarks.md, recd_plugin/bench/results/):
     only a full run with the default settings. A quick or partial run prints and writes --json
     only, so a fast check never replaces the full run's numbers."""
     changed = [name for name, on in (("--quick", args.quick), ("--batch-size", args.batch_size is not None),

@@ -70,9 +70,9 @@ def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
-#: Machine-readable results beside docs/benchmarks.md: ``docs/bench/<name>.json``, written with
-#: the section (``recd-plugin analyze`` compares its predictions with them).
-BENCH_JSON_DIR = DOCS.parent / "bench"
+#: Machine-readable results: ``recd_plugin/bench/results/<name>.json``, written with the docs
+#: section and shipped in the wheel (``recd-plugin analyze`` compares its predictions with them).
+BENCH_JSON_DIR = Path(__file__).resolve().parent / "results"
 
 
 def free_port() -> int:
@@ -86,7 +86,7 @@ def free_port() -> int:
 
 def publish(name: str, markdown: str, result: Dict[str, Any], json_path: Optional[str], write_docs: bool) -> None:
     """Print a benchmark's table, write its JSON, and regenerate its docs/benchmarks.md section
-    (and, with it, ``docs/bench/<name>.json``, the same result as ``--json`` writes)."""
+    (and, with it, ``recd_plugin/bench/results/<name>.json``, the same result as ``--json`` writes)."""
     print(markdown)
     write_json(json_path, result)
     if write_docs and not (DOCS.parents[1] / "pyproject.toml").exists():
