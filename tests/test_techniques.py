@@ -169,6 +169,18 @@ def test_a_session_group_outside_des_modules_goes_with_des_sharded() -> None:
     recd_plugin.remove(model)
 
 
+def test_a_group_the_probe_drops_leaves_the_other_sections_on() -> None:
+    """No duplicates in the probe's batches: RecD's group goes, DES (and FAE) stay on."""
+    kjt = KeyedJaggedTensor(keys=FEATURES, values=torch.arange(18) % 10, lengths=torch.ones(18, dtype=torch.int32))
+    distinct = Batch(dense_features=torch.zeros(6, 1), sparse_features=kjt, labels=torch.zeros(6))  # s: 2..7
+    config = RecDConfig.from_string("des=true; groups.g.features=s; probe_batches=2; sharded=true")
+    model, loader = recd_plugin.apply(config, DESModel(), [distinct, distinct])
+    assert config.enabled and not config.groups and config.parts() == [DESConfig()]
+    setup = sharding.for_dmp(model, config, batch_size=6, compute_device="cpu")
+    assert type(setup.sharders[0]).__name__ == "ChosenDESSharder"
+    recd_plugin.remove(model)
+
+
 # -- what DES asks of the planner -------------------------------------------------------------
 
 def test_for_dmp_gives_des_sharder_and_constraints_and_the_planner_takes_them() -> None:
