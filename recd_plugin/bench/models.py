@@ -277,7 +277,13 @@ def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank
     config = recd_plugin.RecDConfig.from_string(flag + flag_suffix)
     spec = config.spec  # every group of the flag (apply narrows config to the groups that pay)
     u = measure(mine, spec, len(mine)).unique_fraction(spec.groups[0].name)
-    plugin_model, loader = recd_plugin.apply(config, copy.deepcopy(base), mine)
+    # As a user's DataLoader with workers: the IKJTs are built there, off the timed steps (built
+    # once here, before timing), and apply's probe knows it (it charges the route for building
+    # them only when the training loop does).
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(mine, batch_size=None, num_workers=1)
+    plugin_model, loader = recd_plugin.apply(config, copy.deepcopy(base), loader)
     plugin_batches = list(loader)
     cons = None
     if hints and config.groups:  # the plugin's optional planner hints: deduplicated batch sizes
