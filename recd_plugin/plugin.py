@@ -11,7 +11,9 @@ measures every feature group on the loader's first ``probe_batches`` batches and
 the groups whose deduplication pays on this machine (one printed line per group says why;
 ``modules/probe.py``); with none left, both come back untouched. Then the model's embedding
 modules and the configured towers are converted in place (``recd_plugin.remove`` undoes that)
-and the loader is wrapped to yield IKJT batches. Every check runs before the model is changed,
+and the loader is wrapped to yield IKJT batches; the flag's other sections (``fae``, ``des``)
+are done by their techniques the same way (``recd_plugin/technique.py``: each one's checks,
+conversion with undo and loader step, in their declared order). Every check runs before the model is changed,
 so a bad config leaves the model as it was; a refusal that only the conversion itself can
 raise (``modules/swap.py``) undoes what was done, so a refused ``apply`` leaves the model (module
 tree, hooks, state_dict), the loader and the config exactly as they were.
@@ -132,7 +134,8 @@ def wrap(config: Config, loader: Optional[Iterable[Any]], model: Optional[nn.Mod
     config = as_flag(config)
     if not config.enabled or loader is None:
         return loader
-    config.validate() if config.parts() else None
+    if config.parts():
+        config.validate()
     return _wrap(build(config), config, loader, model)[0]
 
 

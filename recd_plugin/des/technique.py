@@ -31,8 +31,8 @@ FUSED = "fused"  # EmbeddingComputeKernel.FUSED.value, without importing the sha
 
 def _chosen_sharder(chosen: List[nn.Module], fused_params: Optional[Dict[str, Any]]) -> Any:
     """``DESSharder`` for the chosen modules only: the planner plans a module type's every
-    instance, so the others offer no shardable parameter and stay TorchRec's to plan. Built
-    here, not at import: ``apply`` (which imports this module) loads no sharding code."""
+    instance, so the others offer no shardable parameter and stay TorchRec's to plan (their
+    inner ``ebc``). Built per call: the chosen modules are this model's."""
     from recd_plugin.des.sharder import DESSharder
 
     ids = {id(m) for m in chosen}
