@@ -35,7 +35,7 @@ from recd_plugin.fae.technique import FAE
 from recd_plugin.modules.recd import RecD
 from recd_plugin.modules.probe import decide, keep_groups, probe_batches
 from recd_plugin.modules.swap import check_model
-from recd_plugin.technique import TECHNIQUES, Technique, build, convert_all
+from recd_plugin.technique import TECHNIQUES, Technique, build, convert_all, undo_all
 from recd_plugin.transforms.dedup import builds_in_workers, plain_loader
 
 #: The built-in techniques: each registered itself when imported (recd_plugin/technique.py).
@@ -149,19 +149,14 @@ def _wrap(techniques: List[Technique], config: RecDConfig, loader: Optional[Iter
     undo: List[Callable[[], None]] = []
     try:
         for t in techniques:
-            loader = t.wrap_loader(loader, model)
-            if hasattr(loader, "unwrap"):
-                undo.append(loader.unwrap)
+            wrapped = t.wrap_loader(loader, model)
+            if wrapped is not loader and hasattr(wrapped, "unwrap"):  # a DedupLoader: collate_fn back
+                undo.append(wrapped.unwrap)
+            loader = wrapped
     except BaseException:
-        for u in reversed(undo):
-            u()
+        undo_all(undo)
         raise
-
-    def unwrap() -> None:
-        for u in reversed(undo):
-            u()
-
-    return loader, unwrap
+    return loader, lambda: undo_all(undo)
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -158,21 +158,22 @@ def build(flag: RecDConfig, sharded: Optional[bool] = None) -> List[Technique]:
     return sorted(built, key=lambda t: t.order)
 
 
+def undo_all(undo: List[Undo]) -> None:
+    """Run undo callbacks in reverse order: the last change is taken back first."""
+    for u in reversed(undo):
+        u()
+
+
 def convert_all(model: nn.Module, techniques: List[Technique]) -> Undo:
     """Run every technique's ``convert`` in order; returns one function that undoes them all.
     All or nothing: if one raises, what the earlier ones did is undone first."""
     undo: List[Undo] = []
-
-    def unconvert() -> None:
-        for u in reversed(undo):
-            u()
-
     try:
         for t in techniques:
             undo.extend(t.convert(model))
     except BaseException:
         # A technique that refuses (e.g. the hot/cold layout on a weighted MEAN table) must not
         # leave the earlier ones' hooks and swaps behind.
-        unconvert()
+        undo_all(undo)
         raise
-    return unconvert
+    return lambda: undo_all(undo)

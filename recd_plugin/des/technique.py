@@ -29,6 +29,11 @@ from recd_plugin.technique import PlannerHints, Technique, register_technique
 FUSED = "fused"  # EmbeddingComputeKernel.FUSED.value, without importing the sharding code here
 
 
+def _des_modules(model: nn.Module) -> Dict[str, DESEmbeddingOperators]:
+    """{path: module} of every DESEmbeddingOperators of ``model``."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, DESEmbeddingOperators)}
+
+
 def _chosen_sharder(chosen: List[nn.Module], fused_params: Optional[Dict[str, Any]]) -> Any:
     """``DESSharder`` for the chosen modules only: the planner plans a module type's every
     instance, so the others offer no shardable parameter and stay TorchRec's to plan (their
@@ -61,13 +66,13 @@ class DES(Technique):
 
     def modules(self, model: nn.Module) -> Dict[str, DESEmbeddingOperators]:
         """{path: module} of the DES modules the flag chose (all of them by default)."""
-        found = {p: m for p, m in model.named_modules() if isinstance(m, DESEmbeddingOperators)}
+        found = _des_modules(model)
         if self.config.modules is None:
             return found
         return {p: found[p] for p in self.config.modules if p in found}
 
     def check(self, model: nn.Module) -> None:
-        found = {p: m for p, m in model.named_modules() if isinstance(m, DESEmbeddingOperators)}
+        found = _des_modules(model)
         if not found:
             raise UnsupportedModelError(
                 "the flag has a des section, but the model has no recd_plugin.des.DESEmbeddingOperators: DES "

@@ -102,6 +102,19 @@ def _total(out: Any) -> torch.Tensor:
     return total if total is not None else torch.zeros(())
 
 
+def _best_seconds(once: Callable[[], Any], device: torch.device, reps: int = 3) -> float:
+    """Best of ``reps`` seconds of ``once()`` (synchronized), after one warm-up call."""
+    once()
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        once()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _fwd_bwd(fn: Callable[[], Any], params: Sequence[nn.Parameter], device: torch.device, reps: int = 3) -> float:
     """Best of ``reps`` (after a warm-up) seconds of ``fn()`` and the gradient of its outputs
     with respect to ``params``, computed without touching ``.grad``."""
@@ -109,15 +122,8 @@ def _fwd_bwd(fn: Callable[[], Any], params: Sequence[nn.Parameter], device: torc
         loss = _total(fn())
         if params and loss.requires_grad:
             torch.autograd.grad(loss, list(params), allow_unused=True)
-        _sync(device)
 
-    once()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return _best_seconds(once, device, reps)
 
 
 def _plain_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -140,14 +146,7 @@ def _dense_input(tower: nn.Module, batch: int, device: torch.device) -> Optional
 
 def _time_build(kjt: KeyedJaggedTensor, spec: DedupSpec, aligned: bool, reps: int = 3) -> float:
     """Best of ``reps`` seconds to build the group's IKJT from ``kjt`` (after a warm-up)."""
-    build_ikjt(kjt, spec, aligned=aligned)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        build_ikjt(kjt, spec, aligned=aligned)
-        _sync(kjt.values().device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return _best_seconds(lambda: build_ikjt(kjt, spec, aligned=aligned), kjt.values().device, reps)
 
 
 def _time_group(model: nn.Module, config: Any, g: FeatureGroup, kjt: KeyedJaggedTensor,

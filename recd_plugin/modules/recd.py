@@ -30,7 +30,7 @@ from recd_plugin.modules.batchnorm import check_tower_layers
 from recd_plugin.modules.swap import (custom_forward_modules, dedup_class, gathered_paths, model_features,
                                       subclass_refused, swap_modules)
 from recd_plugin.modules.tower import DedupContext
-from recd_plugin.technique import Technique, Undo, register_technique
+from recd_plugin.technique import Technique, Undo, register_technique, undo_all
 from recd_plugin.transforms.dedup import DedupLoader
 
 
@@ -76,8 +76,7 @@ class RecD(Technique):
                 undo.extend(_swap_embedding_modules(model))
             undo.extend(_hook_towers(model, self.config, ctx, self.sharded))
         except BaseException:
-            for u in reversed(undo):
-                u()
+            undo_all(undo)
             raise
         return undo
 
@@ -132,7 +131,6 @@ def _hook_towers(model: nn.Module, config: RecDConfig, ctx: DedupContext, sharde
             undo.append(_tower.dedup_tower(model.get_submodule(path), ctx, group, path, config.verify_batches,
                                            always=sharded).remove)
     except BaseException:  # a later tower refused: the earlier ones' hooks go too
-        for u in reversed(undo):
-            u()
+        undo_all(undo)
         raise
     return undo
