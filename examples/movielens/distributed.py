@@ -57,6 +57,15 @@ def init() -> Tuple[int, int, torch.device]:
     return rank, dist.get_world_size(), device
 
 
+def close() -> None:
+    """Destroy the process group after a successful run. Without it, gloo's worker threads can
+    outlive the interpreter and abort the process at exit ("terminate called without an active
+    exception"), failing a job that trained correctly. Not called after an error: a rank still
+    inside a collective would then hang its peers' teardown."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class TrainStep(torch.nn.Module):
     """What TrainPipelineSparseDist runs: ``forward(batch) -> (loss, (loss, logits, labels))``."""
 

@@ -233,6 +233,7 @@ def main(argv: Optional[list] = None) -> None:
     model = TwoTower(data[0], light=args.light)
     if not args.compare:
         train(args, model, data, recd_plugin.RecDConfig.load(args.recd))  # recd-plugin
+        distributed.close()
         return
     flag = args.recd or RECD_FLAG
     runs = {}
@@ -245,6 +246,7 @@ def main(argv: Optional[list] = None) -> None:
         print(f"{name:16}{r['samples_per_s']:12.0f}{r['loss']:10.4f}{r['auc']:10.4f}")
     print(f"speedup {plug['samples_per_s'] / plain['samples_per_s']:.2f}x (wall clock incl. data loading); "
           f"|loss diff| {abs(plug['loss'] - plain['loss']):.2e}; |AUC diff| {abs(plug['auc'] - plain['auc']):.2e}")
+    distributed.close()
 
 
 if __name__ == "__main__":
