@@ -66,9 +66,9 @@ test-latest: venv-latest
 bench: venv
 	for b in dedup storage dist fae des models; do $(VPY) -m recd_plugin.bench $$b || exit 1; done
 
-# API reference: docs/api/*.md from the docstrings (recd_plugin/analyze/apidoc.py).
+# API reference: docs/api/*.md from the docstrings (tools/apidoc.py).
 apidoc: venv
-	$(VPY) -m recd_plugin.analyze.apidoc docs/api
+	$(VPY) tools/apidoc.py docs/api
 
 # Build/test leftovers. Keeps .venv (use `make distclean` to remove it too).
 clean:

@@ -16,8 +16,7 @@ The data flows through small modules, one concern each: ``sources`` (bounded sam
 session-level columns) -> ``recd`` (unique fractions) / ``fae`` (skew, hot samples, tier
 traffic, with FAE's own profiler) / ``des`` (communication estimate for the ``model`` config)
 -> ``advice`` (flag, expected gains, why) -> ``check`` (vs ``measured`` benchmark results) ->
-``report`` (PNG plots, one self-contained HTML). ``command`` is the CLI; ``apidoc`` generates
-docs/api. See docs/analyze.md.
+``report`` (PNG plots, one self-contained HTML). ``command`` is the CLI. See docs/analyze.md.
 """
 
 from recd_plugin.analyze.command import analyze

@@ -101,14 +101,20 @@ def publish(name: str, markdown: str, result: Dict[str, Any], json_path: Optiona
 
 
 def load_example(relative: str, module_name: str) -> Any:
-    """Import an example file (``examples/...``) of the source checkout as a module."""
+    """Import an example model file (``examples/...``) as a module: the source checkout's, or
+    the copy an installed wheel carries in ``recd_plugin/bench/examples/`` (pyproject.toml maps
+    the folder there), so the benchmarks run from a plain ``pip install`` too."""
     import importlib.util
 
-    path = DOCS.parents[1] / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the benchmark from a source checkout of recd-plugin")
+    inside = relative.split("/", 1)[1]  # "movielens/model.py"
+    # The wheel's copy first: a wheel's "checkout" path would be site-packages/examples/, anyone's.
+    candidates = [Path(__file__).resolve().parent / "examples" / inside, DOCS.parents[1] / relative]
+    path = next((c for c in candidates if c.exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"example model {relative} not found at {[str(c) for c in candidates]}: "
+                                "reinstall recd-plugin (pip install --force-reinstall recd-plugin) or run from "
+                                "a source checkout")
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
-

@@ -3,7 +3,7 @@
 ::
 
     make apidoc                                  # same as:
-    python -m recd_plugin.analyze.apidoc docs/api
+    python tools/apidoc.py docs/api
 
 One page per public module (``MODULES``): the module docstring (the user manual of that
 module), then every public class and function with its signature and docstring; classes list
@@ -103,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(argv[0] if argv else "docs/api")
     out.mkdir(parents=True, exist_ok=True)
     index = ["# API reference", "", "Generated from the docstrings by `make apidoc` "
-             "(`python -m recd_plugin.analyze.apidoc docs/api`). One page per public module.", ""]
+             "(`python tools/apidoc.py docs/api`). One page per public module.", ""]
     for name in MODULES:
         text = page(name)
         if text is None:
