@@ -178,11 +178,71 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
                     "out_maxdiff": max(float((out[k] - want[k]).abs().max()) for k in want),
                     "comm": dict(comm.by_op), "explain": setup.explain(plan)}
 
+        def pipeline_case(flag: str) -> dict:
+            """The flag route under TorchRec's TrainPipelineSparseDist (input all-to-alls one batch
+            ahead), as a user's script trains: the same losses as a plain loop over the same DMP
+            model and batches, step by step (both sharded the same way from the same weights)."""
+            import recd_plugin
+            from recd_plugin import sharding
+            from torchrec.datasets.utils import Batch
+            from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+            class Step(torch.nn.Module):  # forward(batch) -> (loss, output), what the pipeline runs
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.model = Wrap()
+
+                def forward(self, batch):
+                    out = self.model(batch.sparse_features, batch.dense_features)
+                    pred = out["fm"].sum(dim=1) + out["wide"].sum(dim=1) + out["first"].sum(dim=1)  # fx-traceable
+                    loss = ((pred - batch.labels) ** 2).mean()
+                    return loss, loss.detach()
+
+            batches = []
+            for i in range(4):
+                kjt, dense = make_batch(100 + 10 * i + rank, case["batch"][rank])
+                batches.append(Batch(dense_features=dense, sparse_features=kjt,
+                                     labels=torch.rand(case["batch"][rank], generator=torch.Generator().manual_seed(i))))
+            losses = {}
+            for route in ("loop", "pipeline"):
+                step_model = Step()
+                config = recd_plugin.RecDConfig.from_string(flag)
+                step_model.model, _ = recd_plugin.apply(config, step_model.model, None)
+                setup = sharding.for_dmp(step_model.model, config, batch_size=max(case["batch"]), compute_device="cpu")
+                planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"),
+                                                   constraints=setup.constraints)
+                plan = planner.collective_plan(step_model, setup.sharders, dist.group.WORLD)
+                dmp = DistributedModelParallel(step_model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                               device=torch.device("cpu"), plan=plan, sharders=setup.sharders)
+                opt = torch.optim.SGD(dict(in_backward_optimizer_filter(dmp.named_parameters())).values(), lr=0.05)
+                got = []
+                if route == "loop":
+                    for b in batches:
+                        opt.zero_grad()
+                        loss, _ = dmp(b)
+                        loss.backward()
+                        opt.step()
+                        got.append(float(loss))
+                else:
+                    pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"))
+                    it = iter(batches)
+                    while True:
+                        try:
+                            got.append(float(pipeline.progress(it)))
+                        except StopIteration:
+                            break
+                losses[route] = got
+                sharded = dmp.module.model.sparse
+            # the pipeline swaps the forward of each module it pipelines (its input_dist runs ahead)
+            return {"losses": losses, "sharded_type": type(sharded).__name__, "forward": type(sharded.forward).__name__}
+
         res["cases"] = []
         for placement in case.get("placements", []):
             for fused in case.get("fused", [None]):
                 res["cases"].append(run_case(placement, fused))
         res["flag_cases"] = [flag_case(flag) for flag in case.get("flags", [])]
+        res["pipeline_cases"] = [pipeline_case(flag) for flag in case.get("pipeline_flags", [])]
         dist.barrier()
 
 
@@ -257,6 +317,22 @@ def test_des_from_the_flag_is_planned_by_torchrec_and_matches_unsharded(tmp_path
             assert "reduce_scatter_single" in res["comm"]  # partials travel
             assert "des: " in res["explain"]
         assert tw["sharding_types"] == ["table_wise"] and rw["sharding_types"] == ["row_wise"]
+
+
+def test_des_from_the_flag_trains_under_train_pipeline_sparse_dist(tmp_path) -> None:
+    """DMP + TrainPipelineSparseDist as a user's script has them: the pipeline finds the sharded
+    DES module in the traced model, runs its input distribution one batch ahead, and every
+    step's loss equals a plain loop's over the same sharded model and batches."""
+    batch = [4, 3]
+    results = _run({"pipeline_flags": ["des.sharding=table_wise", "des.sharding=row_wise"], "batch": batch}, tmp_path)
+    for rank_res in results:
+        for res in rank_res["pipeline_cases"]:
+            assert res["sharded_type"] == "ShardedDESEmbeddingOperators"
+            assert res["forward"] == "PipelinedForward"  # pipelined, not run whole in the model's forward
+            loop, pipe = res["losses"]["loop"], res["losses"]["pipeline"]
+            assert len(loop) == len(pipe) == 4 and loop[0] != loop[-1]  # it trained
+            for a, b in zip(loop, pipe):
+                assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (loop, pipe)
 
 
 def test_bench_des_quick_runs_and_reports_keys(tmp_path) -> None:

@@ -36,8 +36,12 @@ Why not the planner: TorchRec's planner estimators assume TorchRec's own lookups
 all-to-alls (bytes of pooled outputs, TBE kernels), so their costs would be wrong for DES; a
 plan is given explicitly (``des_plan``, built with TorchRec's ``construct_module_sharding_plan``
 and ``table_wise`` / ``row_wise`` generators, so it is an ordinary ``EmbeddingModuleShardingPlan``).
-Limits: no ``TrainPipelineSparseDist`` overlap (``forward`` runs the three stages in order),
-state_dict holds this rank's local slices (plain tensors, not ShardedTensor); variable-batch
+Under TorchRec's ``TrainPipelineSparseDist`` the pipeline runs ``input_dist`` (the id exchange)
+for the next batch ahead of this batch's ``compute``, as for TorchRec's own modules: the stages'
+inputs and contexts are TorchRec's ``KJTListSplitsAwaitable`` / ``Multistreamable`` types, which
+the pipeline's fused splits exchange and CUDA stream bookkeeping require. The id exchange is
+issued synchronously, so it does not overlap with compute. Limits: state_dict holds this rank's
+local slices (plain tensors, not ShardedTensor); variable-batch
 (VBE / IKJT) inputs are refused. Each rank checks its local batch before the id exchange like
 the unsharded module (``module.InputCheck``: missing features, ids outside their table).
 """
@@ -50,10 +54,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
+from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.types import (EmbeddingModuleShardingPlan, LazyNoWait, NoWait, ParameterSharding, ShardedModule,
                                         ShardingEnv, ShardingType)
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Multistreamable
 
 from recd_plugin.des.collectives import exchange_ids, reduce_scatter_partials, sync_replicated_grads
 from recd_plugin.des.fused import DESFusedOptimizer, fusable, fused_tbe, fused_weight
@@ -74,6 +81,37 @@ def _owned_rows(ps: ParameterSharding, rows: int, table: str) -> Dict[int, Tuple
                 out[shard.placement.rank()] = (lo, lo + n)
         return out
     raise DESError(f"DES: table {table!r} has sharding type {ps.sharding_type!r}; DES supports table_wise and row_wise.")
+
+
+def _record(value: Any, stream: Any) -> None:
+    """``record_stream`` on every tensor inside ``value`` (nested lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        value.record_stream(stream)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _record(v, stream)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _record(v, stream)
+
+
+class _Context(dict, Multistreamable):
+    """The per-batch context of the stages (dense input, batch sizes, synced parameters). A
+    ``Multistreamable``: TrainPipelineSparseDist records it on its CUDA streams."""
+
+    def record_stream(self, stream: Any) -> None:
+        _record(list(self.values()), stream)
+
+
+class _Exchanged(Multistreamable):
+    """What ``input_dist`` delivers to ``compute``: ``(batch_sizes, recv_lengths, recv_values)``
+    of ``exchange_ids``; a ``Multistreamable`` for the pipeline, like TorchRec's ``KJTList``."""
+
+    def __init__(self, received: Tuple[List[int], List[Any], List[Any]]) -> None:
+        self.received = received
+
+    def record_stream(self, stream: Any) -> None:
+        _record(list(self.received[1:]), stream)
 
 
 class _Combine(nn.Module):
@@ -169,8 +207,8 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
 
     # ---- ShardedModule stages ----------------------------------------------------------
 
-    def create_context(self) -> Dict[str, Any]:
-        return {}
+    def create_context(self) -> _Context:
+        return _Context()
 
     def input_dist(self, ctx: Dict[str, Any], features: KeyedJaggedTensor, dense: Optional[torch.Tensor] = None) -> Any:
         if features.variable_stride_per_key():
@@ -188,11 +226,13 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         values = features.values().split(features.length_per_key())
         ctx["dense"] = dense
         got = exchange_ids(lengths, values, self._feature_index[keys], self._full, features.values().dtype, self._group)
-        return NoWait(NoWait(got))
+        # TorchRec's type for this stage: TrainPipelineSparseDist fuses the splits exchanges of
+        # every pipelined module's request and waits each of its awaitables (it requires .awaitables).
+        return KJTListSplitsAwaitable([NoWait(NoWait(_Exchanged(got)))], ctx)
 
-    def compute(self, ctx: Dict[str, Any], dist_input: Any) -> torch.Tensor:
+    def compute(self, ctx: Dict[str, Any], dist_input: KJTList) -> torch.Tensor:
         """Pool the local fields for the padded global batch and compute every operator's partials."""
-        batch_sizes, recv_lengths, recv_values = dist_input
+        batch_sizes, recv_lengths, recv_values = dist_input[0].received
         ctx["batch_sizes"] = batch_sizes
         b_max, world = max(batch_sizes), self._world
         n = world * b_max
