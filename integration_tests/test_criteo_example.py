@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import List
 
+import pytest
 from two_ranks import HANG_GUARD_S, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,13 +65,14 @@ def test_the_shipped_toml_flag_parses_with_all_three_sections() -> None:
     assert config.towers == {"session_tower": "session"}
 
 
-def test_all_three_techniques_sharded_at_two_ranks_train_like_plugin_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", [False, True], ids=["loop", "train_pipeline_sparse_dist"])
+def test_all_three_techniques_sharded_at_two_ranks_train_like_plugin_off(tmp_path: Path, pipeline: bool) -> None:
     _run([sys.executable, str(TRAIN), "--profile", str(tmp_path / "fae"), *SMALL], tmp_path)
     runs = {}
     for side, flag in (("off", "off"), ("on", _flag(tmp_path / "fae" / "hot.npz"))):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TRAIN),
-               "--recd", flag, "--losses", str(tmp_path / f"{side}.txt"), *SMALL]
+               "--recd", flag, "--losses", str(tmp_path / f"{side}.txt"), *SMALL] + (["--pipeline"] if pipeline else [])
         out = _run(cmd, tmp_path)
         runs[side] = [_losses(tmp_path / f"{side}.txt"), _losses(tmp_path / f"{side}.txt.rank1")]
         if side == "on":

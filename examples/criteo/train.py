@@ -9,6 +9,8 @@ plugin's (two calls unsharded, three sharded).
     python examples/criteo/train.py --recd @examples/criteo/recd.toml --compare
     # sharded: DistributedModelParallel over 2 processes (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node 2 examples/criteo/train.py --recd @examples/criteo/recd.toml
+    # ... trained by TorchRec's TrainPipelineSparseDist
+    torchrun --nproc_per_node 2 examples/criteo/train.py --recd @examples/criteo/recd.toml --pipeline
 
 What each technique does here (``SessionDLRM`` in models.py): RecD runs the session tower once
 per unique session (the group's 13 fields are compared by content: the KJT has no session id;
@@ -56,6 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="write DIR/hot.npz: the session tables' hot rows (FAE), then exit")
     p.add_argument("--budget", type=float, default=0.01, help="--profile: hot set size, share of the tables' bytes")
     p.add_argument("--losses", type=Path, default=None, help="write the per-step losses here (one per line)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="sharded: train with TorchRec's TrainPipelineSparseDist (input all-to-alls one batch ahead)")
     return p.parse_args(argv)
 
 
@@ -96,6 +100,8 @@ def train(args: argparse.Namespace, flag: Optional[str], device: torch.device = 
     model, loader = build_model(args, device), batches(args, rank)
     config = recd_plugin.RecDConfig.load(flag)  # recd-plugin
     model, loader = recd_plugin.apply(config, model, loader)  # recd-plugin
+    if sharded and args.pipeline:
+        return train_pipelined(args, model, loader, config, device)
     if sharded:
         model, optimizer = shard(model, config, args)
     else:
@@ -118,8 +124,40 @@ def train(args: argparse.Namespace, flag: Optional[str], device: torch.device = 
     return losses, speed
 
 
-def shard(model: nn.Module, config: "recd_plugin.RecDConfig",
-          args: argparse.Namespace) -> Tuple[nn.Module, torch.optim.Optimizer]:
+class TrainStep(nn.Module):
+    """What TrainPipelineSparseDist runs: ``forward(batch) -> (loss, output)``; the pipeline's
+    ``progress`` returns the output: here (loss, logits), detached."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach())
+
+
+def train_pipelined(args: argparse.Namespace, model: nn.Module, loader, config: "recd_plugin.RecDConfig",
+                    device: torch.device) -> Tuple[List[float], float]:
+    """``args.steps`` steps with TorchRec's TrainPipelineSparseDist; returns (losses, samples/s)."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    step_model, optimizer = shard(TrainStep(model), config, args, inner=model)
+    pipeline = TrainPipelineSparseDist(step_model, optimizer, device)
+    batches, losses, start = iter(loader), [], time.perf_counter()
+    while True:
+        try:
+            loss, _ = pipeline.progress(batches)
+            losses.append(float(loss))
+        except StopIteration:
+            break
+    speed = len(losses) * args.batch_size / (time.perf_counter() - start)
+    return losses, speed
+
+
+def shard(model: nn.Module, config: "recd_plugin.RecDConfig", args: argparse.Namespace,
+          inner: Optional[nn.Module] = None) -> Tuple[nn.Module, torch.optim.Optimizer]:
     """DistributedModelParallel with TorchRec's planner; the plugin's sharders and hints."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -138,7 +176,8 @@ def shard(model: nn.Module, config: "recd_plugin.RecDConfig",
     base = {c.name: ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"])
             for m in model.modules() if isinstance(m, EmbeddingBagCollection)
             for c in m.embedding_bag_configs() if c.embedding_dim % 4}
-    setup = sharding.for_dmp(model, config, args.batch_size, base_constraints=base, fused_params=fused)  # recd-plugin
+    # recd-plugin: for_dmp takes the model apply() converted (inside the pipeline's TrainStep)
+    setup = sharding.for_dmp(inner or model, config, args.batch_size, base_constraints=base, fused_params=fused)
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=dist.get_world_size(),
                                                          compute_device="cuda" if cuda else "cpu"),
                                        constraints=setup.constraints)

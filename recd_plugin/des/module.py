@@ -36,7 +36,7 @@ otherwise read another table's row of the shard's flattened weight).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -152,6 +152,19 @@ class InputCheck:
         self._left = left
 
 
+class _Operators(nn.ModuleDict):
+    """The named operators, applied together: ``forward(pooled, dense, keys) -> {name: [B, out]}``.
+
+    One module call, not one per operator, because of TorchRec's TrainPipelineSparseDist: when
+    TorchRec shards the inner ``ebc``, the pipeline fx-traces this module to reach it and treats
+    its other direct children as leaves; called as one leaf, the operators are not traced
+    into (their shape checks cannot run on symbolic values). A ``ModuleDict``, so parameter
+    names stay ``operators.<name>.<param>``."""
+
+    def forward(self, pooled: Any, dense: Optional[torch.Tensor], keys: Dict[str, List[str]]) -> Dict[str, torch.Tensor]:
+        return {name: op(pooled, dense=dense, keys=keys[name]) for name, op in self.items()}
+
+
 class DESEmbeddingOperators(nn.Module):
     """Tables (a TorchRec ``EmbeddingBagCollection``, attribute ``ebc``) + named operators.
 
@@ -172,7 +185,8 @@ class DESEmbeddingOperators(nn.Module):
         self.input_check = InputCheck(configs, verify_batches)
         self.ebc = (tables if isinstance(tables, EmbeddingBagCollection)
                     else EmbeddingBagCollection(tables=configs, device=device))
-        self.operators = nn.ModuleDict(operators)
+        self.operators = _Operators(operators)
+        self._keys = {name: [k for _, _, k in f] for name, f in self.fields.items()}
 
     @property
     def tables(self) -> List[EmbeddingBagConfig]:
@@ -183,5 +197,4 @@ class DESEmbeddingOperators(nn.Module):
         pooled = self.ebc(features)
         if isinstance(pooled, Awaitable):  # the ebc sharded by TorchRec returns a LazyAwaitable[KeyedTensor]
             pooled = pooled.wait()
-        return {name: op(pooled, dense=dense, keys=[k for _, _, k in self.fields[name]])
-                for name, op in self.operators.items()}
+        return self.operators(pooled, dense, self._keys)
