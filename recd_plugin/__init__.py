@@ -23,7 +23,9 @@ from recd_plugin import _fx_warning  # noqa: E402
 
 _fx_warning.install()  # torch.fx's is_fx_tracing notice is not for our users (see _fx_warning.py)
 
-from recd_plugin.config import ENV_VAR, DESConfig, FAEConfig, RecDConfig  # noqa: E402
+from recd_plugin.config import ENV_VAR, RecDConfig  # noqa: E402
+from recd_plugin.des.config import DESConfig  # noqa: E402
+from recd_plugin.fae.config import FAEConfig  # noqa: E402
 from recd_plugin.errors import (  # noqa: E402
     AnalyzeError,
     CheckpointError,

@@ -62,11 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"  group {g.name}: key={g.key or '(row content)'} features={list(g.features)}")
             for module, group in config.towers.items():
                 print(f"  tower {module} -> group {group}")
-            if config.fae is not None:
-                print(f"  fae: hot set {config.fae.hot_set}, tables {config.fae.tables or '(all of the hot set)'}, "
-                      f"window {config.fae.window}")
-            if config.des is not None:
-                print(f"  des: {config.des.sharding}, modules {config.des.modules or '(every DESEmbeddingOperators)'}")
+            for name, part in config.sections.items():
+                print(f"  {name}: {part.describe() if hasattr(part, 'describe') else part!r}")
         elif args.command == "preprocess":
             _preprocess(args)
         elif args.command == "profile":

@@ -1,10 +1,13 @@
 """The plugin's one flag: a ``RecDConfig`` read from a flag string, ``$RECD_PLUGIN`` or TOML.
 
-All three spell the same schema: plugin-wide settings, then a section per technique (RecD's
-``groups`` and ``towers``, ``fae``, ``des``), each one config type (the ``RecDConfig`` itself,
-:class:`FAEConfig`, :class:`DESConfig`) that ``recd_plugin.apply`` dispatches to the technique
-registered for it (``recd_plugin/technique.py``). In TOML (a file of its own, or a ``[recd]``
-table in your project's config)::
+All three spell the same schema: plugin-wide settings and RecD's ``groups`` and ``towers``, then
+a section per other technique (``fae``, ``des``), each one config type (the ``RecDConfig``
+itself, ``recd_plugin.FAEConfig``, ``recd_plugin.DESConfig``) that ``recd_plugin.apply``
+dispatches to the technique registered for it (``recd_plugin/technique.py``). This module
+knows no section: each technique's package registers its section name and config type
+(:func:`register_section`, called by ``register_technique``), so the flag grows with the
+techniques and a new one edits nothing here. In TOML (a file of its own, or a ``[recd]`` table
+in your project's config)::
 
     [recd]
     verify_batches = 1              # compare the first N batches' ids exactly (0 off, -1 all)
@@ -38,8 +41,10 @@ A ``pathlib.Path`` flag is read as a TOML file.
 
 Built in code, ``RecDConfig(groups=[FeatureGroup(...)], ...)`` is on (as a flag naming groups
 is) and checked by the same rules when built: a bad value raises ``ConfigError`` there, never
-at the first batch. ``RecDConfig()`` is off. ``FAEConfig(...)`` and ``DESConfig(...)`` are on
-when built and may be given to ``apply`` alone (torchao's ``quantize_(model, config)`` style).
+at the first batch. ``RecDConfig()`` is off. A section is a keyword named after it
+(``RecDConfig(fae=FAEConfig(...))``) and read back the same way (``config.fae``: None when
+absent). ``FAEConfig(...)`` and ``DESConfig(...)`` are on when built and may be given to
+``apply`` alone (torchao's ``quantize_(model, config)`` style).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from recd_plugin.errors import ConfigError, DedupSpecError, did_you_mean
 from recd_plugin.sparse.ikjt import DedupSpec, FeatureGroup
@@ -60,23 +65,50 @@ except ImportError:  # Python 3.10
 
 ENV_VAR = "RECD_PLUGIN"
 _OFF = {"", "0", "off", "false", "no", "none"}
-_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "fae", "des", "probe_batches"}
-_FAE_KEYS = {"hot_set", "tables", "window", "force_layout"}
-_DES_KEYS = {"modules", "sharding"}
-_DES_SHARDING = ("table_wise", "row_wise")
+_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "probe_batches"}
 _GROUP_KEYS = {"key", "features"}
 _INT = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() also passes '²' and '--5' to int()
 
+#: section name -> config type, filled by the techniques' packages (``register_section``).
+SECTIONS: Dict[str, type] = {}
 
-@dataclass
+
+def register_section(name: str, config_type: type) -> None:
+    """Make ``name`` a section of the flag, parsed into ``config_type``: its classmethod
+    ``from_dict(table)`` if it has one, else ``config_type(**table)``. Refuses a name that is
+    a plugin-wide key or a section already registered for another type."""
+    if name in _TOP_KEYS or name == "sections":
+        raise ConfigError(f"flag section {name!r} would shadow the plugin-wide key {name!r}; pick another name")
+    if SECTIONS.get(name, config_type) is not config_type:
+        raise ConfigError(f"flag section {name!r} is already registered for {SECTIONS[name].__name__}")
+    SECTIONS[name] = config_type
+
+
+def unregister_section(name: str) -> None:
+    SECTIONS.pop(name, None)
+
+
+def section_of(config: Any) -> Optional[str]:
+    """The section name registered for ``type(config)`` (or a base class of it), else None."""
+    for base in type(config).__mro__:
+        for name, t in SECTIONS.items():
+            if t is base:
+                return name
+    return None
+
+
+@dataclass(init=False)
 class RecDConfig:
     """Everything the plugin needs; ``RecDConfig()`` is the plugin switched off.
 
-    Every field is checked when the config is built (``ConfigError`` naming the field and the
-    fix); an enabled config also passes :meth:`validate`.
+    ``RecDConfig(enabled=None, groups=(), towers=None, verify_batches=1, in_workers=True,
+    probe_batches=4, sharded=None, sections=None, **named_sections)``: a technique's section is
+    given by its name (``fae=FAEConfig(...)``) or in ``sections``. Every field is checked when
+    the config is built (``ConfigError`` naming the field and the fix); an enabled config also
+    passes :meth:`validate`.
     """
 
-    #: None: on when ``groups`` or ``fae`` is given (as a flag that names them is), else off.
+    #: None: on when ``groups`` or a section is given (as a flag that names them is), else off.
     enabled: Optional[bool] = None
     groups: List[FeatureGroup] = field(default_factory=list)
     towers: Dict[str, str] = field(default_factory=dict)
@@ -89,24 +121,47 @@ class RecDConfig:
     #: modules (DMP's default sharders shard only their exact types), feed them aligned IKJTs
     #: and gather their outputs. None: decide at ``apply`` time (see ``is_sharded``).
     sharded: Optional[bool] = None
-    #: FAE: hot rows in fast memory (see :class:`FAEConfig`); None: off.
-    fae: Optional["FAEConfig"] = None
-    #: DES: the model's DES operator modules sharded the DES way (see :class:`DESConfig`); None: off.
-    des: Optional["DESConfig"] = None
+    #: {section name: that technique's config}, e.g. ``{"fae": FAEConfig(...)}``; read one as
+    #: ``config.fae`` (None when absent).
+    sections: Dict[str, Any] = field(default_factory=dict)
     #: Set by ``apply``: u per group its probe measured (summed over ranks); the planner hints
     #: of ``recd_plugin.sharding.for_dmp`` read it instead of measuring again.
     probed_unique_fraction: Dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __init__(self, enabled: Optional[bool] = None, groups: Sequence[FeatureGroup] = (),
+                 towers: Optional[Mapping[str, str]] = None, verify_batches: int = 1, in_workers: bool = True,
+                 probe_batches: int = 4, sharded: Optional[bool] = None,
+                 sections: Optional[Mapping[str, Any]] = None, **named_sections: Any) -> None:
+        self.enabled, self.groups, self.towers = enabled, groups, towers if towers is not None else {}
+        self.verify_batches, self.in_workers, self.probe_batches, self.sharded = (
+            verify_batches, in_workers, probe_batches, sharded)
+        if sections is not None and not isinstance(sections, Mapping):
+            raise ConfigError(f"RecDConfig.sections must map section names to configs, got {sections!r}")
+        merged = dict(sections or {})
+        for name, part in named_sections.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"RecDConfig got an unknown section or field {name!r}"
+                                  f"{did_you_mean(name, sorted(SECTIONS))}; sections: {sorted(SECTIONS)}")
+            if part is not None:
+                merged[name] = part
+        self.sections = {k: v for k, v in merged.items() if v is not None}
+        self.probed_unique_fraction = {}
         # Why here and not only in the parsers: a config built in code used to skip every
         # check (verify_batches='x' failed at the first batch) and stayed off with groups.
         if self.enabled is None:
-            self.enabled = bool(self.groups) or self.fae is not None or self.des is not None
+            self.enabled = bool(self.groups) or bool(self.sections)
         if self.enabled:
             self.validate()
         else:
             self._check_fields()
         self.groups, self.towers = list(self.groups), dict(self.towers)
+
+    def __getattr__(self, name: str) -> Any:
+        # ``config.fae``: a registered section not given reads as None (only called when the
+        # normal lookup fails, so fields and methods are unaffected).
+        if not name.startswith("__") and name != "sections" and name in SECTIONS:
+            return self.__dict__.get("sections", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def is_sharded(self) -> bool:
         """``sharded``, or when unset: does this process run under torch.distributed (initialized,
@@ -131,11 +186,11 @@ class RecDConfig:
 
     def parts(self) -> List[Any]:
         """The technique configs this flag switches on, one per section: the RecD groups
-        (this config itself, when it names groups), ``fae``, ``des``. ``recd_plugin.apply``
+        (this config itself, when it names groups), then every section. ``recd_plugin.apply``
         builds the technique registered for each part's type (``recd_plugin/technique.py``)."""
         if not self.enabled:
             return []
-        return ([self] if self.groups else []) + [p for p in (self.fae, self.des) if p is not None]
+        return ([self] if self.groups else []) + list(self.sections.values())
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -220,7 +275,7 @@ class RecDConfig:
                 f"recd config must be a table of settings, got {type(data).__name__} {data!r}; write "
                 "[recd] followed by e.g. groups.user.features = [\"user_id\"] (see docs/recd.md)"
             )
-        _no_unknown(data, _TOP_KEYS, "recd")
+        check_keys(data, _TOP_KEYS | set(SECTIONS), "recd")
         groups_data = data.get("groups", {})
         if not isinstance(groups_data, Mapping):
             raise ConfigError("recd 'groups' must be a table of groups: groups.<name>.features = [...]")
@@ -228,7 +283,7 @@ class RecDConfig:
         for name, g in groups_data.items():
             if not isinstance(g, Mapping):
                 raise ConfigError(f"recd group {name!r} must be a table with 'features' and optional 'key'")
-            _no_unknown(g, _GROUP_KEYS, f"recd group {name!r}")
+            check_keys(g, _GROUP_KEYS, f"recd group {name!r}")
             features = g.get("features", [])
             features = [features] if isinstance(features, str) else features
             key = g.get("key")
@@ -252,8 +307,7 @@ class RecDConfig:
             in_workers=data.get("in_workers", True),
             probe_batches=data.get("probe_batches", 4),
             sharded=data.get("sharded"),
-            fae=FAEConfig.from_dict(data["fae"]) if "fae" in data else None,
-            des=DESConfig.from_dict(data["des"]) if "des" in data else None,
+            sections={name: _section_from_dict(name, data[name]) for name in data if name in SECTIONS},  # flag order
         )
 
     def _check_fields(self) -> None:
@@ -280,22 +334,25 @@ class RecDConfig:
         if self.sharded is not None and not isinstance(self.sharded, bool):
             raise ConfigError("recd 'sharded' must be true or false (omit it: decided from torch.distributed), "
                               f"got {self.sharded!r}")
-        if self.fae is not None and not isinstance(self.fae, FAEConfig):
-            raise ConfigError(f"RecDConfig.fae must be an FAEConfig or None, got {self.fae!r}; "
-                              "e.g. fae=FAEConfig(hot_set='out/hot.npz')")
-        if self.des is not None and not isinstance(self.des, DESConfig):
-            raise ConfigError(f"RecDConfig.des must be a DESConfig or None, got {self.des!r}; "
-                              "e.g. des=DESConfig(modules=['sparse'])")
+        for name, part in self.sections.items():
+            want = SECTIONS.get(name)
+            if want is None:
+                raise ConfigError(f"RecDConfig: unknown section {name!r}{did_you_mean(name, sorted(SECTIONS))}; "
+                                  f"sections: {sorted(SECTIONS)}")
+            if not isinstance(part, want):
+                example = getattr(want, "EXAMPLE", f"{want.__name__}(...)")
+                raise ConfigError(f"RecDConfig.{name} must be an instance of {want.__name__} or None, got {part!r}; "
+                                  f"e.g. {name}={example}")
 
     def validate(self) -> None:
         """Checks that need no model: fields well typed, groups exist, are disjoint, and
         towers name them."""
         self._check_fields()
-        if not self.groups and self.fae is None and self.des is None:
+        if not self.groups and not self.sections:
             raise ConfigError(
-                "recd is on but names no feature group, no fae hot set and no des section; add one, e.g. "
-                "'groups.user.key=session_id; groups.user.features=user_id,history', 'fae.hot_set=out/hot.npz' "
-                "or 'des.sharding=table_wise'"
+                "recd is on but names no feature group and no technique section; add one, e.g. "
+                "'groups.user.key=session_id; groups.user.features=user_id,history', or a section "
+                f"of {sorted(SECTIONS)} (e.g. 'fae.hot_set=out/hot.npz' or 'des.sharding=table_wise')"
             )
         try:
             spec = self.spec
@@ -310,100 +367,18 @@ class RecDConfig:
                 )
 
 
-@dataclass
-class FAEConfig:
-    """FAE's part of the flag: ``fae.hot_set`` (the ``.npz`` written by ``recd-plugin
-    profile``), optional ``fae.tables`` (a subset of its tables), ``fae.window`` (regroup
-    samples into all-hot and mixed batches within this many batches; 0 classifies only) and
-    ``fae.force_layout`` (build the hot/cold layout even where it cannot pay: tables on a cpu
-    model have no faster tier for the hot rows, so without it FAE leaves them as they are)."""
-
-    hot_set: str
-    tables: Optional[List[str]] = None
-    window: int = 0
-    force_layout: bool = False
-    #: The ``HotSet`` once read (``recd_plugin.fae.technique.load_hot_set``: FAE reads it, the
-    #: config only names it, so this layer never imports FAE).
-    _loaded: Any = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.hot_set, (str, os.PathLike)) or not str(self.hot_set):
-            raise ConfigError("recd fae needs 'hot_set': the .npz written by `recd-plugin profile ... --out DIR`, "
-                              f"got {self.hot_set!r}")
-        self.hot_set = os.fspath(self.hot_set)
-        if isinstance(self.tables, str):
-            self.tables = [self.tables]
-        if self.tables is not None and not (isinstance(self.tables, (list, tuple))
-                                            and all(isinstance(t, str) for t in self.tables)):
-            raise ConfigError(f"recd fae 'tables' must be a list of table names, got {self.tables!r}")
-        if self.tables is not None:
-            self.tables = list(self.tables)
-        window = self.window
-        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-            raise ConfigError(f"recd fae 'window' must be an integer >= 0 (0: classify batches only), got {window!r}")
-        if not isinstance(self.force_layout, bool):
-            raise ConfigError(f"recd fae 'force_layout' must be true or false, got {self.force_layout!r}")
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "FAEConfig":
-        if not isinstance(data, Mapping):
-            raise ConfigError("recd 'fae' must be a table: fae.hot_set = \"out/hot.npz\"")
-        _no_unknown(data, _FAE_KEYS, "recd fae")
-        if not isinstance(data.get("hot_set"), str):  # a TOML path is a string (no PathLike here)
-            raise ConfigError("recd fae needs 'hot_set': the .npz written by `recd-plugin profile ... --out DIR`")
-        return cls(hot_set=data["hot_set"], tables=data.get("tables"), window=data.get("window", 0),
-                   force_layout=data.get("force_layout", False))
-
-
-@dataclass
-class DESConfig:
-    """DES's part of the flag: ``des.modules`` (paths of the model's
-    ``recd_plugin.des.DESEmbeddingOperators``; default: every one) and ``des.sharding``
-    (``table_wise``, the default, or ``row_wise``: how the planner may shard their tables).
-
-    Unsharded, DES operators are their plain math and nothing changes; under
-    ``DistributedModelParallel`` the named modules are sharded the DES way (each rank computes
-    the operators' partial results on the rows it owns; only partials cross the network):
-    ``recd_plugin.sharding.for_dmp`` adds DES's sharder and the planner constraints."""
-
-    modules: Optional[List[str]] = None
-    sharding: str = "table_wise"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.modules, str):
-            self.modules = [self.modules]
-        if self.modules is not None and not (isinstance(self.modules, (list, tuple)) and self.modules
-                                             and all(isinstance(m, str) and m for m in self.modules)):
-            raise ConfigError(f"recd des 'modules' must be a non-empty list of module paths, got {self.modules!r}; "
-                              "e.g. des.modules = [\"sparse\"] (omit it: every DESEmbeddingOperators of the model)")
-        if self.modules is not None:
-            self.modules = list(self.modules)
-        if self.sharding not in _DES_SHARDING:
-            raise ConfigError(f"recd des 'sharding' must be one of {list(_DES_SHARDING)}, got {self.sharding!r}"
-                              f"{did_you_mean(str(self.sharding), list(_DES_SHARDING))}")
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "DESConfig":
-        if data is True:  # `des = true` in TOML: DES on, defaults
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError("recd 'des' must be a table: des.sharding = \"table_wise\" (or des = true)")
-        _no_unknown(data, _DES_KEYS, "recd des")
-        return cls(modules=data.get("modules"), sharding=data.get("sharding", "table_wise"))
-
-
 def as_flag(config: Any) -> RecDConfig:
     """The whole flag for ``config``: a ``RecDConfig`` as it is; one technique's config alone
     (``FAEConfig``, ``DESConfig``: torchao style, the type says which technique) as a flag
     holding only that section."""
     if isinstance(config, RecDConfig):
         return config
-    if isinstance(config, FAEConfig):
-        return RecDConfig(fae=config)
-    if isinstance(config, DESConfig):
-        return RecDConfig(des=config)
-    raise ConfigError(f"recd-plugin takes a RecDConfig (the flag: RecDConfig.load(...)), an FAEConfig or a "
-                      f"DESConfig, got {type(config).__name__} {config!r}")
+    name = section_of(config)
+    if name is not None:
+        return RecDConfig(sections={name: config})
+    raise ConfigError(f"recd-plugin takes a RecDConfig (the flag: RecDConfig.load(...)) or one technique's "
+                      f"config ({', '.join(t.__name__ for t in SECTIONS.values())}), got "
+                      f"{type(config).__name__} {config!r}")
 
 
 def verify_step(left: int) -> Tuple[bool, int]:
@@ -425,7 +400,20 @@ def _parse_value(value: str) -> Any:
 _TOWERS_HELP = "recd 'towers' must map module paths to group names: towers.user_tower = \"user\""
 
 
-def _no_unknown(data: Mapping[str, Any], allowed: set, where: str) -> None:
+def _section_from_dict(name: str, data: Any) -> Any:
+    config_type = SECTIONS[name]
+    if hasattr(config_type, "from_dict"):
+        return config_type.from_dict(data)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"recd '{name}' must be a table of settings, got {data!r}")
+    try:
+        return config_type(**data)
+    except TypeError as e:
+        raise ConfigError(f"recd {name}: {e}") from None
+
+
+def check_keys(data: Mapping[str, Any], allowed: set, where: str) -> None:
+    """Refuse a key not in ``allowed``, naming the closest allowed one (a section's parser uses it too)."""
     for k in data:
         if k not in allowed:
             raise ConfigError(f"{where}: unknown key {k!r}{did_you_mean(k, sorted(allowed))}; allowed: {sorted(allowed)}")

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar
 
 from torch import nn
 
 from recd_plugin._ranks import say
-from recd_plugin.config import DESConfig, FAEConfig, RecDConfig, as_flag
+from recd_plugin.config import RecDConfig, as_flag
 from recd_plugin.des.technique import DES
 from recd_plugin.errors import UnsupportedModelError
 from recd_plugin.fae.technique import FAE
@@ -41,7 +41,7 @@ from recd_plugin.transforms.dedup import builds_in_workers, plain_loader
 #: The built-in techniques: each registered itself when imported (recd_plugin/technique.py).
 BUILT_IN = (FAE, RecD, DES)
 M = TypeVar("M", bound=nn.Module)
-Config = Union[RecDConfig, FAEConfig, DESConfig]
+Config = Any  # a RecDConfig (the flag) or one registered technique's config (FAEConfig, DESConfig, ...)
 _UNDO: "weakref.WeakKeyDictionary[nn.Module, Callable[[], None]]" = weakref.WeakKeyDictionary()
 
 

@@ -16,7 +16,9 @@ sharding decided once and passed in, and runs, in the techniques' declared ``ord
    extra sharders and ``ParameterConstraints`` that ``recd_plugin.sharding.for_dmp`` merges
    into what it gives DMP and the planner (a field the user set always wins).
 
-A new technique is a config type, a section name in the flag, and one registered class::
+A new technique is a config type and one registered class; its ``name`` becomes the flag's
+section (``mine.key=value``, ``[recd.mine]``), parsed by the config type's ``from_dict`` (or
+its keyword arguments) and read back as ``flag.mine``::
 
     from recd_plugin.technique import Technique, register_technique
 
@@ -42,7 +44,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, T
 
 from torch import nn
 
-from recd_plugin.config import RecDConfig
+from recd_plugin.config import RecDConfig, register_section, unregister_section
 from recd_plugin.errors import ConfigError
 
 Undo = Callable[[], None]
@@ -125,6 +127,8 @@ def register_technique(cls: Type[T]) -> Type[T]:
                 f"technique {cls.name!r} ({cls.config_type.__name__}) is already registered by "
                 f"{other.__module__}.{other.__qualname__}; pick another name / config type, or "
                 f"unregister_technique({other.name!r}) first")
+    if cls.config_type is not RecDConfig:  # RecD's groups and towers are the flag's own keys
+        register_section(cls.name, cls.config_type)  # the flag's section: `name.key=value`, [recd.name]
     TECHNIQUES[cls.config_type] = cls
     ranked = sorted(TECHNIQUES.items(), key=lambda item: item[1].order)  # stable: ties keep registration order
     TECHNIQUES.clear()
@@ -137,6 +141,7 @@ def unregister_technique(name: str) -> None:
     for config_type, cls in list(TECHNIQUES.items()):
         if cls.name == name:
             del TECHNIQUES[config_type]
+            unregister_section(name)
             return
     raise KeyError(f"no technique {name!r}; registered: {[c.name for c in TECHNIQUES.values()]}")
 

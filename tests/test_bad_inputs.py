@@ -49,7 +49,7 @@ from recd_plugin import (
     expand,
     inverse_index,
 )
-from recd_plugin.config import FAEConfig
+from recd_plugin.fae.config import FAEConfig
 from recd_plugin.technique import TECHNIQUES
 from recd_plugin.fae.hotset import HotSet, TableShape
 from recd_plugin.modules import recd as recd_technique
@@ -517,7 +517,7 @@ def test_config_built_with_groups_switches_the_plugin_on() -> None:
     (lambda: RecDConfig(groups=[USER_GROUP], towers={"user_tower": "usr"}), r"reads group 'usr'.*did you mean 'user'"),
     (lambda: RecDConfig(groups=[USER_GROUP, FeatureGroup("s", ["history"])]), r"'history' is in groups"),
     (lambda: RecDConfig(enabled=True), r"names no feature group"),
-    (lambda: RecDConfig(groups=[USER_GROUP], fae="hot.npz"), r"fae must be an FAEConfig.*FAEConfig\(hot_set="),
+    (lambda: RecDConfig(groups=[USER_GROUP], fae="hot.npz"), r"fae must be an instance of FAEConfig.*FAEConfig\(hot_set="),
     (lambda: FAEConfig(hot_set=5), r"fae needs 'hot_set'"),
     (lambda: FAEConfig(hot_set="h.npz", window=-1), r"fae 'window' must be an integer >= 0"),
     (lambda: FAEConfig(hot_set="h.npz", tables=[1]), r"fae 'tables' must be a list of table names"),

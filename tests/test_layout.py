@@ -233,7 +233,7 @@ def test_techniques_run_in_declared_order_whoever_registers_them() -> None:
     the order is declared, not the order of imports; dispatch is by config type."""
     from dataclasses import dataclass
 
-    from recd_plugin.config import DESConfig, FAEConfig, RecDConfig
+    from recd_plugin import DESConfig, FAEConfig, RecDConfig
     from recd_plugin.technique import TECHNIQUES, Technique, register_technique, technique_for, unregister_technique
 
     assert [c.name for c in TECHNIQUES.values()] == ["fae", "recd", "des"]

@@ -63,6 +63,56 @@ def _batch(seed: int, batch: int = 6) -> Batch:
     return Batch(dense_features=torch.zeros(batch, 1), sparse_features=kjt, labels=torch.zeros(batch))
 
 
+# -- sections come from the registered techniques ------------------------------------------
+
+def test_a_new_technique_gets_its_flag_section_without_editing_the_flag_code(tmp_path: Path) -> None:
+    """Registering a technique makes its name a section of the flag (string, TOML, code,
+    ``as_flag``), parsed into its config type; unregistering removes it again."""
+    import dataclasses
+    import pickle
+
+    from recd_plugin.config import SECTIONS, as_flag
+    from recd_plugin.technique import register_technique, unregister_technique
+
+    @dataclasses.dataclass
+    class PinConfigX:
+        table: str = "t"
+        rows: int = 1
+
+    class Pin(Technique):
+        config_type, name, order = PinConfigX, "pin", 40
+
+    with pytest.raises(ConfigError, match="unknown key 'pin'"):
+        RecDConfig.from_string("pin.table=t_a")
+    register_technique(Pin)
+    try:
+        flag = RecDConfig.from_string("pin.table=t_a; pin.rows=3; des.sharding=row_wise")
+        assert flag.enabled and flag.pin == PinConfigX("t_a", 3) and flag.des == DESConfig(sharding="row_wise")
+        assert flag.fae is None and flag.parts() == [PinConfigX("t_a", 3), DESConfig(sharding="row_wise")]
+        (tmp_path / "f.toml").write_text('[recd.pin]\ntable = "t_b"\n')
+        assert RecDConfig.from_toml(tmp_path / "f.toml").pin == PinConfigX("t_b")
+        assert RecDConfig(pin=PinConfigX()).parts() == [PinConfigX()] == as_flag(PinConfigX()).parts()
+        with pytest.raises(ConfigError, match="recd pin: .*unexpected keyword argument 'colour'"):
+            RecDConfig.from_string("pin.colour=red")
+        assert dataclasses.replace(flag, sharded=True).pin == PinConfigX("t_a", 3)  # as apply decides sharding
+    finally:
+        unregister_technique("pin")
+    assert "pin" not in SECTIONS
+    both = RecDConfig.from_string("des.sharding=row_wise; fae.hot_set=h.npz")
+    assert pickle.loads(pickle.dumps(both)) == both and pickle.loads(pickle.dumps(both)).fae.hot_set == "h.npz"  # workers
+    with pytest.raises(ConfigError, match="unknown section or field 'pin'"):
+        RecDConfig(pin=PinConfigX())
+
+
+def test_a_section_may_not_shadow_a_plugin_wide_key() -> None:
+    from recd_plugin.config import register_section
+
+    with pytest.raises(ConfigError, match="shadow the plugin-wide key 'towers'"):
+        register_section("towers", DESConfig)
+    with pytest.raises(ConfigError, match="'des' is already registered for DESConfig"):
+        register_section("des", FAEConfig)
+
+
 # -- the flag's des section ----------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, config", [
@@ -95,7 +145,7 @@ def test_bad_des_sections_are_refused_naming_the_fix(flag: str, match: str) -> N
 def test_a_des_config_built_in_code_is_checked() -> None:
     with pytest.raises(ConfigError, match="non-empty list of module paths"):
         DESConfig(modules=[])
-    with pytest.raises(ConfigError, match="must be a DESConfig"):
+    with pytest.raises(ConfigError, match="must be an instance of DESConfig"):
         RecDConfig(des={"sharding": "table_wise"})  # type: ignore[arg-type]
 
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from recd_plugin.config import DESConfig
+from recd_plugin.des.config import DESConfig
 from recd_plugin.des.module import DESEmbeddingOperators
 from recd_plugin.errors import UnsupportedModelError, did_you_mean
 from recd_plugin.technique import PlannerHints, Technique, register_technique

@@ -23,7 +23,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recd_plugin._ranks import say
-from recd_plugin.config import FAEConfig
+from recd_plugin.fae.config import FAEConfig
 from recd_plugin.errors import UnsupportedModelError, did_you_mean
 from recd_plugin.fae.hints import hot_set_constraints
 from recd_plugin.fae.hotcold import HotColdEmbeddingBagCollection, convert_hot_cold, ebc_tables

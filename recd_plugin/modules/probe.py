@@ -295,7 +295,7 @@ def keep_groups(config: Any, decisions: List[GroupDecision]) -> Any:
     groups = [g for g in config.groups if g.name in kept]
     return dataclasses.replace(
         config,
-        enabled=config.enabled and bool(groups or config.fae is not None or config.des is not None),  # nothing: off
+        enabled=config.enabled and bool(groups or config.sections),  # no group and no other technique: off
         groups=groups,
         towers={m: g for m, g in config.towers.items() if g in kept},
     )
