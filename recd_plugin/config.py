@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -77,8 +77,12 @@ def register_section(name: str, config_type: type) -> None:
     """Make ``name`` a section of the flag, parsed into ``config_type``: its classmethod
     ``from_dict(table)`` if it has one, else ``config_type(**table)``. Refuses a name that is
     a plugin-wide key or a section already registered for another type."""
-    if name in _TOP_KEYS or name == "sections":
-        raise ConfigError(f"flag section {name!r} would shadow the plugin-wide key {name!r}; pick another name")
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+        raise ConfigError(f"flag section name {name!r} must be a Python identifier not starting with '_' "
+                          "(it is written `name.key=value` in a flag and read back as config.name)")
+    if name in _TOP_KEYS or name in {f.name for f in fields(RecDConfig)} or hasattr(RecDConfig, name):
+        raise ConfigError(f"flag section {name!r} would shadow the plugin-wide key or RecDConfig attribute {name!r}; "
+                          "pick another name")
     if SECTIONS.get(name, config_type) is not config_type:
         raise ConfigError(f"flag section {name!r} is already registered for {SECTIONS[name].__name__}")
     SECTIONS[name] = config_type
@@ -142,8 +146,7 @@ class RecDConfig:
             if name not in SECTIONS:
                 raise ConfigError(f"RecDConfig got an unknown section or field {name!r}"
                                   f"{did_you_mean(name, sorted(SECTIONS))}; sections: {sorted(SECTIONS)}")
-            if part is not None:
-                merged[name] = part
+            merged[name] = part  # None: that section off (dataclasses.replace(cfg, fae=None))
         self.sections = {k: v for k, v in merged.items() if v is not None}
         self.probed_unique_fraction = {}
         # Why here and not only in the parsers: a config built in code used to skip every
@@ -155,6 +158,18 @@ class RecDConfig:
         else:
             self._check_fields()
         self.groups, self.towers = list(self.groups), dict(self.towers)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``config.fae = FAEConfig(...)`` edits the section (None removes it), as it did when
+        # sections were fields; a plain attribute would shadow it and apply would never see it.
+        if name in SECTIONS:
+            sections = self.__dict__.setdefault("sections", {})
+            if value is None:
+                sections.pop(name, None)
+            else:
+                sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
         # ``config.fae``: a registered section not given reads as None (only called when the
@@ -335,6 +350,8 @@ class RecDConfig:
             raise ConfigError("recd 'sharded' must be true or false (omit it: decided from torch.distributed), "
                               f"got {self.sharded!r}")
         for name, part in self.sections.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"RecDConfig.sections keys must be section names {sorted(SECTIONS)}, got {name!r}")
             want = SECTIONS.get(name)
             if want is None:
                 raise ConfigError(f"RecDConfig: unknown section {name!r}{did_you_mean(name, sorted(SECTIONS))}; "

@@ -104,13 +104,35 @@ def test_a_new_technique_gets_its_flag_section_without_editing_the_flag_code(tmp
         RecDConfig(pin=PinConfigX())
 
 
-def test_a_section_may_not_shadow_a_plugin_wide_key() -> None:
-    from recd_plugin.config import register_section
+@pytest.mark.parametrize("name, match", [
+    ("towers", "shadow the plugin-wide key"), ("parts", "shadow"), ("spec", "shadow"),
+    ("probed_unique_fraction", "shadow"), ("a.b", "identifier"), ("_hidden", "identifier"),
+    ("des", "'des' is already registered for DESConfig"),
+])
+def test_a_section_name_must_be_readable_back_and_unique(name: str, match: str) -> None:
+    from recd_plugin.config import SECTIONS, register_section
 
-    with pytest.raises(ConfigError, match="shadow the plugin-wide key 'towers'"):
-        register_section("towers", DESConfig)
-    with pytest.raises(ConfigError, match="'des' is already registered for DESConfig"):
-        register_section("des", FAEConfig)
+    with pytest.raises(ConfigError, match=match):
+        register_section(name, FAEConfig)
+    assert SECTIONS["des"] is DESConfig and SECTIONS["fae"] is FAEConfig
+
+
+def test_a_section_is_edited_through_its_name() -> None:
+    """``config.des = ...`` and ``replace(config, fae=None)`` change what apply runs, as they
+    did when sections were fields."""
+    import dataclasses
+
+    fae = FAEConfig(hot_set="h.npz")
+    config = RecDConfig(fae=fae)
+    config.des = DESConfig()
+    assert config.sections == {"fae": fae, "des": DESConfig()} and config.parts() == [fae, DESConfig()]
+    config.des = None
+    assert config.des is None and config.parts() == [fae]
+    both = RecDConfig(fae=fae, des=DESConfig())
+    assert dataclasses.replace(both, fae=None).parts() == [DESConfig()]
+    assert RecDConfig(sections={"fae": fae}, fae=None).enabled is False  # the keyword wins: off
+    with pytest.raises(ConfigError, match="keys must be section names"):
+        RecDConfig(sections={1: DESConfig()})  # type: ignore[dict-item]
 
 
 # -- the flag's des section ----------------------------------------------------------------
