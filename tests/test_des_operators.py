@@ -156,3 +156,23 @@ def test_shape_and_configuration_mismatches_are_clear() -> None:
     with pytest.raises(DESError, match=r"names no tables"):
         DESEmbeddingOperators(_tables(), {"fm": FactorizationMachine()})
     assert issubclass(DESError, RecDError) and issubclass(DESError, ValueError)
+
+
+def test_pipeline_stage_inputs_record_every_tensor_on_the_pipelines_stream(monkeypatch) -> None:
+    """TrainPipelineSparseDist calls record_stream on a pipelined module's context and
+    input-dist result when it moves them across CUDA streams (not on CPU, so the 2-rank gloo
+    tests never reach it): every tensor inside must be recorded, or the allocator could reuse
+    its memory while the compute stream still reads it."""
+    from recd_plugin.des.sharded import _Context, _Exchanged
+
+    recorded = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: recorded.append((id(t), stream)))
+    lengths = [[torch.tensor([1, 2]), torch.tensor([0])], [torch.tensor([3])]]
+    values = [[torch.tensor([5, 6, 7]), torch.tensor([], dtype=torch.long)], [torch.tensor([1, 2, 3])]]
+    _Exchanged(([2, 1], lengths, values)).record_stream("s1")
+    want = {id(t) for slot in lengths + values for t in slot}
+    assert {i for i, s in recorded if s == "s1"} == want and len(recorded) == len(want)
+    recorded.clear()
+    ctx = _Context(dense=torch.ones(2, 3), batch_sizes=[2, 1], synced={"op.bias": torch.zeros(1)})
+    ctx.record_stream("s2")
+    assert {i for i, _ in recorded} == {id(ctx["dense"]), id(ctx["synced"]["op.bias"])}

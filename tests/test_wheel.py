@@ -5,8 +5,8 @@ The wheel must carry every package of ``recd_plugin`` (pyproject.toml lists them
 published benchmark results that ``recd-plugin analyze`` compares with, and the example
 models the benchmarks train (``examples/`` as ``recd_plugin/bench/examples/``), and nothing
 of the repository's tooling (``tools/``, ``tests/``, ``docs/``). Built with
-``--no-build-isolation`` (no network: the venv's setuptools) from a copy of the tracked tree,
-so a stale ``build/`` folder cannot add files.
+``--no-build-isolation`` (no network: the venv's setuptools) from a copy of the tree with
+build outputs and caches left out, so a stale ``build/`` folder cannot add files.
 """
 
 from __future__ import annotations

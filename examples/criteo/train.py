@@ -60,7 +60,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--losses", type=Path, default=None, help="write the per-step losses here (one per line)")
     p.add_argument("--pipeline", action="store_true",
                    help="sharded: train with TorchRec's TrainPipelineSparseDist (input all-to-alls one batch ahead)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.pipeline and "LOCAL_RANK" not in os.environ:
+        p.error("--pipeline trains the sharded model: launch with torchrun (or TorchX)")
+    return args
 
 
 def batches(args: argparse.Namespace, rank: int = 0) -> DataLoader:
@@ -149,10 +152,12 @@ def train_pipelined(args: argparse.Namespace, model: nn.Module, loader, config: 
     while True:
         try:
             loss, _ = pipeline.progress(batches)
-            losses.append(float(loss))
         except StopIteration:
             break
-    speed = len(losses) * args.batch_size / (time.perf_counter() - start)
+        losses.append(float(loss))
+        if len(losses) == 2:  # after warm-up and the pipeline's fill, as the loop measures
+            start = time.perf_counter()
+    speed = max(len(losses) - 2, 0) * args.batch_size / (time.perf_counter() - start)
     return losses, speed
 
 

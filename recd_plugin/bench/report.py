@@ -103,7 +103,8 @@ def publish(name: str, markdown: str, result: Dict[str, Any], json_path: Optiona
 def load_example(relative: str, module_name: str) -> Any:
     """Import an example model file (``examples/...``) as a module: the source checkout's, or
     the copy an installed wheel carries in ``recd_plugin/bench/examples/`` (pyproject.toml maps
-    the folder there), so the benchmarks run from a plain ``pip install`` too."""
+    the folder there), so the benchmarks run from a plain ``pip install`` too. Loaded by path,
+    not imported by package name: an editable install does not map that package."""
     import importlib.util
 
     inside = relative.split("/", 1)[1]  # "movielens/model.py"

@@ -66,11 +66,12 @@ class _SyncGrads(torch.autograd.Function):
     def forward(ctx: Any, group: Optional[dist.ProcessGroup], divisors: Tuple[float, ...], *params: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         ctx.group, ctx.divisors = group, divisors
         ctx.shapes = [p.shape for p in params]
+        ctx.device = params[0].device if params else torch.device("cpu")
         return tuple(p.view_as(p) for p in params)
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> Tuple[Any, ...]:
-        flat = torch.cat([(g if g is not None else torch.zeros(s)).reshape(-1) for g, s in zip(grads, ctx.shapes)])
+        flat = torch.cat([(g if g is not None else torch.zeros(s, device=ctx.device)).reshape(-1) for g, s in zip(grads, ctx.shapes)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
         out, i = [], 0
         for s, d in zip(ctx.shapes, ctx.divisors):
@@ -108,7 +109,7 @@ def exchange_ids(lengths: torch.Tensor, values: Sequence[torch.Tensor], slots_pe
     ``recv_lengths[j][s]`` and ``recv_values[j][s]`` are slot j's bags of source s's samples.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    batch = lengths.shape[1]
+    batch, device = lengths.shape[1], lengths.device  # every tensor made here on the input's device (NCCL: CUDA)
     send_len: List[List[torch.Tensor]] = []
     send_val: List[List[torch.Tensor]] = []
     for s in range(world):
@@ -120,13 +121,13 @@ def exchange_ids(lengths: torch.Tensor, values: Sequence[torch.Tensor], slots_pe
             else:  # row-wise: keep the ids of this row range, count them per sample
                 v = values[f]
                 keep = (v >= lo) & (v < hi)
-                sample = torch.repeat_interleave(torch.arange(batch), lengths[f].long(), output_size=v.numel())
-                ls.append(torch.zeros(batch, dtype=torch.long).index_add_(0, sample, keep.long()))
+                sample = torch.repeat_interleave(torch.arange(batch, device=device), lengths[f].long(), output_size=v.numel())
+                ls.append(torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, sample, keep.long()))
                 vs.append(v[keep] - lo)
         send_len.append(ls)
         send_val.append(vs)
     n_vals = [sum(int(v.numel()) for v in vs) for vs in send_val]
-    meta = torch.tensor([[batch, n] for n in n_vals], dtype=torch.long).reshape(-1)
+    meta = torch.tensor([[batch, n] for n in n_vals], dtype=torch.long, device=device).reshape(-1)
     recv_meta = torch.empty_like(meta)
     dist.all_to_all_single(recv_meta, meta, group=group)  # per source: (B_s, number of ids for me)
     recv_meta = recv_meta.view(world, 2).tolist()
@@ -139,7 +140,7 @@ def exchange_ids(lengths: torch.Tensor, values: Sequence[torch.Tensor], slots_pe
         return [x.to(dtype).contiguous().view(torch.uint8) for x in xs]
 
     payload = torch.cat([t for s in range(world) for t in as_bytes(send_len[s], torch.int32) + as_bytes(send_val[s], id_dtype)]
-                        or [torch.empty(0, dtype=torch.uint8)])
+                        or [torch.empty(0, dtype=torch.uint8, device=device)])
     in_splits = [4 * len(slots_per_rank[s]) * batch + isz * n_vals[s] for s in range(world)]
     n_local = len(slots_per_rank[rank])
     out_splits = [4 * n_local * b + isz * n for b, n in recv_meta]

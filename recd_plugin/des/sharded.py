@@ -134,6 +134,10 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
                  device: Optional[torch.device] = None, fused_params: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__()
         self._group, self._world, self._rank = env.process_group, env.world_size, env.rank
+        # Every tensor this module makes goes on the sharding device (DMP's `device`), never
+        # the CPU default: NCCL refuses CPU tensors, and embedding_bag needs indices and
+        # offsets on its weight's device.
+        self._device = device or torch.device("cpu")
         configs = {t.name: t for t in module.tables}
         self._input_check = InputCheck(module.tables, module.input_check.verify_batches)
         missing = [t for t in configs if t not in params]
@@ -173,19 +177,19 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
             if fused_params is not None and fusable(d):
                 fields = [t for t, _, _ in self._local_fields if configs[t].embedding_dim == d]
                 self._tbes[d] = fused_tbe([b.shape[0] for b in blocks], d, [order.index(t) for t in fields],
-                                          fused_params, device or torch.device("cpu"))
+                                          fused_params, self._device)
                 self.local_weights[f"dim{d}"] = fused_weight(self._tbes[d])
                 with torch.no_grad():
                     self.local_weights[f"dim{d}"].copy_(torch.cat(blocks))
             else:
-                self.local_weights[f"dim{d}"] = nn.Parameter(torch.cat(blocks).clone())
+                self.local_weights[f"dim{d}"] = nn.Parameter(torch.cat(blocks).to(self._device, copy=True))
         lr = float((fused_params or {}).get("learning_rate", 0.01))
         self._fused_optimizer = DESFusedOptimizer({f"local_weights.dim{d}": self.local_weights[f"dim{d}"] for d in self._tbes},
                                                   {f"local_weights.dim{d}": tbe for d, tbe in self._tbes.items()}, lr)
         slot_of = {(t, f): j for j, (t, f, _) in enumerate(self._local_fields)}
         self._field_dim = [configs[t].embedding_dim for t, _, _ in self._local_fields]
         # operators: replicated copies; the W_f of owned table-wise fields become local blocks
-        self.operators = nn.ModuleDict({k: copy.deepcopy(op) for k, op in module.operators.items()})
+        self.operators = nn.ModuleDict({k: copy.deepcopy(op).to(self._device) for k, op in module.operators.items()})
         self.first_local, self.first_row_wise = nn.ParameterDict(), nn.ParameterDict()
         self._plan: Dict[str, Dict[str, Any]] = {}
         for name, op in self.operators.items():
@@ -240,7 +244,7 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
         where: Dict[int, Tuple[int, int]] = {}  # local field -> (dim, position in its group)
         for d in self._dims:
             js = [j for j, dj in enumerate(self._field_dim) if dj == d]
-            lens = torch.zeros(len(js), world, b_max, dtype=torch.long)
+            lens = torch.zeros(len(js), world, b_max, dtype=torch.long, device=self._device)
             idx = []
             fused = self._tbes.get(d)
             for k, j in enumerate(js):
@@ -263,9 +267,10 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
             if not js:
                 return None
             if any(j is None for j in js):
-                return torch.stack([groups[dim][where[j][1]] if j is not None else torch.zeros(n, dim) for j in js], dim=1)
+                return torch.stack([groups[dim][where[j][1]] if j is not None else torch.zeros(n, dim, device=self._device)
+                                    for j in js], dim=1)
             d, pos = where[js[0]][0], [where[j][1] for j in js]
-            g = groups[d] if pos == list(range(groups[d].shape[0])) else groups[d][torch.tensor(pos)]
+            g = groups[d] if pos == list(range(groups[d].shape[0])) else groups[d][torch.tensor(pos, device=self._device)]
             return g.permute(1, 0, 2)
 
         synced = dict(zip([name for name, _, _ in self._replicated],
@@ -278,10 +283,10 @@ class ShardedDESEmbeddingOperators(ShardedModule[Any, Any, Dict[str, torch.Tenso
             v = fields([j for _, j in plan["tw"]], dim)
             rw = fields([j for _, j in plan["rw"]], dim)
             if isinstance(op, FirstDenseLayer):
-                p = op.partials(v, weight=self.first_local[name]) if v is not None else torch.zeros(n, op.out_features)
+                p = op.partials(v, weight=self.first_local[name]) if v is not None else torch.zeros(n, op.out_features, device=self._device)
                 parts.append(p + op.partials(rw, weight=synced[f"first_row_wise.{name}"]) if rw is not None else p)
             else:
-                parts.append(op.partials(v) if v is not None else torch.zeros(n, op.partial_size(dim)))
+                parts.append(op.partials(v) if v is not None else torch.zeros(n, op.partial_size(dim), device=self._device))
                 if rw is not None:
                     if isinstance(op, FactorizationMachine):  # pooled row-wise fields travel whole (see module doc)
                         parts.append(rw.reshape(n, -1))
