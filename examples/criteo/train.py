@@ -218,6 +218,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if dist.get_rank() == 0:
             print(f"rank 0: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, {speed:,.0f} samples/s")
         _write(args.losses, losses, dist.get_rank())
+        dist.barrier()  # gloo's barrier waits for collectives in flight: none is torn down mid-way
         dist.destroy_process_group()
         return
     if args.compare:

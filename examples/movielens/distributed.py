@@ -60,9 +60,11 @@ def init() -> Tuple[int, int, torch.device]:
 def close() -> None:
     """Destroy the process group after a successful run. Without it, gloo's worker threads can
     outlive the interpreter and abort the process at exit ("terminate called without an active
-    exception"), failing a job that trained correctly. Not called after an error: a rank still
-    inside a collective would then hang its peers' teardown."""
+    exception"), failing a job that trained correctly. The barrier first: gloo's barrier waits
+    for every collective still in flight, so none is torn down mid-way. Not called after an
+    error: a rank still inside a collective would then hang its peers' teardown."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

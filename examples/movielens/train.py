@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import signal
@@ -197,8 +198,11 @@ def train_pipelined(args: argparse.Namespace, model: torch.nn.Module, train_load
     step_model, optimizer = distributed.shard(distributed.TrainStep(model), recd, args.sharding, args.lr,
                                               args.optimizer, args.batch_size)
     pipeline = TrainPipelineSparseDist(step_model, optimizer, next(step_model.parameters()).device)
-    log, batches, total, steps, start = _loss_log(args, recd, rank, world), iter(train_loader), 0.0, 0, time.perf_counter()
-    while steps != args.max_steps:
+    # --max-steps limits the batches fed, not the loop: the pipeline runs input all-to-alls
+    # ahead, and stopping it mid-flight would leave collectives of unused batches behind.
+    fed = itertools.islice(train_loader, args.max_steps) if args.max_steps else train_loader
+    log, batches, total, steps, start = _loss_log(args, recd, rank, world), iter(fed), 0.0, 0, time.perf_counter()
+    while True:
         try:
             loss, _, _ = pipeline.progress(batches)  # the model output: (loss, logits, labels)
         except StopIteration:
