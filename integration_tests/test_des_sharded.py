@@ -153,22 +153,27 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             one["ref_grad_scale"] = float(max(p.grad.abs().max() for p in ref.parameters()))
             return one
 
-        def flag_case(flag: str) -> dict:
-            """The user's route: the flag's des section, apply, for_dmp, TorchRec's planner."""
+        def shard_by_flag(flag: str, root: torch.nn.Module, converted: torch.nn.Module):
+            """The user's route: the flag's des section, apply (to ``converted``, in place, inside
+            ``root``), for_dmp, TorchRec's planner, DMP over ``root``; (dmp, plan, setup)."""
             import recd_plugin
             from recd_plugin import sharding
             from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
-            ref, model = build_module(), Wrap()
             config = recd_plugin.RecDConfig.from_string(flag)
-            model, _ = recd_plugin.apply(config, model, None)
-            setup = sharding.for_dmp(model, config, batch_size=max(case["batch"]), compute_device="cpu")
+            assert recd_plugin.apply(config, converted, None)[0] is converted
+            setup = sharding.for_dmp(converted, config, batch_size=max(case["batch"]), compute_device="cpu")
             planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"),
                                                constraints=setup.constraints)
-            plan = planner.collective_plan(model, setup.sharders, dist.group.WORLD)
+            plan = planner.collective_plan(root, setup.sharders, dist.group.WORLD)
             setup.check(plan)
-            dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+            dmp = DistributedModelParallel(root, env=ShardingEnv.from_process_group(dist.group.WORLD),
                                            device=torch.device("cpu"), plan=plan, sharders=setup.sharders)
+            return dmp, plan, setup
+
+        def flag_case(flag: str) -> dict:
+            ref, model = build_module(), Wrap()
+            dmp, plan, setup = shard_by_flag(flag, model, model)
             kjt, dense = make_batch(10 + rank, case["batch"][rank])
             with CommCounter() as comm:
                 out = dmp(kjt, dense)
@@ -182,10 +187,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             """The flag route under TorchRec's TrainPipelineSparseDist (input all-to-alls one batch
             ahead), as a user's script trains: the same losses as a plain loop over the same DMP
             model and batches, step by step (both sharded the same way from the same weights)."""
-            import recd_plugin
-            from recd_plugin import sharding
             from torchrec.datasets.utils import Batch
-            from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             class Step(torch.nn.Module):  # forward(batch) -> (loss, output), what the pipeline runs
@@ -207,14 +209,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
             losses = {}
             for route in ("loop", "pipeline"):
                 step_model = Step()
-                config = recd_plugin.RecDConfig.from_string(flag)
-                step_model.model, _ = recd_plugin.apply(config, step_model.model, None)
-                setup = sharding.for_dmp(step_model.model, config, batch_size=max(case["batch"]), compute_device="cpu")
-                planner = EmbeddingShardingPlanner(topology=Topology(world_size=WORLD, compute_device="cpu"),
-                                                   constraints=setup.constraints)
-                plan = planner.collective_plan(step_model, setup.sharders, dist.group.WORLD)
-                dmp = DistributedModelParallel(step_model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                               device=torch.device("cpu"), plan=plan, sharders=setup.sharders)
+                dmp, _, _ = shard_by_flag(flag, step_model, step_model.model)
                 opt = torch.optim.SGD(dict(in_backward_optimizer_filter(dmp.named_parameters())).values(), lr=0.05)
                 got = []
                 if route == "loop":

@@ -80,7 +80,7 @@ def register_section(name: str, config_type: type) -> None:
     if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
         raise ConfigError(f"flag section name {name!r} must be a Python identifier not starting with '_' "
                           "(it is written `name.key=value` in a flag and read back as config.name)")
-    if name in _TOP_KEYS or name in {f.name for f in fields(RecDConfig)} or hasattr(RecDConfig, name):
+    if name in {f.name for f in fields(RecDConfig)} or hasattr(RecDConfig, name):  # the plugin-wide keys too
         raise ConfigError(f"flag section {name!r} would shadow the plugin-wide key or RecDConfig attribute {name!r}; "
                           "pick another name")
     if SECTIONS.get(name, config_type) is not config_type:
@@ -94,11 +94,8 @@ def unregister_section(name: str) -> None:
 
 def section_of(config: Any) -> Optional[str]:
     """The section name registered for ``type(config)`` (or a base class of it), else None."""
-    for base in type(config).__mro__:
-        for name, t in SECTIONS.items():
-            if t is base:
-                return name
-    return None
+    name_of = {t: name for name, t in SECTIONS.items()}
+    return next((name_of[base] for base in type(config).__mro__ if base in name_of), None)
 
 
 @dataclass(init=False)
@@ -174,7 +171,7 @@ class RecDConfig:
     def __getattr__(self, name: str) -> Any:
         # ``config.fae``: a registered section not given reads as None (only called when the
         # normal lookup fails, so fields and methods are unaffected).
-        if not name.startswith("__") and name != "sections" and name in SECTIONS:
+        if name in SECTIONS:  # never a dunder or a field: register_section refuses those names
             return self.__dict__.get("sections", {}).get(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

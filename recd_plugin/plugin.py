@@ -35,7 +35,7 @@ from recd_plugin.fae.technique import FAE
 from recd_plugin.modules.recd import RecD
 from recd_plugin.modules.probe import decide, keep_groups, probe_batches
 from recd_plugin.modules.swap import check_model
-from recd_plugin.technique import TECHNIQUES, Technique, build, convert_all, undo_all
+from recd_plugin.technique import TECHNIQUES, Technique, all_or_nothing, build, convert_all, undo_all
 from recd_plugin.transforms.dedup import builds_in_workers, plain_loader
 
 #: The built-in techniques: each registered itself when imported (recd_plugin/technique.py).
@@ -84,11 +84,8 @@ def _apply_checked(config: RecDConfig, model: M, loader: Optional[Iterable[Any]]
     # Wrap the loader before converting the model: a loader step may refuse the loader, and
     # nothing may change before every check has passed.
     wrapped, unwrap = _wrap(techniques, config, loader, model)
-    try:
-        unconvert = convert_all(model, techniques)  # undoes its own work if a technique refuses
-    except BaseException:
-        unwrap()
-        raise
+    with all_or_nothing([unwrap]):  # the loader back too if a technique refuses
+        unconvert = convert_all(model, techniques)  # undoes its own work first
 
     def undo() -> None:
         unconvert()
@@ -146,16 +143,12 @@ def _wrap(techniques: List[Technique], config: RecDConfig, loader: Optional[Iter
         return None, lambda: None
     if not config.groups:  # TorchRec's plain path: a loader of IKJTs (storage.DedupReader) expanded
         loader = plain_loader(loader)
-    undo: List[Callable[[], None]] = []
-    try:
+    with all_or_nothing([]) as undo:
         for t in techniques:
             wrapped = t.wrap_loader(loader, model)
             if wrapped is not loader and hasattr(wrapped, "unwrap"):  # a DedupLoader: collate_fn back
                 undo.append(wrapped.unwrap)
             loader = wrapped
-    except BaseException:
-        undo_all(undo)
-        raise
     return loader, lambda: undo_all(undo)
 
 

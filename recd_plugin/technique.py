@@ -39,8 +39,9 @@ each registers itself from its own package, so the layers below never import the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
 
 from torch import nn
 
@@ -169,16 +170,23 @@ def undo_all(undo: List[Undo]) -> None:
         u()
 
 
+@contextmanager
+def all_or_nothing(undo: List[Undo]) -> Iterator[List[Undo]]:
+    """The block appends an undo callback per change to ``undo``; if it raises, they all run
+    (``undo_all``) before the error propagates, so a refusal part-way leaves nothing behind."""
+    try:
+        yield undo
+    except BaseException:
+        undo_all(undo)
+        raise
+
+
 def convert_all(model: nn.Module, techniques: List[Technique]) -> Undo:
     """Run every technique's ``convert`` in order; returns one function that undoes them all.
     All or nothing: if one raises, what the earlier ones did is undone first."""
-    undo: List[Undo] = []
-    try:
+    # A technique that refuses (e.g. the hot/cold layout on a weighted MEAN table) must not
+    # leave the earlier ones' hooks and swaps behind.
+    with all_or_nothing([]) as undo:
         for t in techniques:
             undo.extend(t.convert(model))
-    except BaseException:
-        # A technique that refuses (e.g. the hot/cold layout on a weighted MEAN table) must not
-        # leave the earlier ones' hooks and swaps behind.
-        undo_all(undo)
-        raise
     return lambda: undo_all(undo)

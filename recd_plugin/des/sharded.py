@@ -100,7 +100,7 @@ class _Context(dict, Multistreamable):
     ``Multistreamable``: TrainPipelineSparseDist records it on its CUDA streams."""
 
     def record_stream(self, stream: Any) -> None:
-        _record(list(self.values()), stream)
+        _record(dict(self), stream)
 
 
 class _Exchanged(Multistreamable):
@@ -111,7 +111,7 @@ class _Exchanged(Multistreamable):
         self.received = received
 
     def record_stream(self, stream: Any) -> None:
-        _record(list(self.received[1:]), stream)
+        _record(self.received[1:], stream)
 
 
 class _Combine(nn.Module):

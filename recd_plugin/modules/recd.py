@@ -30,7 +30,7 @@ from recd_plugin.modules.batchnorm import check_tower_layers
 from recd_plugin.modules.swap import (custom_forward_modules, dedup_class, gathered_paths, model_features,
                                       subclass_refused, swap_modules)
 from recd_plugin.modules.tower import DedupContext
-from recd_plugin.technique import Technique, Undo, register_technique, undo_all
+from recd_plugin.technique import Technique, Undo, all_or_nothing, register_technique
 from recd_plugin.transforms.dedup import DedupLoader
 
 
@@ -66,8 +66,7 @@ class RecD(Technique):
 
     def convert(self, model: nn.Module) -> List[Undo]:
         ctx = DedupContext.attach(model, self.config.spec, pad_over_ranks=self.sharded)
-        undo: List[Undo] = [ctx.detach]
-        try:
+        with all_or_nothing([ctx.detach]) as undo:
             if self.sharded:
                 from recd_plugin.modules.gather import OutputGather  # sharded mode only
 
@@ -75,9 +74,6 @@ class RecD(Technique):
             else:
                 undo.extend(_swap_embedding_modules(model))
             undo.extend(_hook_towers(model, self.config, ctx, self.sharded))
-        except BaseException:
-            undo_all(undo)
-            raise
         return undo
 
     def wrap_loader(self, loader: Any, model: Optional[nn.Module]) -> Any:
@@ -125,12 +121,8 @@ def _swap_embedding_modules(model: nn.Module) -> List[Undo]:
 
 
 def _hook_towers(model: nn.Module, config: RecDConfig, ctx: DedupContext, sharded: bool) -> List[Undo]:
-    undo: List[Undo] = []
-    try:
+    with all_or_nothing([]) as undo:  # a later tower refused: the earlier ones' hooks go too
         for path, group in config.towers.items():
             undo.append(_tower.dedup_tower(model.get_submodule(path), ctx, group, path, config.verify_batches,
                                            always=sharded).remove)
-    except BaseException:  # a later tower refused: the earlier ones' hooks go too
-        undo_all(undo)
-        raise
     return undo
