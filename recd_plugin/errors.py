@@ -24,7 +24,8 @@ class PeerRequirementError(RecDError, ImportError):
 
 
 class ConfigError(RecDError, ValueError):
-    """The plugin flag, environment variable or TOML file is malformed."""
+    """The plugin flag, environment variable or TOML file is malformed, or an option given in
+    code is not one the plugin takes (e.g. ``HotBatchScheduler(window=0)``)."""
 
 
 class DedupSpecError(RecDError, ValueError):

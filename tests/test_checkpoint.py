@@ -140,14 +140,19 @@ def test_a_parameter_without_optimizer_state_resumes_exactly(tmp_path: Path) -> 
 def test_a_keyed_optimizer_missing_lazy_state_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     """TorchRec's keyed optimizers load the state of every parameter: a checkpoint whose job
     never stepped one is refused, and the zero-gradient step that created the state is undone."""
-    model, optimizer = build("keyed_adam", seed=1, head=True)
+    def decaying(model: nn.Module) -> torch.optim.Optimizer:
+        # weight decay: the zero-gradient step of init_state moves the weights, which must be undone
+        return KeyedOptimizerWrapper(dict(model.named_parameters()),
+                                     lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.5))
+
+    torch.manual_seed(1)
+    model = Net(head=True)
+    optimizer = decaying(model)
     model.head.weight.requires_grad_(False)
     train(model, optimizer, range(5))
     Checkpointer(tmp_path, 5).save(5, model, optimizer, Position())
     fresh = Net(head=True)
-    # weight decay: the zero-gradient step of init_state moves the weights, which must be undone
-    fresh_optimizer = KeyedOptimizerWrapper(dict(fresh.named_parameters()),
-                                            lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.5))
+    fresh_optimizer = decaying(fresh)
     before = snapshot(fresh, fresh_optimizer)
     with pytest.raises(CheckpointError, match="never stepped some parameters"):
         Checkpointer(tmp_path, 5).resume(fresh, fresh_optimizer)
@@ -185,6 +190,131 @@ def test_another_optimizer_type_is_refused_and_changes_nothing(saved_kind: str, 
     train(reference, OPTIMIZERS[saved_kind](reference), range(5))
     assert_same(model.state_dict(), reference.state_dict())
     assert_same(optimizer.state_dict(), before[1])
+
+
+def keyed(make: Callable[[Any], torch.optim.Optimizer]) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    return lambda m: KeyedOptimizerWrapper(dict(m.named_parameters()), make)
+
+
+def combined(last_momentum: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    return lambda m: CombinedOptimizer([
+        ("first", keyed(lambda ps: torch.optim.Adagrad(ps, lr=0.1))(m.body[0])),
+        ("last", keyed(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=last_momentum))(m.body[2]))])
+
+
+#: (saved optimizer, resumed optimizer: same type, another configuration, what the message names)
+OTHER_CONFIGURATIONS = {
+    "momentum_dropped": (OPTIMIZERS["sgd_momentum"], lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                         r"optim SGD momentum=0.9 in the checkpoint, 0 here.*optim: \['momentum_buffer'\]"),
+    "momentum_added": (OPTIMIZERS["sgd"], lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+                       r"optim SGD momentum=0 in the checkpoint, 0.9 here.*optim: none"),
+    "amsgrad": (OPTIMIZERS["adam"], lambda m: torch.optim.Adam(m.parameters(), lr=0.01, amsgrad=True),
+                r"optim Adam amsgrad=False in the checkpoint, True here.*\['exp_avg', 'exp_avg_sq', 'step'\]"),
+    "betas": (OPTIMIZERS["adam"], lambda m: torch.optim.Adam(m.parameters(), lr=0.01, betas=(0.5, 0.9)),
+              r"optim Adam betas=\[0.9, 0.999\] in the checkpoint, \[0.5, 0.9\] here"),
+    "adagrad_decay": (OPTIMIZERS["adagrad"], lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1, lr_decay=0.1),
+                      r"optim Adagrad lr_decay=0 in the checkpoint, 0.1 here.*\['step', 'sum'\]"),
+    "keyed_momentum_dropped": (keyed(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)), OPTIMIZERS["keyed_sgd"],
+                               r"optim SGD momentum=0.9 in the checkpoint, 0 here"),
+    "combined_part": (combined(0.9), combined(0.0), r"optim\[last\] SGD momentum=0.9 in the checkpoint, 0.0 here"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_CONFIGURATIONS))
+def test_another_optimizer_configuration_is_refused_before_anything_is_loaded(case: str, tmp_path: Path) -> None:
+    """Same optimizer type, other hyperparameters: torch's load would silently put the saved
+    ones back (or TorchRec's would drop the saved state); refused, naming the setting and the fix."""
+    make_saved, make_resumed, match = OTHER_CONFIGURATIONS[case]
+    torch.manual_seed(1)
+    model = Net()
+    optimizer = make_saved(model)
+    train(model, optimizer, range(5))
+    ckpt = Checkpointer(tmp_path, 5)
+    ckpt.save(5, model, optimizer, Position())
+
+    torch.manual_seed(2)
+    fresh = Net()
+    fresh_optimizer = make_resumed(fresh)
+    before = snapshot(fresh, fresh_optimizer)
+    with pytest.raises(CheckpointError, match="saved with another optimizer configuration: " + match) as caught:
+        ckpt.resume(fresh, fresh_optimizer)
+    assert "Resume with the optimizer configuration the checkpoint was saved with, or start from a fresh " \
+           "checkpoint directory" in str(caught.value)
+    assert_same(snapshot(fresh, fresh_optimizer), before)
+    # The saved configuration resumes that same checkpoint exactly.
+    again = make_saved(fresh)
+    assert ckpt.resume(fresh, again).step == 5
+    assert_same(fresh.state_dict(), model.state_dict())
+    assert_same(again.state_dict(), optimizer.state_dict())
+
+
+def test_the_manifest_records_each_optimizers_configuration_but_not_its_lr(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = Net()
+    saved_with = combined(0.9)(model)
+    Checkpointer(tmp_path, 5).save(5, model, saved_with, Position())
+    record = ckpt_files.read_manifest(tmp_path / "step-00000005")["optimizer_config"]
+    assert [(p["part"], p["type"]) for p in record["optim"]] == [("first", "Adagrad"), ("last", "SGD")]
+    assert record["optim"][1]["hyperparameters"]["momentum"] == 0.9
+    assert not {"lr", "foreach", "fused", "differentiable"} & set(record["optim"][0]["hyperparameters"])
+
+
+def test_lr_kernel_switches_and_scheduled_momentum_do_not_refuse_a_resume(tmp_path: Path) -> None:
+    """What LR schedules change (lr, OneCycleLR's cycled momentum in the param groups) and
+    kernel switches (foreach) are not compared: the resume continues exactly, with the
+    schedule's saved state, as an uninterrupted run."""
+    def build_scheduled(seed: int, foreach: bool) -> Tuple[nn.Module, torch.optim.Optimizer, Any]:
+        torch.manual_seed(seed)
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5 if seed == 2 else 0.1, momentum=0.9,
+                                    foreach=foreach)
+        return model, optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+
+    def run(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, steps: range) -> List[float]:
+        losses = []
+        for i in steps:
+            losses += train(model, optimizer, range(i, i + 1))
+            schedule.step()
+        return losses
+
+    model, optimizer, schedule = build_scheduled(1, foreach=False)
+    straight = run(model, optimizer, schedule, range(10))
+    model, optimizer, schedule = build_scheduled(1, foreach=False)
+    run(model, optimizer, schedule, range(5))
+    Checkpointer(tmp_path, 5).save(5, model, optimizer, Position())
+    schedule_state = copy.deepcopy(schedule.state_dict())  # the job's own to keep (e.g. Position.extra)
+
+    fresh, fresh_optimizer, fresh_schedule = build_scheduled(2, foreach=True)
+    assert fresh_optimizer.param_groups[0]["momentum"] != optimizer.param_groups[0]["momentum"]  # cycled
+    assert Checkpointer(tmp_path, 5).resume(fresh, fresh_optimizer).step == 5
+    fresh_schedule.load_state_dict(schedule_state)
+    assert run(fresh, fresh_optimizer, fresh_schedule, range(5, 10)) == straight[5:]
+
+
+def test_a_checkpoint_without_a_configuration_record_still_resumes_and_still_names_other_state(
+        tmp_path: Path) -> None:
+    """Checkpoints of earlier versions have no record: they resume as before, and a keyed
+    optimizer that creates other state than the saved one is refused by name, not by a count."""
+    ckpt = saved(tmp_path, "keyed_adam")
+    rewrite_manifest(tmp_path, lambda m: m.pop("optimizer_config"))
+    model, optimizer = build("keyed_adam", seed=2)
+    assert ckpt.resume(model, optimizer).step == 5
+
+    other = tmp_path / "momentum"
+    torch.manual_seed(1)
+    model = Net()
+    optimizer = keyed(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))(model)
+    train(model, optimizer, range(5))
+    Checkpointer(other, 5).save(5, model, optimizer, Position())
+    rewrite_manifest(other, lambda m: m.pop("optimizer_config"))
+    fresh, fresh_optimizer = build("keyed_sgd", seed=2)
+    before = snapshot(fresh, fresh_optimizer)
+    with pytest.raises(CheckpointError, match=r"optimizer state of 'body.0.bias': the checkpoint has "
+                                              r"\['momentum_buffer'\], this optimizer creates \[\]: it was saved "
+                                              "with another optimizer configuration"):
+        Checkpointer(other, 5).resume(fresh, fresh_optimizer)
+    assert_same(snapshot(fresh, fresh_optimizer), before)
+    assert all(p.grad is None for p in fresh.parameters())
 
 
 @pytest.mark.parametrize("net,match", [
@@ -284,7 +414,8 @@ def rewrite_manifest(directory: Path, edit: Callable[[dict], None]) -> None:
     path = directory / "step-00000005"
     body = ckpt_files.read_manifest(path)
     edit(body)
-    ckpt_files.write_manifest(path, body["step"], body["world_size"], body["optimizer"], body["files"])
+    ckpt_files.write_manifest(path, body["step"], body["world_size"], body["optimizer"], body["files"],
+                              body.get("optimizer_config"))
 
 
 @pytest.mark.parametrize("edit,match", [

@@ -11,6 +11,11 @@ DES (item 19): placements that are bools, world sizes < 1, a batch missing a fea
 outside their table (unsharded and sharded on a one-rank gloo group, where a table-wise id
 past its table used to read the next table's row of the flat local weight), all DESError
 before any lookup.
+
+Constructor arguments (FAE's ``HotBatchScheduler`` / ``HotColdEmbeddingBagCollection`` /
+``compare_tiers``: ConfigError; DES operators: DESError): a bad value is a plugin error that
+names it and the allowed values, where plain ValueErrors (or a silent split of a string into
+one-letter table names) used to be.
 """
 
 from __future__ import annotations
@@ -30,9 +35,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
-from recd_plugin.des import DESEmbeddingOperators, DESSharder, FactorizationMachine, WideLinear, balanced_placement, des_plan
-from recd_plugin.errors import DESError, HotSetError
+from recd_plugin.des import (DESEmbeddingOperators, DESSharder, FactorizationMachine, FirstDenseLayer, WideLinear,
+                             balanced_placement, des_plan)
+from recd_plugin.errors import ConfigError, DESError, HotSetError, RecDError
+from recd_plugin.fae.hotcold import HotColdEmbeddingBagCollection, convert_hot_cold
 from recd_plugin.fae.hotset import HotSet, TableShape
+from recd_plugin.fae.schedule import HotBatchScheduler
+from recd_plugin.fae.trace import AccessTrace, compare_tiers
 from recd_plugin.sparse.ids import first_bad_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +215,92 @@ def test_save_appends_npz_like_numpy_and_refuses_info_json_cannot_hold(tmp_path:
     with pytest.raises(HotSetError, match="info is not JSON-serializable.*int\\(x\\)"):
         bad.save(tmp_path / "bad.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hot.npz"]  # nothing written
+
+
+# -- FAE constructor arguments ----------------------------------------------------------------
+
+
+def hot_ebc() -> Any:
+    from torchrec import EmbeddingBagCollection
+
+    return EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t_a", feature_names=["t_a"], num_embeddings=100, embedding_dim=4),
+        EmbeddingBagConfig(name="t_b", feature_names=["t_b"], num_embeddings=50, embedding_dim=8)])
+
+
+@pytest.mark.parametrize("window", [0, -3, True, 2.5, "8"])
+def test_scheduler_window_that_is_not_a_batch_count_is_a_config_error(window: Any) -> None:
+    # before: ValueError for 0 and -3, a TypeError for "8", and True / 2.5 were taken
+    with pytest.raises(ConfigError, match=rf"HotBatchScheduler: window must be an integer >= 1 .*or None to classify "
+                                          rf"batches only.*got {window!r}"):
+        HotBatchScheduler([], make_hot(), window=window)
+    assert HotBatchScheduler([], make_hot(), window=np.int64(2)).window == 2  # numpy counts are counts
+    assert HotBatchScheduler([], make_hot(), window=None).window is None
+
+
+def test_scheduler_map_and_callback_of_the_wrong_kind_are_config_errors() -> None:
+    # before: dict(["t_a"]) raised "dictionary update sequence element #0 has length 3"
+    with pytest.raises(ConfigError, match=r"feature_to_table must map features to hot-set tables.*got list"):
+        HotBatchScheduler([], make_hot(), feature_to_table=["t_a"])
+    with pytest.raises(ConfigError, match=r"on_switch must be a callable.*got str"):
+        HotBatchScheduler([], make_hot(), on_switch="sync")
+
+
+@pytest.mark.parametrize("remap", ["fast", "Table", None, 1])
+def test_hot_cold_remap_kind_outside_the_allowed_ones_is_a_config_error(remap: Any) -> None:
+    ebc = hot_ebc()
+    with pytest.raises(ConfigError, match=r"remap must be one of \['auto', 'table', 'search'\], got " + repr(remap)):
+        HotColdEmbeddingBagCollection(ebc, make_hot(), remap=remap)
+    model = torch.nn.Sequential(ebc)
+    with pytest.raises(ConfigError, match="remap must be one of"):
+        convert_hot_cold(model, make_hot(), remap=remap)
+    assert model[0] is ebc  # refused before anything was swapped
+    assert isinstance(HotColdEmbeddingBagCollection(ebc, make_hot(), remap="search"), torch.nn.Module)
+
+
+def test_hot_cold_remap_suggests_the_close_name_and_tables_must_be_a_list() -> None:
+    with pytest.raises(ConfigError, match=r"got 'tabel' \(did you mean 'table'\?\)"):
+        HotColdEmbeddingBagCollection(hot_ebc(), make_hot(), remap="tabel")
+    # before: "t_a" became the tables 't', '_', 'a' and the error named table 't'
+    with pytest.raises(ConfigError, match=r"tables must be a list of table names, got the string 't_a'; "
+                                          r"write tables=\['t_a'\]"):
+        HotColdEmbeddingBagCollection(hot_ebc(), make_hot(), tables="t_a")
+
+
+def test_compare_tiers_warmup_outside_the_trace_is_a_config_error() -> None:
+    trace = AccessTrace(["t_a"], np.array([0, 100]), [np.array([1, 2]), np.array([5])], [2, 1])
+    for bad in (-1, 2, True, 0.5):
+        with pytest.raises(ConfigError, match=r"warmup_steps must be an integer in \[0, 2\).*got "):
+            compare_tiers(trace, make_hot(), warmup_steps=bad)
+    assert compare_tiers(trace, make_hot(), warmup_steps=1).warmup_steps == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"embedding_dim": 0}, "embedding_dim must be an integer >= 1, got 0"),
+    ({"out_features": -2}, "out_features must be an integer >= 1, got -2"),
+    ({"dense_in_features": 1.5}, "dense_in_features must be an integer >= 0, got 1.5"),
+    ({"embedding_dim": True}, "embedding_dim must be an integer >= 1, got True"),
+])
+def test_first_dense_layer_sizes_are_named(kwargs: Dict[str, Any], match: str) -> None:
+    # before: ZeroDivisionError (no fan-in) or torch's "negative dimension" without the argument's name
+    with pytest.raises(DESError, match=match):
+        FirstDenseLayer(**{"tables": ["t_a"], "embedding_dim": 4, "out_features": 3, **kwargs})
+
+
+def test_des_operator_tables_given_as_one_string_are_refused() -> None:
+    for op in (FactorizationMachine, WideLinear):
+        with pytest.raises(DESError, match=rf"{op.__name__} tables must be a list of table names, got the string "
+                                           r"'t_a'; write tables=\['t_a'\]"):
+            op("t_a")
+    with pytest.raises(DESError, match="got the string"):
+        FirstDenseLayer("t_a", embedding_dim=4, out_features=3)
+
+
+def test_argument_errors_are_plugin_errors_and_still_value_errors() -> None:
+    """``except RecDError`` catches them; code that caught the old ValueError still does."""
+    assert issubclass(ConfigError, RecDError) and issubclass(ConfigError, ValueError)
+    with pytest.raises(ValueError):
+        HotBatchScheduler([], make_hot(), window=0)
 
 
 # -- DES placements ---------------------------------------------------------------------------

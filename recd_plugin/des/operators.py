@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
@@ -85,6 +86,9 @@ class DESOperator(nn.Module):
 
     def __init__(self, tables: Optional[Sequence[str]] = None) -> None:
         super().__init__()
+        if isinstance(tables, str):  # list() would split it into one-letter table names
+            raise DESError(f"DES: {type(self).__name__} tables must be a list of table names, got the string "
+                           f"{tables!r}; write tables=[{tables!r}]")
         self.tables: List[str] = list(tables or [])
 
     def partial_size(self, embedding_dim: int) -> int:
@@ -161,6 +165,12 @@ class FirstDenseLayer(DESOperator):
         super().__init__(tables)
         if not self.tables:
             raise DESError("FirstDenseLayer: tables must name at least one table.")
+        for name, value, least in (("embedding_dim", embedding_dim, 1), ("out_features", out_features, 1),
+                                   ("dense_in_features", dense_in_features, 0)):
+            # torch would fail later without the argument's name (negative sizes, a division by zero)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise DESError(f"FirstDenseLayer: {name} must be an integer >= {least}, got {value!r}; "
+                               "give the tables' embedding dim, the layer's width and the dense input width")
         self.embedding_dim, self.out_features, self.dense_in_features = embedding_dim, out_features, dense_in_features
         fan_in = dense_in_features + len(self.tables) * embedding_dim
         bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init range

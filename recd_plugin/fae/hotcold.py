@@ -55,7 +55,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recd_plugin.errors import HotSetError, UnsupportedModelError
+from recd_plugin.errors import ConfigError, HotSetError, UnsupportedModelError, did_you_mean
 from recd_plugin.fae.hotset import HotSet, TableShape
 from recd_plugin.fae.lookup import bag_sum, build_remap, cold_pools, split_tiers
 from recd_plugin.modules.base import DedupModule
@@ -93,6 +93,23 @@ class _Group:
         return mask  # [N] True on cold rows
 
 
+#: The remap kinds of HotColdEmbeddingBagCollection (see its docstring).
+REMAPS = ("auto", "table", "search")
+
+
+def _check_arguments(tables: Optional[Sequence[str]], remap: object) -> None:
+    """ConfigError for a remap kind or a ``tables`` argument the constructor cannot take,
+    before any table is copied (a string would be split into one-letter table names)."""
+    if not isinstance(remap, str) or remap not in REMAPS:
+        hint = did_you_mean(remap, REMAPS) if isinstance(remap, str) else ""
+        raise ConfigError(f"HotColdEmbeddingBagCollection: remap must be one of {list(REMAPS)}, got {remap!r}{hint}; "
+                          "'auto' (the default) picks 'table' on CPU or when its remap array takes less memory "
+                          "than the hot rows, 'search' avoids that array")
+    if isinstance(tables, str):
+        raise ConfigError(f"HotColdEmbeddingBagCollection: tables must be a list of table names, got the string "
+                          f"{tables!r}; write tables=[{tables!r}] (or None for every table of the hot set)")
+
+
 class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """An EBC whose chosen tables are split into a hot tier (``device``) and a cold tier (CPU).
 
@@ -112,8 +129,7 @@ class HotColdEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def __init__(self, ebc: EmbeddingBagCollection, hot_set: HotSet, tables: Optional[Sequence[str]] = None,
                  device: Optional[torch.device] = None, remap: str = "auto") -> None:
         super().__init__()
-        if remap not in ("auto", "table", "search"):
-            raise ValueError(f"remap must be 'auto', 'table' or 'search', got {remap!r}")
+        _check_arguments(tables, remap)
         shapes = ebc_tables(ebc)
         chosen = [t for t in shapes if t in hot_set.tables] if tables is None else list(tables)
         for t in chosen:
@@ -358,6 +374,7 @@ def convert_hot_cold(model: nn.Module, hot_set: HotSet, tables: Optional[List[st
     nothing changes). Converted tables of the original EBCs are released until undo, which
     writes the trained weights back and puts the original modules back at every path.
     """
+    _check_arguments(tables, remap)  # also when no EBC has a table to convert
     if isinstance(model, EmbeddingBagCollection):
         raise UnsupportedModelError("pass the model that contains the EmbeddingBagCollection: it is swapped in "
                                     "its parent")

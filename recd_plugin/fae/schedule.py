@@ -37,6 +37,7 @@ end of every epoch runs :meth:`HotBatchScheduler.check`. The scheduler wraps the
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator, List, Mapping, Optional
 
@@ -45,7 +46,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recd_plugin.errors import HotSetError, MalformedBatchError, RecDError, did_you_mean
+from recd_plugin.errors import ConfigError, HotSetError, MalformedBatchError, RecDError, did_you_mean
 from recd_plugin.fae.hotset import HotSet
 from recd_plugin.sparse.ikjt import complete_cumsum, jagged_index_select
 
@@ -149,8 +150,16 @@ class HotBatchScheduler:
 
     def __init__(self, batches: Iterable[Batch], hot_set: HotSet, feature_to_table: Optional[Mapping[str, str]] = None,
                  window: Optional[int] = None, on_switch: Optional[Callable[[], None]] = None) -> None:
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1 batches (or None to classify only), got {window}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+            raise ConfigError(f"HotBatchScheduler: window must be an integer >= 1 (input batches regrouped together), "
+                              f"or None to classify batches only (what the flag's fae.window=0 means); got {window!r}")
+        if feature_to_table is not None and not isinstance(feature_to_table, Mapping):
+            raise ConfigError(f"HotBatchScheduler: feature_to_table must map features to hot-set tables, e.g. "
+                              f"{{'C1': 't_C1'}}, or be None (each table is the feature of its name); got "
+                              f"{type(feature_to_table).__name__}")
+        if on_switch is not None and not callable(on_switch):
+            raise ConfigError(f"HotBatchScheduler: on_switch must be a callable taking no arguments (e.g. the "
+                              f"hot/cold module's sync), or None; got {type(on_switch).__name__}")
         if feature_to_table is None:
             feature_to_table = {t: t for t in hot_set.tables}
         self.feature_to_table = dict(feature_to_table)

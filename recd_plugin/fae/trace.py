@@ -31,12 +31,14 @@ benchmark); with mixed dims compare at equal rows, not bytes.
 from __future__ import annotations
 
 import heapq
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from recd_plugin.errors import ConfigError
 from recd_plugin.fae.access import Source, check_ids, iter_accesses, resolve_tables
 from recd_plugin.fae.hotset import HotSet, TableShape
 
@@ -174,8 +176,11 @@ def compare_tiers(trace: AccessTrace, hot: HotSet, warmup_steps: int = 0,
                   capacity_rows: Optional[int] = None) -> TierTraffic:
     """Replay ``trace`` against FAE's ``hot`` set and LRU / LFU caches of the same number of
     rows (``capacity_rows``, default: the hot set's row count)."""
-    if not 0 <= warmup_steps < len(trace.steps):
-        raise ValueError(f"warmup_steps must be in [0, {len(trace.steps)}), got {warmup_steps}")
+    if (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral)
+            or not 0 <= warmup_steps < len(trace.steps)):
+        raise ConfigError(f"compare_tiers: warmup_steps must be an integer in [0, {len(trace.steps)}) (steps of the "
+                          f"trace that warm the caches, at least one left to measure), got {warmup_steps!r}; "
+                          "pass fewer warm-up steps or a longer trace")
     keys = trace.hot_keys(hot)
     cap = int(keys.size if capacity_rows is None else capacity_rows)
     measured = trace.steps[warmup_steps:]

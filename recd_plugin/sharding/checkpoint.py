@@ -17,7 +17,8 @@ What it guarantees (docs/distributed.md, "Checkpoint and resume"):
   leaves the previous checkpoint the one a resume finds.
 - *Verified reads.* A sha256 of every file is recorded when written and checked when read
   (``verify=False`` skips the content hashes for speed; sizes are still checked).
-- *All or nothing.* Keys, shapes and the optimizer type are checked against the checkpoint,
+- *All or nothing.* Keys, shapes, the optimizer type and its configuration (all
+  hyperparameters but the learning rate) are checked against the checkpoint,
   and it is read into a staged copy first (:mod:`.ckpt_state`): a failed resume leaves the
   model and optimizer untouched. Every failure, DCP's ``CheckpointException`` (a
   ``BaseException``) included, is a :class:`CheckpointError` naming the fix, raised on every
@@ -126,7 +127,8 @@ class Checkpointer:
     def _commit(self, tmp: Path, step: int, world: int, model: nn.Module,
                 optimizer: Optional[torch.optim.Optimizer], digests: List[dict]) -> None:
         parts = states.optimizers(model, optimizer)
-        files.write_manifest(tmp, step, world, states.signature(parts), {k: v for d in digests for k, v in d.items()})
+        files.write_manifest(tmp, step, world, states.signature(parts), {k: v for d in digests for k, v in d.items()},
+                             states.configuration(parts))
         files.publish(tmp, self.directory, files.step_name(step))
 
     def latest(self) -> Optional[Path]:
@@ -174,7 +176,8 @@ class Checkpointer:
         if unlisted:  # DCP would read them unverified
             raise CheckpointError(f"{path}: {unlisted} are not in its manifest; {files.fix(path.parent, path.name)}")
         try:
-            return position, states.stage(model, parts, metadata, manifest["optimizer"])
+            return position, states.stage(model, parts, metadata, manifest["optimizer"],
+                                          manifest.get("optimizer_config"))
         except CheckpointError as e:
             raise CheckpointError(f"cannot resume from {path}: {e}") from None
 

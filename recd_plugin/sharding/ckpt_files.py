@@ -89,11 +89,14 @@ def _body_digest(body: Dict[str, Any]) -> str:
 
 
 def write_manifest(tmp: Path, step: int, world_size: int, optimizer: Dict[str, List[str]],
-                   files: Dict[str, Dict[str, Any]]) -> None:
+                   files: Dict[str, Dict[str, Any]], optimizer_config: Optional[Dict[str, Any]] = None) -> None:
     """Write ``manifest.json`` into the unpublished checkpoint ``tmp``: the checksum of every
-    file in ``files``, what saved it, and a checksum of the manifest itself."""
+    file in ``files``, what saved it (optimizer types and, ``optimizer_config``, their
+    hyperparameters), and a checksum of the manifest itself."""
     body = {"format": FORMAT, "step": step, "world_size": world_size, "optimizer": optimizer,
             "files": dict(sorted(files.items()))}
+    if optimizer_config is not None:  # absent in checkpoints of earlier versions: still readable
+        body["optimizer_config"] = optimizer_config
     write_durably(tmp / MANIFEST, json.dumps({**body, "sha256": _body_digest(body)}, indent=1).encode())
 
 
@@ -109,6 +112,7 @@ def read_manifest(path: Path) -> Dict[str, Any]:
             isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
             and _plain_name(k) for k, v in files.items())
         ok = ok and body.get("step") == int(path.name[len("step-"):])
+        ok = ok and isinstance(body.get("optimizer_config", {}), dict)
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no {MANIFEST}: it is incomplete, or was written by an older "
                               f"recd-plugin without checksums; {fix(path.parent, path.name)}") from None

@@ -13,11 +13,19 @@ like the saved ones where the live optimizer has no state yet), checked against 
 checkpoint's metadata first (keys, shapes, optimizer type and state names), and copies it into
 the model and optimizer only once everything is read. A resume therefore needs memory for a
 second copy of the state while it runs.
+
+The manifest also records each optimizer's configuration (:func:`configuration`): a resume
+with other hyperparameters is refused before anything is read, because loading would either
+override this job's settings (torch's ``load_state_dict`` restores the saved param groups) or
+give a TorchRec keyed optimizer state that its settings do not create (momentum buffers to
+plain SGD).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import numbers
 import warnings
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -76,6 +84,75 @@ def _classes(optimizer: torch.optim.Optimizer) -> List[str]:
     name = type(optimizer).__qualname__  # not the module: TorchRec moves classes between releases
     inner = getattr(optimizer, "_optimizer", None)  # KeyedOptimizerWrapper and TorchRec's OptimizerWrapper
     return [f"{name}({', '.join(_classes(inner))})"] if isinstance(inner, torch.optim.Optimizer) else [name]
+
+
+#: Optimizer settings a resume does not compare. ``lr``: LR schedules change it while training
+#: (a plain torch optimizer gets the saved value back, as torch's load_state_dict does; a keyed
+#: one keeps its own). The others pick a kernel, not the math or the state names. Keys starting
+#: with "_" are TorchRec's bookkeeping (``_save_param_groups``).
+_NOT_COMPARED = frozenset({"lr", "foreach", "fused", "capturable", "differentiable"})
+
+
+def configuration(parts: Parts) -> Dict[str, List[Dict[str, Any]]]:
+    """Per root, per optimizer inside it (CombinedOptimizer parts, wrapped optimizers): its part
+    key, class and constructor hyperparameters as JSON values, for the manifest. ``defaults``,
+    not the param groups: schedules (OneCycleLR's momentum cycling too) change the groups while
+    training, never the values the optimizer was built with."""
+    return {root: [{"part": key, "type": type(leaf).__qualname__,
+                    "hyperparameters": {k: _plain(v) for k, v in sorted((getattr(leaf, "defaults", None) or {}).items())
+                                        if k not in _NOT_COMPARED and not str(k).startswith("_")}}
+                   for key, leaf in _named_leaves(optimizer)]
+            for root, optimizer in parts.items()}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a JSON value that compares equal when the setting is the same."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return f"<{type(value).__qualname__}>"  # e.g. a callable: its repr holds an address
+
+
+def check_configuration(parts: Parts, saved: Optional[Dict[str, Any]], metadata: Metadata) -> None:
+    """Refuse a resume whose optimizers were built with other hyperparameters than the saved
+    ones (``saved``: the manifest's record; None for a checkpoint written before it had one).
+    Only settings both sides know are compared, so a torch upgrade that adds an option does
+    not refuse an old checkpoint."""
+    if not saved or not parts:
+        return
+    live = json.loads(json.dumps(configuration(parts)))  # tuples become lists, as in the manifest
+    problems = []
+    for root, leaves in live.items():
+        kept = saved.get(root) if isinstance(saved.get(root), list) else []
+        for was, now in zip(kept, leaves):
+            part = f"[{now['part']}]" if now["part"] else ""
+            where = f"{root}{part} {now['type']}"
+            before = was.get("hyperparameters") if isinstance(was, dict) else None
+            if not isinstance(before, dict) or was.get("type") != now["type"]:
+                problems.append(f"{where}: saved as {was!r}")
+                continue
+            problems += [f"{where} {k}={before[k]!r} in the checkpoint, {now['hyperparameters'][k]!r} here"
+                         for k in sorted(set(before) & set(now["hyperparameters"]))
+                         if before[k] != now["hyperparameters"][k]]
+    if problems:
+        state = "; ".join(f"{root}: {_names({p for ps in _by_param(_saved(metadata, root)).values() for p in ps})}"
+                          for root in live)
+        raise CheckpointError(
+            f"the checkpoint was saved with another optimizer configuration: {'; '.join(problems[:_SHOWN])}"
+            f"{f' (and {len(problems) - _SHOWN} more)' if len(problems) > _SHOWN else ''}. Its per-parameter "
+            f"optimizer state ({state}) belongs to that configuration: loading it would drop that state or "
+            "silently replace this job's settings. Resume with the optimizer configuration the checkpoint was "
+            "saved with, or start from a fresh checkpoint directory (resume(model, None) loads the weights only "
+            "and starts the optimizer fresh)")
 
 
 def state_to_save(model: nn.Module, parts: Parts) -> State:
@@ -193,16 +270,19 @@ def _torch_template(root: str, model: nn.Module, optimizer: torch.optim.Optimize
     return template
 
 
-def stage(model: nn.Module, parts: Parts, metadata: Metadata, saved_signature: Dict[str, List[str]]) -> State:
+def stage(model: nn.Module, parts: Parts, metadata: Metadata, saved_signature: Dict[str, List[str]],
+          saved_config: Optional[Dict[str, Any]] = None) -> State:
     """What to load the checkpoint into, checked against its ``metadata``: every key of the
-    model there and nothing more, the same shapes, the same optimizer types and state names.
-    Raises CheckpointError listing what does not match."""
+    model there and nothing more, the same shapes, the same optimizer types, configuration
+    (``saved_config``, the manifest's record) and state names. Raises CheckpointError listing
+    what does not match."""
     if parts and saved_signature != signature(parts):
         raise CheckpointError(
             f"the checkpoint's optimizer state was saved by {saved_signature or 'no optimizer'}, this job resumes "
             f"with {signature(parts)}: loading it would drop or misread that state (moments, momentum, step). "
-            "Build the optimizer the saved job used, or call resume(model, None) to load the weights only "
-            "and start the optimizer fresh")
+            "Build the optimizer the saved job used, or start from a fresh checkpoint directory; "
+            "resume(model, None) loads the weights only and starts the optimizer fresh")
+    check_configuration(parts, saved_config, metadata)
     problems: List[str] = []
     template: State = {"model": {k: _fresh_like(v) for k, v in model.state_dict().items()}}
     in_model = set(flatten_state_dict(template)[0])
@@ -258,12 +338,24 @@ def _apply_keyed(optimizer: KeyedOptimizer, staged: State) -> None:
     empty = [leaf for leaf in _leaves(optimizer) if not leaf.state]
     optimizer.init_state()
     try:
+        # A checkpoint without a configuration record (older) can still hold state this
+        # optimizer does not create (momentum buffers, plain SGD here): name that, not a count.
+        created = optimizer.state_dict()["state"]
+        other = sorted(k for k, s in staged["state"].items() if set(s) != set(created.get(k, {})))
+        if other:
+            raise CheckpointError(
+                f"optimizer state of {other[0]!r}: the checkpoint has {sorted(staged['state'][other[0]])}, this "
+                f"optimizer creates {sorted(created.get(other[0], {}))}: it was saved with another optimizer "
+                "configuration. Resume with the optimizer configuration the checkpoint was saved with, or start "
+                "from a fresh checkpoint directory (resume(model, None) loads the weights only)")
         optimizer.load_state_dict(staged)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, CheckpointError) as e:
         for leaf in empty:
             leaf.state.clear()
         for p, value, _ in dense:
             p.detach().copy_(value)  # a zero-gradient step moves weights under weight decay
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"the checkpoint lacks optimizer state that this optimizer creates on its first "
                               f"step ({e}): the saved job never stepped some parameters. TorchRec optimizers "
                               "load the state of every parameter; resume with resume(model, None) to load the "
@@ -275,7 +367,13 @@ def _apply_keyed(optimizer: KeyedOptimizer, staged: State) -> None:
 
 def _leaves(optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
     """The optimizers inside ``optimizer`` (itself if none) whose state a step creates."""
+    return [leaf for _, leaf in _named_leaves(optimizer)]
+
+
+def _named_leaves(optimizer: torch.optim.Optimizer, key: str = "") -> List[Tuple[str, torch.optim.Optimizer]]:
+    """:func:`_leaves` with their CombinedOptimizer keys ("" outside one), for messages."""
     if isinstance(optimizer, CombinedOptimizer):
-        return [leaf for _, part in optimizer.optimizers for leaf in _leaves(part)]
+        return [leaf for k, part in optimizer.optimizers
+                for leaf in _named_leaves(part, ".".join(x for x in (key, k) if x))]
     inner = getattr(optimizer, "_optimizer", None)
-    return _leaves(inner) if isinstance(inner, torch.optim.Optimizer) else [optimizer]
+    return _named_leaves(inner, key) if isinstance(inner, torch.optim.Optimizer) else [(key, optimizer)]
