@@ -24,6 +24,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=PG_TIMEOUT)
+        import recd_plugin
         from recd_plugin.bench import models
 
         sides, _ = models._sides(case["model"], case["batch"], 2, False, True, rank, WORLD, "; probe_batches=0")
@@ -38,7 +39,7 @@ def worker(rank: int, port: int, case: dict, outdir: str) -> None:
                 _, (_, on_ikjt, _) = plugin.model(b_plugin)      # wrapped: aligned IKJTs
                 diffs.append([float((on_plain - ref).abs().max()), float((on_ikjt - ref).abs().max())])
         res["diffs"] = diffs
-        res["ikjt"] = all(b.sparse_features.inverse_indices_or_none() is not None for b in plugin.batches)
+        res["ikjt"] = all(recd_plugin.is_dedup(b.sparse_features) for b in plugin.batches)
 
 
 @pytest.mark.parametrize("model", ["dlrm", "movielens_light"])

@@ -59,12 +59,13 @@ def reporting(rank: int, outdir: str) -> Iterator[Dict[str, Any]]:
 
 
 def run(script: str, case: dict, tmp_path: Path, require_ok: bool = True) -> List[dict]:
-    """Run ``script`` (a test file) as the 2-rank job for ``case``; every rank's result."""
+    """Run ``script`` (a test file) as the job for ``case`` (``case["world"]`` ranks, default
+    ``WORLD``); every rank's result."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(Path(script).resolve()), json.dumps(case), str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     results = []
-    for r in range(WORLD):
+    for r in range(case.get("world", WORLD)):
         path = tmp_path / f"rank{r}.json"
         assert path.exists(), f"rank {r} wrote no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
         res = json.loads(path.read_text())
@@ -78,4 +79,5 @@ def main(worker: Callable[[int, int, dict, str], None]) -> None:
     """The script side: ``python test_file.py CASE_JSON OUTDIR`` spawns the workers."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(free_port(), json.loads(sys.argv[1]), sys.argv[2]), nprocs=WORLD, join=True)
+    case = json.loads(sys.argv[1])
+    mp.spawn(worker, args=(free_port(), case, sys.argv[2]), nprocs=case.get("world", WORLD), join=True)

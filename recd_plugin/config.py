@@ -11,8 +11,10 @@ in your project's config)::
 
     [recd]
     verify_batches = 1              # compare the first N batches' ids exactly (0 off, -1 all)
-    probe_batches = 4               # measure groups on N batches first; keep only those that pay (0: keep all)
+    route = "measure"               # time the first training steps both ways, keep what pays ("dedup": keep all)
     in_workers = true               # build IKJTs inside DataLoader workers
+    # batch_kjt = "idlist_features" # the batch's KJT field (default: sparse_features, else its only KJT)
+    # tower_randomness = "refuse"   # refuse towers that draw randomness (dropout) per session
     # sharded = true                # model goes under DistributedModelParallel (default: auto)
 
     [recd.groups.user]              # one feature group: deduplicated together
@@ -65,7 +67,10 @@ except ImportError:  # Python 3.10
 
 ENV_VAR = "RECD_PLUGIN"
 _OFF = {"", "0", "off", "false", "no", "none"}
-_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "probe_batches"}
+_TOP_KEYS = {"enabled", "groups", "towers", "verify_batches", "in_workers", "sharded", "probe_batches", "route",
+             "batch_kjt", "tower_randomness"}
+ROUTES = ("measure", "dedup")
+TOWER_RANDOMNESS = ("allow", "refuse")
 _GROUP_KEYS = {"key", "features"}
 _INT = re.compile(r"-?[0-9]+")  # ASCII only: str.isdigit() also passes '²' and '--5' to int()
 
@@ -103,7 +108,8 @@ class RecDConfig:
     """Everything the plugin needs; ``RecDConfig()`` is the plugin switched off.
 
     ``RecDConfig(enabled=None, groups=(), towers=None, verify_batches=1, in_workers=True,
-    probe_batches=4, sharded=None, sections=None, **named_sections)``: a technique's section is
+    probe_batches=4, sharded=None, sections=None, route="measure", batch_kjt=None,
+    tower_randomness="allow", **named_sections)``: a technique's section is
     given by its name (``fae=FAEConfig(...)``) or in ``sections``. Every field is checked when
     the config is built (``ConfigError`` naming the field and the fix); an enabled config also
     passes :meth:`validate`.
@@ -115,8 +121,7 @@ class RecDConfig:
     towers: Dict[str, str] = field(default_factory=dict)
     verify_batches: int = 1
     in_workers: bool = True
-    #: ``apply`` measures every group on this many loader batches first and leaves on TorchRec's
-    #: plain path each group whose dedup would not pay (``modules/probe.py``); 0 keeps all.
+    #: Kept for flags written for earlier releases: 0 is ``route = "dedup"``; other values are ignored.
     probe_batches: int = 4
     #: The model will be sharded by DistributedModelParallel: keep TorchRec's own embedding
     #: modules (DMP's default sharders shard only their exact types), feed them aligned IKJTs
@@ -125,17 +130,25 @@ class RecDConfig:
     #: {section name: that technique's config}, e.g. ``{"fae": FAEConfig(...)}``; read one as
     #: ``config.fae`` (None when absent).
     sections: Dict[str, Any] = field(default_factory=dict)
-    #: Set by ``apply``: u per group its probe measured (summed over ranks); the planner hints
-    #: of ``recd_plugin.sharding.for_dmp`` read it instead of measuring again.
-    probed_unique_fraction: Dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: "measure": each group is timed both ways on the job's first training steps and kept only
+    #: where it pays (``recd_plugin.transforms.route``); "dedup": every group is kept unmeasured.
+    route: str = "measure"
+    #: Where the batch's KJT is: an attribute or dict key of the loader's batches (default:
+    #: ``sparse_features``, else the batch's only KJT field).
+    batch_kjt: Optional[str] = None
+    #: "allow": towers whose modules draw randomness (dropout) run them once per session and
+    #: ``apply`` says which; "refuse": ``apply`` refuses them (equal losses to plugin-off).
+    tower_randomness: str = "allow"
 
     def __init__(self, enabled: Optional[bool] = None, groups: Sequence[FeatureGroup] = (),
                  towers: Optional[Mapping[str, str]] = None, verify_batches: int = 1, in_workers: bool = True,
                  probe_batches: int = 4, sharded: Optional[bool] = None,
-                 sections: Optional[Mapping[str, Any]] = None, **named_sections: Any) -> None:
+                 sections: Optional[Mapping[str, Any]] = None, route: str = "measure",
+                 batch_kjt: Optional[str] = None, tower_randomness: str = "allow", **named_sections: Any) -> None:
         self.enabled, self.groups, self.towers = enabled, groups, towers if towers is not None else {}
         self.verify_batches, self.in_workers, self.probe_batches, self.sharded = (
             verify_batches, in_workers, probe_batches, sharded)
+        self.route, self.batch_kjt, self.tower_randomness = route, batch_kjt, tower_randomness
         if sections is not None and not isinstance(sections, Mapping):
             raise ConfigError(f"RecDConfig.sections must map section names to configs, got {sections!r}")
         merged = dict(sections or {})
@@ -145,7 +158,6 @@ class RecDConfig:
                                   f"{did_you_mean(name, sorted(SECTIONS))}; sections: {sorted(SECTIONS)}")
             merged[name] = part  # None: that section off (dataclasses.replace(cfg, fae=None))
         self.sections = {k: v for k, v in merged.items() if v is not None}
-        self.probed_unique_fraction = {}
         # Why here and not only in the parsers: a config built in code used to skip every
         # check (verify_batches='x' failed at the first batch) and stayed off with groups.
         if self.enabled is None:
@@ -195,6 +207,10 @@ class RecDConfig:
     @property
     def spec(self) -> DedupSpec:
         return DedupSpec(tuple(self.groups))
+
+    def measures_routes(self) -> bool:
+        """Are the groups decided on the job's first training steps (else all kept unmeasured)?"""
+        return self.route == "measure" and self.probe_batches != 0
 
     def parts(self) -> List[Any]:
         """The technique configs this flag switches on, one per section: the RecD groups
@@ -319,6 +335,9 @@ class RecDConfig:
             in_workers=data.get("in_workers", True),
             probe_batches=data.get("probe_batches", 4),
             sharded=data.get("sharded"),
+            route=data.get("route", "measure"),
+            batch_kjt=data.get("batch_kjt"),
+            tower_randomness=data.get("tower_randomness", "allow"),
             sections={name: _section_from_dict(name, data[name]) for name in data if name in SECTIONS},  # flag order
         )
 
@@ -341,6 +360,15 @@ class RecDConfig:
         probe = self.probe_batches
         if not isinstance(probe, int) or isinstance(probe, bool) or probe < 0:
             raise ConfigError(f"recd 'probe_batches' must be an integer >= 0 (0: keep every group), got {probe!r}")
+        if self.route not in ROUTES:
+            raise ConfigError(f"recd 'route' must be one of {list(ROUTES)} (measure: decide each group on the "
+                              f"job's first training steps; dedup: keep every group unmeasured), got {self.route!r}")
+        if self.batch_kjt is not None and not (isinstance(self.batch_kjt, str) and self.batch_kjt):
+            raise ConfigError(f"recd 'batch_kjt' must name the batch's KeyedJaggedTensor field (an attribute or dict "
+                              f"key, e.g. batch_kjt=idlist_features), got {self.batch_kjt!r}")
+        if self.tower_randomness not in TOWER_RANDOMNESS:
+            raise ConfigError(f"recd 'tower_randomness' must be one of {list(TOWER_RANDOMNESS)} (refuse: towers that "
+                              f"draw randomness, e.g. dropout, are an error), got {self.tower_randomness!r}")
         if not isinstance(self.in_workers, bool):
             raise ConfigError(f"recd 'in_workers' must be true or false, got {self.in_workers!r}")
         if self.sharded is not None and not isinstance(self.sharded, bool):

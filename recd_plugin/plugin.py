@@ -6,17 +6,19 @@ In an ordinary TorchRec training script, after building the model and the loader
     config = recd_plugin.RecDConfig.load(args.recd)   # flag, else $RECD_PLUGIN, else off
     model, loader = recd_plugin.apply(config, model, loader)
 
-With the plugin off, both come back untouched (the same objects). With it on, ``apply`` first
-measures every feature group on the loader's first ``probe_batches`` batches and keeps only
-the groups whose deduplication pays on this machine (one printed line per group says why;
-``modules/probe.py``); with none left, both come back untouched. Then the model's embedding
-modules and the configured towers are converted in place (``recd_plugin.remove`` undoes that)
-and the loader is wrapped to yield IKJT batches; the flag's other sections (``fae``, ``des``)
-are done by their techniques the same way (``recd_plugin/technique.py``: each one's checks,
-conversion with undo and loader step, in their declared order). Every check runs before the model is changed,
-so a bad config leaves the model as it was; a refusal that only the conversion itself can
-raise (``modules/swap.py``) undoes what was done, so a refused ``apply`` leaves the model (module
-tree, hooks, state_dict), the loader and the config exactly as they were.
+With the plugin off, both come back untouched (the same objects). With it on, the model's
+embedding modules and the configured towers are converted in place (``recd_plugin.remove``
+undoes that) and the loader is wrapped to yield IKJT batches whose KJT the model's own code
+reads as the plain batch (``recd_plugin/sparse/dedup_kjt.py``). Which groups stay
+deduplicated is decided on the job's first training steps, timed both ways
+(``recd_plugin/transforms/route.py``; one printed line per group). The flag's other sections
+(``fae``, ``des``) are done by their techniques the same way (``recd_plugin/technique.py``:
+each one's checks, conversion with undo and loader step, in their declared order). Every check
+runs before the model is changed, so a bad config leaves the model as it was; a refusal that
+only the conversion itself can raise (``modules/swap.py``) undoes what was done, so a refused
+``apply`` leaves the model (module tree, hooks, state_dict), the loader and the config exactly
+as they were. ``apply`` reads nothing from the loader and leaves every random state as it
+found it (``recd_plugin/_rng.py``).
 """
 
 from __future__ import annotations
@@ -27,16 +29,16 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar
 
 from torch import nn
 
-from recd_plugin._ranks import say
+from recd_plugin._rng import random_state_kept
 from recd_plugin.config import RecDConfig, as_flag
 from recd_plugin.des.technique import DES
 from recd_plugin.errors import UnsupportedModelError
 from recd_plugin.fae.technique import FAE
-from recd_plugin.modules.recd import RecD
-from recd_plugin.modules.probe import decide, keep_groups, probe_batches
+from recd_plugin.modules.recd import RecD, decider_of
 from recd_plugin.modules.swap import check_model
 from recd_plugin.technique import TECHNIQUES, Technique, all_or_nothing, build, convert_all, undo_all
-from recd_plugin.transforms.dedup import builds_in_workers, plain_loader
+from recd_plugin.transforms.dedup import check_not_deduplicated, plain_loader
+from recd_plugin.transforms.route import GroupDecision
 
 #: The built-in techniques: each registered itself when imported (recd_plugin/technique.py).
 BUILT_IN = (FAE, RecD, DES)
@@ -61,31 +63,16 @@ def apply(config: Config, model: M, loader: Optional[Iterable[Any]] = None) -> T
     if model in _UNDO:
         raise UnsupportedModelError("recd-plugin is already applied to this model; call remove() first")
     config.validate()
-    check_model(model, build(config))
-    chosen = config.groups, config.towers
-    try:
-        return _apply_checked(config, model, loader)
-    except BaseException:
-        # A refusal after the probe narrowed the caller's config: give it back as it was.
-        config.groups, config.towers = chosen
-        raise
-
-
-def _apply_checked(config: RecDConfig, model: M, loader: Optional[Iterable[Any]]) -> Tuple[M, Any]:
-    """``apply`` after the checks: probe, wrap the loader, convert the model. A refusal on the
-    way (a loader a technique cannot take, a conversion that refuses a table) leaves model and
-    loader as they were."""
-    _keep_groups_that_pay(config, model, loader)
-    if not config.parts():
-        # nothing pays: TorchRec's plain path, untouched (batches that arrive as IKJTs expanded)
-        return model, plain_loader(loader)
-    config = dataclasses.replace(config, sharded=config.is_sharded())  # decided once, here
-    techniques = build(config)
-    # Wrap the loader before converting the model: a loader step may refuse the loader, and
-    # nothing may change before every check has passed.
-    wrapped, unwrap = _wrap(techniques, config, loader, model)
-    with all_or_nothing([unwrap]):  # the loader back too if a technique refuses
-        unconvert = convert_all(model, techniques)  # undoes its own work first
+    check_not_deduplicated(loader)
+    with random_state_kept(loader):  # nothing the plugin does may move the user's RNG
+        check_model(model, build(config))
+        config = dataclasses.replace(config, sharded=config.is_sharded())  # decided once, here
+        techniques = build(config)
+        # Wrap the loader before converting the model: a loader step may refuse the loader, and
+        # nothing may change before every check has passed.
+        wrapped, unwrap = _wrap(techniques, config, loader, model)
+        with all_or_nothing([unwrap]):  # the loader back too if a technique refuses
+            unconvert = convert_all(model, techniques)  # undoes its own work first
 
     def undo() -> None:
         unconvert()
@@ -95,25 +82,14 @@ def _apply_checked(config: RecDConfig, model: M, loader: Optional[Iterable[Any]]
     return model, wrapped
 
 
-def _keep_groups_that_pay(config: RecDConfig, model: nn.Module, loader: Optional[Iterable[Any]]) -> None:
-    """Measure each group on the loader's first batches (``modules/probe.py``); narrow
-    ``config`` in place to the groups that pay, so that ``wrap(config, other_loader)`` later
-    matches the converted model. One line per group says what was decided and why."""
-    if not config.groups:
-        return
-    batches, why_not = probe_batches(loader, config.probe_batches)
-    if batches is None:
-        if loader is not None and config.probe_batches > 0:
-            say(f"recd-plugin: every group deduplicated unmeasured: {why_not}")
-        return
-    decisions = decide(model, config, batches, config.probe_batches, aligned=config.is_sharded(),
-                       build_in_loop=not builds_in_workers(loader, config.in_workers))
-    for d in decisions:
-        say(d.line())
-    # u per group, summed over ranks: the planner hints read it (recd_plugin.sharding.for_dmp)
-    config.probed_unique_fraction = {d.group: d.unique_fraction for d in decisions}
-    narrowed = keep_groups(config, decisions)
-    config.groups, config.towers = narrowed.groups, narrowed.towers
+def decisions(model: nn.Module) -> Optional[List[GroupDecision]]:
+    """What the job's first training steps decided for each feature group of ``model`` (one
+    ``GroupDecision`` per group: kept or not, measured step times, why); None while the
+    measurement is under way or when ``apply`` did not deduplicate ``model``."""
+    decider = decider_of(model)
+    if decider is None or decider.decided is None:
+        return None
+    return list(decider.decisions) or [GroupDecision(g, True, decider.why_not_measured) for g in decider.decided]
 
 
 def wrap(config: Config, loader: Optional[Iterable[Any]], model: Optional[nn.Module] = None) -> Any:
@@ -123,9 +99,10 @@ def wrap(config: Config, loader: Optional[Iterable[Any]], model: Optional[nn.Mod
     Each technique's loader step, in their declared order: FAE regroups batches into all-hot
     and mixed ones within ``fae.window`` batches (``HotBatchScheduler``; its feature -> table
     map comes from ``model``; unsharded only); RecD yields IKJT batches (``DedupLoader``), so
-    that towers run on unique rows for this loader too. Returns the loader unchanged when the
-    plugin is off; without RecD groups (none configured, or none kept by ``apply``'s probe,
-    which narrows ``config``), a loader whose batches arrive deduplicated
+    that towers run on unique rows for this loader too. Given ``model`` (converted by
+    ``apply``), the loader follows the groups decided on its training steps (every group until
+    then: both routes compute the same). Returns the loader unchanged when the plugin is off;
+    without RecD groups, a loader whose batches arrive deduplicated
     (``recd_plugin.storage.DedupReader``) yields them expanded to plain KJTs.
     """
     config = as_flag(config)

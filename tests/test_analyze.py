@@ -209,13 +209,13 @@ def test_the_wheel_ships_the_published_results():
     assert "results/*.json" in pyproject["tool"]["setuptools"]["package-data"]["recd_plugin.bench"]
 
 
-def test_route_prediction_follows_the_probe_rule():
+def test_route_prediction_follows_the_jobs_keep_rule():
     from recd_plugin.analyze.route import RouteCosts, predict
-    from recd_plugin.modules.probe import MARGIN
+    from recd_plugin.transforms.route import KEEP_BELOW as MARGIN
 
     p = predict(0.5, 0.1)
     assert p.route == "dedup" and p.ratio == pytest.approx(1 / (0.5 + 0.05)) == pytest.approx(p.bound)
-    # Saves less than 1 - MARGIN of the step: the probe keeps TorchRec's plain path, 1.0x.
+    # Saves less than 1 - KEEP_BELOW of the step: the job keeps TorchRec's plain path, 1.0x.
     f = 0.5 * (1 - MARGIN)
     assert predict(f, 0.0).route == "plain" and predict(f, 0.0).ratio == 1.0
     # Fixed costs set against the step: 2 ms on a 10 ms step lowers 1/0.55 to 1/0.75.

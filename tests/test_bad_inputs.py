@@ -54,7 +54,6 @@ from recd_plugin.technique import TECHNIQUES
 from recd_plugin.fae.hotset import HotSet, TableShape
 from recd_plugin.modules import recd as recd_technique
 from recd_plugin.modules.base import DedupModule
-from recd_plugin.modules.probe import GroupDecision, keep_groups
 from recd_plugin.sparse.ikjt import unique_count
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -549,7 +548,9 @@ def test_a_config_edited_after_it_was_built_is_checked_at_apply() -> None:
     assert_same(before, snapshot(model))
 
 
-def test_a_probe_that_keeps_nothing_gives_a_config_that_is_off() -> None:
-    config = RecDConfig.from_string(USER_FLAG + "; towers.user_tower=user")
-    narrowed = keep_groups(config, [GroupDecision("user", 1.0, False)])
-    assert not narrowed.enabled and narrowed.groups == [] and narrowed.towers == {}
+def test_apply_leaves_the_callers_config_as_it_was() -> None:
+    """The group decision is kept with the model, never written into the caller's config."""
+    config = RecDConfig.from_string(USER_FLAG.replace("; probe_batches=0", "") + "; towers.user_tower=user")
+    before = (list(config.groups), dict(config.towers), config.enabled, config.sharded)
+    recd_plugin.apply(config, RecModel(), [session_batch(0)])
+    assert (config.groups, config.towers, config.enabled, config.sharded) == before

@@ -74,25 +74,28 @@ def test_constraints_equal_the_separate_calls_for_the_same_inputs() -> None:
     assert sharding.for_dmp(model, config, 512, loader=wrapped, compute_device="cpu").unique_fraction == u
 
 
-def test_after_apply_the_probe_measurement_is_used_without_a_loader(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dataclasses
+def test_measuring_the_loader_leaves_its_first_epoch_and_the_rng_as_they_were() -> None:
+    """for_dmp(loader=...) reads batches: the loader's own generators and the global ones are
+    restored, so the job's first epoch is the one it would have had."""
+    from torch.utils.data import DataLoader, RandomSampler
 
-    from recd_plugin import plugin
+    batches = _batches()
 
-    real = plugin.decide  # the group is kept whatever this machine's timing says: the test is about u
-    monkeypatch.setattr(plugin, "decide", lambda *a, **k: [dataclasses.replace(d, kept=True) for d in real(*a, **k)])
-    model, config, batches = Model(), RecDConfig.from_string(FLAG), _batches()
-    recd_plugin.apply(config, model, batches)
-    assert [g.name for g in config.groups] == ["user"]
-    try:
-        setup = sharding.for_dmp(model, config, 512, compute_device="cpu")
-        probed = sharding.measure_unique_fraction(batches, config, limit=config.probe_batches)
-        assert setup.unique_source == "apply's probe"
-        assert setup.unique_fraction == pytest.approx(probed)
-        # same hints as the separate calls with the probe's u (for the groups the probe kept)
-        assert setup.constraints == sharding.constraints(model, config, 512, setup.unique_fraction)
-    finally:
-        recd_plugin.remove(model)
+    def loader() -> DataLoader:
+        sampler = RandomSampler(batches, generator=torch.Generator().manual_seed(3))
+        return DataLoader(batches, sampler=sampler, batch_size=None)
+
+    def order(dl: DataLoader) -> list:
+        return [int(b.sparse_features.values()[0]) for b in dl]
+
+    model = Model()
+    torch.manual_seed(0)
+    want = order(loader())
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    dl = loader()
+    sharding.for_dmp(model, RecDConfig.from_string(FLAG), 512, loader=dl, compute_device="cpu")
+    assert order(dl) == want and torch.equal(torch.get_rng_state(), after)
 
 
 def test_plugin_off_gives_the_plugins_sharders_and_the_base_constraints_only() -> None:

@@ -35,7 +35,7 @@ ROOT = "recd_plugin"
 #: not import each other (FAE and DES are independent techniques; so are the tools).
 LAYERS: List[Tuple[str, ...]] = [
     ("errors",),                                      # exception classes
-    ("_peer", "_ranks", "_fx_warning", "_plotting"),  # peer check, rank helpers, warnings, figures
+    ("_peer", "_ranks", "_rng", "_fx_warning", "_plotting"),  # peer check, ranks, random states, warnings, figures
     ("sparse",),                                      # the IKJT
     ("config",),                                      # the flag
     ("technique",),                                   # the technique registry (dispatch by config type)

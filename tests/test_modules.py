@@ -179,7 +179,7 @@ def test_apply_matches_plugin_off_outputs_loss_and_gradients() -> None:
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
 
     for step, (batch, plain) in enumerate(zip(loader, batches)):
-        ikjt = batch.sparse_features
+        ikjt = batch.sparse_features.ikjt()
         assert ikjt.inverse_indices_or_none() is not None
         unique = ikjt.stride_per_key()[ikjt.keys().index("history")]
         assert unique < plain.sparse_features.stride()
@@ -479,7 +479,7 @@ def test_tower_taking_the_kjt_runs_the_user_side_on_unique_rows_and_matches(seed
     ibatch = next(iter(loader))
     out, want = model(ibatch), ref(batch)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    assert seen == [ibatch.sparse_features.stride_per_key()[0]] and seen[0] < 24  # U rows, not B
+    assert seen == [ibatch.sparse_features.ikjt().stride_per_key()[0]] and seen[0] < 24  # U rows, not B
     _loss(out, batch.labels).backward()
     _loss(want, batch.labels).backward()
     grads = dict(ref.named_parameters())

@@ -37,7 +37,8 @@ from conftest import assert_kjt_equal
 import recd_plugin
 from recd_plugin import MalformedBatchError, RecDConfig
 from recd_plugin.data import TableBatches, cardinalities, generate_sessions, storage_roles
-from recd_plugin.modules.probe import decide
+from recd_plugin.modules.recd import decider_of
+from recd_plugin.sparse.dedup_kjt import DedupKJT
 from recd_plugin.sparse.ikjt import build_ikjt, expand, is_aligned
 from recd_plugin.storage import DedupReader, StorageSpec, preprocess
 from recd_plugin.transforms.dedup import DedupLoader, dedup_batch, from_ikjt
@@ -96,7 +97,8 @@ def _flat_batches(table: pa.Table, reader: DedupReader) -> List[Batch]:
 
 def _assert_ikjt_equal(actual: KeyedJaggedTensor, expected: KeyedJaggedTensor) -> None:
     """Exact equality of two IKJTs (either layout): keys, per-key strides, values, lengths,
-    weights, dtypes and inverse indices."""
+    weights, dtypes and inverse indices (a batch's ``DedupKJT``: its IKJT)."""
+    actual, expected = (k.ikjt() if isinstance(k, DedupKJT) else k for k in (actual, expected))
     assert actual.keys() == expected.keys()
     assert actual.variable_stride_per_key() == expected.variable_stride_per_key()
     assert actual.stride_per_key() == expected.stride_per_key()
@@ -166,13 +168,15 @@ def test_reader_batches_through_apply_train_like_the_flat_data(table: pa.Table, 
 def test_both_groups_pass_the_readers_batches_through_untouched(stored: Path) -> None:
     spec = RecDConfig.from_string(BOTH_FLAG).spec
     batch = next(iter(DedupReader(stored, BATCH)))
-    assert dedup_batch(batch, spec, verify=True).sparse_features is batch.sparse_features
+    out = dedup_batch(batch, spec, verify=True).sparse_features
+    assert out.ikjt().values() is batch.sparse_features.values()  # the reader's tensors, not a copy
+    _assert_ikjt_equal(out, batch.sparse_features)
 
 
 def test_ungrouped_features_get_one_row_per_sample_again(stored: Path) -> None:
     spec = RecDConfig.from_string(USER_FLAG).spec
     for batch in DedupReader(stored, BATCH):
-        out = dedup_batch(batch, spec, verify=True).sparse_features
+        out = dedup_batch(batch, spec, verify=True).sparse_features.ikjt()
         ref = build_ikjt(expand(batch.sparse_features), spec)
         assert out.stride_per_key() == ref.stride_per_key()
         assert out.stride_per_key()[out.keys().index("item_id")] == batch.labels.numel()
@@ -215,9 +219,17 @@ def test_flag_that_disagrees_with_the_readers_dedup_is_refused_by_apply(table: p
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_flag_mismatch_without_probe_is_refused_at_the_first_batch(stored: Path) -> None:
+def test_flag_mismatch_is_refused_before_a_batch_is_read(stored: Path) -> None:
+    """The reader declares its groups (batch_groups()): checked when its loader is wrapped; a
+    reader that does not is checked on its batches (first batch, before the first step)."""
     config = RecDConfig.from_string("groups.g.features=item_id,user_zip; probe_batches=0")
-    loader = recd_plugin.wrap(config, DedupReader(stored, BATCH))
+    with pytest.raises(MalformedBatchError, match="flag group 'g' puts 'user_zip' with 'item_id'"):
+        recd_plugin.wrap(config, DedupReader(stored, BATCH))
+
+    class Undeclared(DedupReader):
+        batch_groups = None  # type: ignore[assignment]
+
+    loader = recd_plugin.wrap(config, Undeclared(stored, BATCH))
     with pytest.raises(MalformedBatchError, match="flag group 'g' puts 'user_zip' with 'item_id'"):
         next(iter(loader))
 
@@ -241,31 +253,27 @@ def test_variable_batch_kjt_without_inverse_indices_is_refused(stored: Path) -> 
         dedup_batch(Batch(batch.dense_features, lost, batch.labels), spec)
 
 
-def test_probe_measures_the_reader_like_the_flat_data(table: pa.Table, stored: Path, capsys) -> None:
+def test_the_reader_is_counted_like_the_flat_data(table: pa.Table, stored: Path, capsys) -> None:
     reader = DedupReader(stored, BATCH)
     flat = _flat_batches(table, reader)
+    spec = RecDConfig.from_string(BOTH_FLAG).spec
+    from_reader, from_flat = DedupLoader(reader, spec), DedupLoader(flat, spec)
+    list(from_reader), list(from_flat)
+    for g in ("user", "item"):
+        assert from_reader.stats.unique_fraction(g) == from_flat.stats.unique_fraction(g)
+        assert 0 < from_reader.stats.unique_fraction(g) < 1
+    # apply with the decision on: no error, the announcement, batches of B samples.
     model = EXAMPLE.TwoTower(cardinalities(table), dim=8, light=True)
-    config = RecDConfig.from_string(BOTH_FLAG)
-    d_flat = decide(model, config, flat, 3, aligned=False)
-    d_reader = decide(model, config, reader, 3, aligned=False)
-    assert [d.unique_fraction for d in d_reader] == [d.unique_fraction for d in d_flat]
-    assert all(0 < d.unique_fraction < 1 for d in d_reader)
-    assert all("could not be timed" not in d.reason for d in d_reader)  # timed on the expanded KJT
-    # apply with its probe on: no error, one line per group.
-    model2, loader = recd_plugin.apply(RecDConfig.from_string(EXAMPLE.RECD_FLAG + "; probe_batches=2"),
-                                       copy.deepcopy(model), reader)
-    assert "group 'user'" in capsys.readouterr().out
+    model2, loader = recd_plugin.apply(RecDConfig.from_string(EXAMPLE.RECD_FLAG), copy.deepcopy(model), reader)
+    assert "groups ['user'] will be decided on the first training steps" in capsys.readouterr().out
     first = next(iter(loader))
-    assert first.labels.numel() == first.sparse_features.stride()
+    assert first.labels.numel() == first.sparse_features.stride()  # the model's code reads B rows
 
 
 def test_when_no_group_pays_the_plain_model_gets_plain_batches(table: pa.Table, stored: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The probe keeps nothing: TorchRec's plain path, which takes plain KJTs (its
+    """The job's steps keep nothing: TorchRec's plain path, which takes plain KJTs (its
     EmbeddingCollection would misread an IKJT), so the reader's batches come expanded."""
-    import recd_plugin.modules.probe as probe
-
-    monkeypatch.setattr(probe, "MIN_SAVING_MS", 1e9)  # nothing can pay
     reader = DedupReader(stored, BATCH)
     flat = _flat_batches(table, reader)
     torch.manual_seed(0)
@@ -273,7 +281,7 @@ def test_when_no_group_pays_the_plain_model_gets_plain_batches(table: pa.Table, 
     ref = copy.deepcopy(model)
     flag = "groups.user.key=session_id; groups.user.features=user_id,history; probe_batches=2"
     model, loader = recd_plugin.apply(RecDConfig.from_string(flag), model, reader)
-    assert not any("Dedup" in type(m).__name__ for m in model.modules())
+    decider_of(model).decided = ()  # what the steps decide when nothing pays (tests/test_route.py)
     for a, b in zip(loader, flat):
         assert_kjt_equal(a.sparse_features, b.sparse_features)  # plain KJTs, no inverse indices
     steps = min(len(flat), 4)

@@ -106,7 +106,7 @@ def test_a_new_technique_gets_its_flag_section_without_editing_the_flag_code(tmp
 
 @pytest.mark.parametrize("name, match", [
     ("towers", "shadow the plugin-wide key"), ("parts", "shadow"), ("spec", "shadow"),
-    ("probed_unique_fraction", "shadow"), ("a.b", "identifier"), ("_hidden", "identifier"),
+    ("route", "shadow"), ("a.b", "identifier"), ("_hidden", "identifier"),
     ("des", "'des' is already registered for DESConfig"),
 ])
 def test_a_section_name_must_be_readable_back_and_unique(name: str, match: str) -> None:
@@ -237,17 +237,21 @@ def test_sharded_recd_group_read_by_a_des_module_is_refused() -> None:
 def test_a_session_group_outside_des_modules_goes_with_des_sharded() -> None:
     config = RecDConfig.from_string("des=true; groups.g.features=s; probe_batches=0; sharded=true")
     model, loader = recd_plugin.apply(config, DESModel(), [_batch(0)])
-    assert next(iter(loader)).sparse_features.inverse_indices_or_none() is not None  # IKJTs
+    assert recd_plugin.is_dedup(next(iter(loader)).sparse_features)  # IKJTs
     recd_plugin.remove(model)
 
 
-def test_a_group_the_probe_drops_leaves_the_other_sections_on() -> None:
-    """No duplicates in the probe's batches: RecD's group goes, DES (and FAE) stay on."""
+def test_a_group_decided_plain_leaves_the_other_sections_on() -> None:
+    """RecD's group goes back to plain batches; DES (and FAE) stay on."""
+    from recd_plugin.modules.recd import decider_of
+
     kjt = KeyedJaggedTensor(keys=FEATURES, values=torch.arange(18) % 10, lengths=torch.ones(18, dtype=torch.int32))
     distinct = Batch(dense_features=torch.zeros(6, 1), sparse_features=kjt, labels=torch.zeros(6))  # s: 2..7
-    config = RecDConfig.from_string("des=true; groups.g.features=s; probe_batches=2; sharded=true")
+    config = RecDConfig.from_string("des=true; groups.g.features=s; sharded=true")
     model, loader = recd_plugin.apply(config, DESModel(), [distinct, distinct])
-    assert config.enabled and not config.groups and config.parts() == [DESConfig()]
+    decider_of(model).decided = ()  # as the job's steps would decide for a group without repeats
+    assert all(not recd_plugin.is_dedup(b.sparse_features) for b in loader)
+    assert config.enabled and config.parts() == [config, DESConfig()]
     setup = sharding.for_dmp(model, config, batch_size=6, compute_device="cpu")
     assert type(setup.sharders[0]).__name__ == "ChosenDESSharder"
     recd_plugin.remove(model)

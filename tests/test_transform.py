@@ -66,7 +66,7 @@ def check_epoch(outputs: List[Batch], inputs: List[Batch]) -> None:
         assert torch.equal(out.dense_features, inp.dense_features)
         assert out.labels.dtype == inp.labels.dtype
         assert torch.equal(out.labels, inp.labels)
-        ikjt = out.sparse_features
+        ikjt = out.sparse_features.ikjt()  # the IKJT itself (the model's code reads the plain batch)
         assert ikjt.inverse_indices_or_none() is not None
         assert_kjt_equal(expand(ikjt), inp.sparse_features)
         strides = dict(zip(ikjt.keys(), ikjt.stride_per_key()))
@@ -166,12 +166,12 @@ def test_dedup_collate_runs_the_users_collate_then_dedups_and_pickles() -> None:
     collate = pickle.loads(pickle.dumps(DedupCollate(collate_samples, spec, verify_batches=1)))
     samples = [Sample(3, 1, 0.5), Sample(3, 2, 1.5), Sample(4, 1, 2.5)]
     batch = collate(samples)
-    assert batch.sparse_features.stride_per_key() == [2, 3]
+    assert batch.sparse_features.ikjt().stride_per_key() == [2, 3]
     assert torch.equal(batch.dense_features, torch.tensor([[0.5], [1.5], [2.5]]))
     assert_kjt_equal(expand(batch.sparse_features), collate_samples(samples).sparse_features)
     # Without a collate_fn (batch_size=None loaders) the item is already a Batch.
     plain = collate_samples(samples)
-    assert DedupCollate(None, spec)(plain).sparse_features.stride_per_key() == [2, 3]
+    assert DedupCollate(None, spec)(plain).sparse_features.ikjt().stride_per_key() == [2, 3]
 
 
 @pytest.mark.parametrize("item, pattern", [

@@ -4,8 +4,8 @@ Process group from torchrun's environment (gloo on CPU, nccl on GPU), a planner-
 forced) sharding plan, ``DistributedModelParallel``, the fused embedding optimizer and a
 dense optimizer. The lines marked ``# recd-plugin`` are the plugin's: one
 ``recd_plugin.sharding.for_dmp`` call gives its sharders (ROW_WISE on CPU), its planner
-constraints (deduplicated batch sizes measured by ``apply``'s probe; FAE placement from the
-flag's hot set on GPUs) and the up-front plan check.
+constraints (deduplicated batch sizes measured on the loader's first batches; FAE placement
+from the flag's hot set on GPUs) and the up-front plan check.
 
     torchrun --nproc_per_node 2 examples/movielens/train.py --sharding row_wise --recd @examples/movielens/recd.toml
 """
@@ -82,8 +82,9 @@ class TrainStep(torch.nn.Module):
 
 
 def shard(model: torch.nn.Module, recd: "recd_plugin.RecDConfig", sharding: str, lr: float, optimizer: str,
-          batch_size: int) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
-    """Plan and shard ``model`` (or a ``TrainStep`` around it); returns (DMP model, combined optimizer)."""
+          batch_size: int, loader=None) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
+    """Plan and shard ``model`` (or a ``TrainStep`` around it); returns (DMP model, combined optimizer).
+    ``loader``: the training loader, whose first batches give the planner the unique fraction."""
     inner = model.model if isinstance(model, TrainStep) else model  # what recd_plugin.apply() converted
     world, device = dist.get_world_size(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fused = {"optimizer": EmbOptimType.EXACT_SGD if optimizer == "sgd" else EmbOptimType.EXACT_ROWWISE_ADAGRAD,
@@ -93,8 +94,8 @@ def shard(model: torch.nn.Module, recd: "recd_plugin.RecDConfig", sharding: str,
         constraints = {t: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"])
                        for t in _table_names(model)}
     # recd-plugin: sharders, planner hints and plan check (stock: EmbeddingBagCollectionSharder(fused), constraints)
-    setup = recd_sharding.for_dmp(inner, recd, batch_size, base_constraints=constraints, fused_params=fused,
-                                  compute_device=device.type)
+    setup = recd_sharding.for_dmp(inner, recd, batch_size, loader=loader, base_constraints=constraints,
+                                  fused_params=fused, compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
                                        constraints=setup.constraints)
     plan = planner.collective_plan(model, setup.sharders, dist.group.WORLD)

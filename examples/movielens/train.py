@@ -128,11 +128,12 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     train_batches = train_loader.dataset  # its .start is where a resumed epoch picks up
     test_loader = loader(test_table, args.batch_size, args.workers, rank, world)
     model, train_loader = recd_plugin.apply(recd, model, train_loader)  # recd-plugin
-    test_loader = recd_plugin.wrap(recd, test_loader)  # recd-plugin, optional: deduplicated evaluation (plain batches work too)
+    test_loader = recd_plugin.wrap(recd, test_loader, model)  # recd-plugin, optional: deduplicated evaluation (plain batches work too)
     if args.pipeline:
         return train_pipelined(args, model, train_loader, recd, rank, world)
-    if args.sharding != "none":  # the planner hints use what apply() measured (distributed.shard)
-        model, optimizer = distributed.shard(model, recd, args.sharding, args.lr, args.optimizer, args.batch_size)
+    if args.sharding != "none":  # the planner hints measure u on the loader's first batches (distributed.shard)
+        model, optimizer = distributed.shard(model, recd, args.sharding, args.lr, args.optimizer, args.batch_size,
+                                             loader=train_loader)
     elif args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     else:
@@ -183,7 +184,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, data, recd: recd_plu
     if log:
         log.write(json.dumps(result) + "\n")
         log.close()
-    if isinstance(train_loader, recd_plugin.DedupLoader):  # the probe kept a group: batches were deduplicated
+    if isinstance(train_loader, recd_plugin.DedupLoader):  # the flag has groups: batches went through the plugin
         stats = train_loader.stats
         print(f"recd-plugin: {stats.samples_out} samples, unique user rows "
               f"{100 * stats.unique_fraction('user'):.1f}%")
@@ -196,7 +197,7 @@ def train_pipelined(args: argparse.Namespace, model: torch.nn.Module, train_load
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     step_model, optimizer = distributed.shard(distributed.TrainStep(model), recd, args.sharding, args.lr,
-                                              args.optimizer, args.batch_size)
+                                              args.optimizer, args.batch_size, loader=train_loader)
     pipeline = TrainPipelineSparseDist(step_model, optimizer, next(step_model.parameters()).device)
     # --max-steps limits the batches fed, not the loop: the pipeline runs input all-to-alls
     # ahead, and stopping it mid-flight would leave collectives of unused batches behind.

@@ -13,16 +13,17 @@ benchmarks measured a gain):
 
 * **RecD** when the session-level group's unique fraction u at the training batch size is at
   most ``RECD_MAX_U`` (at least 2 rows per unique row) in the order the data will be read.
-  Expected speed-up: :func:`recd_plugin.analyze.route.predict`, the plugin probe's cost
-  model, with u *measured here*, the route's fixed costs *timed here* on the data (the
+  Expected speed-up: :func:`recd_plugin.analyze.route.predict`, a cost model of the step under
+  the job's own keep rule, with u *measured here*, the route's fixed costs *timed here* on the data (the
   expansion of deduplicated rows, at the model's embedding width), and f, the share of the
   step time spent on the user side (embedding lookups of the group's features and user
   towers), *assumed* (``--dedup-share``, default 0.5; ``bench models`` measured 0.16 for a
   two-tower's query MLP, 0.5 for a mean-pooled history, 0.99 for a transformer over it):
   analyze sees the data, not your model's timing. With ``--step-ms`` (your plain step time)
   the fixed costs are set against the step; without it the gain is the Amdahl bound
-  1 / ((1 - f) + f u). Where the route would not pay, the prediction is 1.0x: the probe
-  leaves the group on TorchRec's plain path. Distributed: the group's tables receive about
+  1 / ((1 - f) + f u). Where the route would not pay, the prediction is 1.0x: the job's own
+  decision would leave the group on TorchRec's plain path. Only the job decides for a model built
+  on ``meta`` or trained on a GPU (its first steps are timed both ways). Distributed: the group's tables receive about
   1/u fewer ids.
 * **FAE** when FAE's static hot set at the budget fetches at most ``FAE_MAX_LRU_RATIO`` of the
   slow-tier rows an LRU cache of the same size fetches, on held-out batches. It only matters
@@ -133,8 +134,8 @@ def advise_recd(sample: DataSample, group: Optional[GroupReport], batch_size: in
                    f"sparse feature, add groups.{group.name}.key={group.key} (one id compared instead of the rows)")
     why.append(f"add towers.<your user tower module>={group.name} when a dense module reads only these features")
     if p.route == "plain":
-        why.append(f"at f = {dedup_share:g} the probe would leave the group on the plain path; apply still "
-                   "measures your model and keeps the route where it pays")
+        why.append(f"at f = {dedup_share:g} the prediction leaves the group on the plain path; the job still "
+                   "times its first steps both ways and keeps the route where it pays")
     return Recommendation("RecD", True, flag, f"{'up to ' if step_ms is None else ''}{p.ratio:.2f}x training "
                           f"throughput (f = {dedup_share:g} assumed)", why)
 

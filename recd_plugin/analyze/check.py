@@ -12,7 +12,7 @@ criteo-synthetic (checked when DATA is ``criteo-synthetic``), the DES estimate i
 the model config, checked against the DES benchmark's own config on criteo-synthetic, and the
 models benchmark (TorchRec's models, unsharded and under DMP) runs its MovieLens cases on
 ``movielens-100k`` and its DLRM / two-tower cases on ``criteo-sessions``. Its rows are the
-route's predicted speed-up (:func:`recd_plugin.analyze.route.predict`: the probe's keep rule,
+route's predicted speed-up (:func:`recd_plugin.analyze.route.predict`: the job's keep rule,
 u measured here, f and the plain step time from the benchmark's own timing of that case; its
 f = 1 - T_one / T_plain already holds the route's fixed costs) next to the measured one. Measured
 numbers come from :mod:`recd_plugin.analyze.measured`; a benchmark that has not run gives a

@@ -1,4 +1,4 @@
-"""What the dedup route will give: the probe's cost model, with the route's fixed costs.
+"""What the dedup route will give: a cost model of the step, with the route's fixed costs.
 
 ::
 
@@ -7,17 +7,19 @@
     p = predict(f=0.5, u=0.03, costs=costs, step_ms=40.0)
     p.ratio, p.route, p.why              # 1.9, "dedup", "..."
 
-The plugin's probe (``recd_plugin.modules.probe``) keeps a group on the dedup route only
-where it pays: its time with dedup at most ``MARGIN`` (0.95) of the plain time, saving at least
-``MIN_SAVING_MS``. ``predict`` applies the same rule to a whole step:
+The plugin decides each group on the job's own training steps (``recd_plugin.transforms.route``)
+and keeps it only where its steps take at most ``KEEP_BELOW`` (0.97) of the plain steps' time
+(``keeps``). ``predict`` applies the same rule to a predicted step:
 
 * plain step T (ms), of which a share f is deduplicable work (the group's embedding lookups
   and the towers over them), which shrinks to the unique fraction u of the rows;
 * the route's fixed costs c (ms per step): expanding the deduplicated outputs back to one row
   per sample, forward and backward (``expand_ms``, measured here at the group's width);
-* predicted step (1 - f) T + f u T + c; speed-up T / that; when the route does not save
-  ``1 - MARGIN`` of the step (or ``MIN_SAVING_MS``), the probe leaves the group on TorchRec's
-  plain path and the speed-up is 1.0.
+* predicted step (1 - f) T + f u T + c; speed-up T / that; when ``keeps`` says no, the plugin
+  will leave the group on TorchRec's plain path and the speed-up is 1.0.
+
+What it cannot see (the job decides): a model built on ``meta``, a GPU step, and the cost of the
+user's own code around the modules; ``recd-plugin analyze`` says so with its prediction.
 
 Without T the fixed costs cannot be set against the step; the prediction is then the Amdahl
 bound 1 / ((1 - f) + f u) and says so. The loader's cost (building the IKJT, ``loader_ms``)
@@ -39,7 +41,7 @@ import torch
 
 from recd_plugin.analyze.recd import GroupReport, amdahl_bound
 from recd_plugin.analyze.sources import DataSample
-from recd_plugin.modules.probe import MARGIN, MIN_SAVING_MS
+from recd_plugin.transforms.route import KEEP_BELOW, keeps
 
 #: Embedding width per grouped feature assumed when the model is not described.
 DEFAULT_DIM = 16
@@ -59,7 +61,7 @@ class RouteCosts:
 @dataclass
 class Prediction:
     ratio: float        # plugin / plain samples per second
-    route: str          # "dedup" or "plain" (what the probe will choose)
+    route: str          # "dedup" or "plain" (what the job's decision would choose: ``keeps``)
     bound: float        # Amdahl bound 1 / ((1 - f) + f u), no fixed costs
     why: str
 
@@ -116,18 +118,16 @@ def measure_route_costs(sample: DataSample, group: GroupReport, batch_size: int,
 
 
 def predict(f: float, u: float, costs: Optional[RouteCosts] = None, step_ms: Optional[float] = None) -> Prediction:
-    """The speed-up the plugin will give (module docstring): the probe's keep rule applied to
-    a step with deduplicable share ``f`` and unique fraction ``u``."""
+    """The speed-up the plugin will give (module docstring): the job's keep rule (``keeps``)
+    applied to a predicted step with deduplicable share ``f`` and unique fraction ``u``."""
     bound = amdahl_bound(f, u)
     if costs is None or step_ms is None:
         rel = 1.0 / bound
-        saved_ms = None if step_ms is None else (1.0 - rel) * step_ms
         how = "Amdahl bound" + ("" if costs is None else " (no step time: fixed costs not set against it)")
     else:
         rel = 1.0 / bound + costs.expand_ms / step_ms
-        saved_ms = (1.0 - rel) * step_ms
         how = f"with {costs.expand_ms:.2f} ms fixed costs on a {step_ms:g} ms step"
-    if rel > MARGIN or (saved_ms is not None and saved_ms < MIN_SAVING_MS):
-        return Prediction(1.0, "plain", bound, f"saves less than {100 * (1 - MARGIN):.0f}% of the step "
-                          f"(or {MIN_SAVING_MS} ms): the probe keeps TorchRec's plain path ({how})")
+    if not keeps(rel, 1.0):
+        return Prediction(1.0, "plain", bound, f"saves less than {100 * (1 - KEEP_BELOW):.0f}% of the step: the "
+                          f"plugin would keep TorchRec's plain path ({how})")
     return Prediction(1.0 / rel, "dedup", bound, how)

@@ -54,7 +54,13 @@ from tqdm import tqdm
 from recd_plugin.bench.report import free_port, machine, median, publish
 from recd_plugin.data.criteo import SESSION, SESSION_FIELDS
 
-MODELS = ["dlrm", "dlrm_dcn", "two_tower", "movielens_light", "movielens_transformer"]
+MODELS = ["dlrm", "dlrm_dcn", "two_tower", "movielens_light", "movielens_transformer", "dlrm_meta", "deepfm_meta",
+          "reads_batch"]
+#: Built with their tables on ``meta``, as TorchRec's examples build them: DMP materializes them,
+#: so they run in the DMP modes only.
+META_MODELS = ("dlrm_meta", "deepfm_meta")
+#: Passes of the plugin side, at most, for its route decision (the job's first steps).
+DECISION_PASSES = 16
 MODES = ["unsharded", "dmp1", "dmp2", "dmp2_hints"]
 DIM = 16
 MAX_ROWS = 20_000
@@ -114,17 +120,45 @@ class MovieLensStep(nn.Module):
         return loss, (loss.detach(), logits.detach(), batch.labels)
 
 
+class DeepFMTrain(nn.Module):
+    """TorchRec's ``SimpleDeepFMNN`` as a pipeline runs it: ``forward(batch) -> (loss, ...)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(self, batch: Any) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        logits = self.model(dense_features=batch.dense_features, sparse_features=batch.sparse_features).squeeze(-1)
+        loss = self.loss_fn(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
 def build(name: str, card: Optional[Dict[str, int]] = None) -> Tuple[nn.Module, str]:
     """(model whose forward(batch) returns (loss, ...), the plugin flag for it)."""
     torch.manual_seed(0)
-    if name in ("dlrm", "dlrm_dcn"):
+    if name == "deepfm_meta":
+        from torchrec import EmbeddingBagCollection
+        from torchrec.models.deepfm import SimpleDeepFMNN
+
+        ebc = EmbeddingBagCollection(tables=_tables(SESSION_FIELDS + SAMPLE_FIELDS), device=torch.device("meta"))
+        return DeepFMTrain(SimpleDeepFMNN(num_dense_features=13, embedding_bag_collection=ebc, hidden_layer_size=64,
+                                          deep_fm_dimension=DIM)), DLRM_FLAG
+    if name == "reads_batch":
+        from recd_plugin.bench.reads_batch import FLAG, ReadsBatch
+
+        assert card is not None
+        return ReadsBatch({"user_id": card["user_id"], "history": card["item_id"], "item_id": card["item_id"],
+                           "position": 1024}, dim=DIM), FLAG
+    if name in ("dlrm", "dlrm_dcn", "dlrm_meta"):
         from torchrec import EmbeddingBagCollection
         from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
-        ebc = EmbeddingBagCollection(tables=_tables(SESSION_FIELDS + SAMPLE_FIELDS))
+        ebc = EmbeddingBagCollection(tables=_tables(SESSION_FIELDS + SAMPLE_FIELDS),
+                                     device=torch.device("meta") if name in META_MODELS else None)
         kwargs = dict(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[64, DIM],
                       over_arch_layer_sizes=[64, 1])
-        dlrm = DLRM(**kwargs) if name == "dlrm" else DLRM_DCN(**kwargs, dcn_num_layers=2, dcn_low_rank_dim=8)
+        dlrm = DLRM_DCN(**kwargs, dcn_num_layers=2, dcn_low_rank_dim=8) if name == "dlrm_dcn" else DLRM(**kwargs)
         return DLRMTrain(dlrm), DLRM_FLAG
     if name == "two_tower":
         return RetrievalTwoTower(), DLRM_FLAG + "; towers.query_proj=session"
@@ -198,6 +232,11 @@ def one_session(batch: Any, spec: Any) -> Any:
 
 
 def case_data(model: str, batch_size: int, count: int, unique: bool) -> Tuple[Optional[Dict[str, int]], List[Any]]:
+    if model == "reads_batch":
+        from recd_plugin.bench.reads_batch import with_position
+
+        card, batches = movielens(batch_size, count, unique)
+        return card, [with_position(b) for b in batches]
     if model.startswith("movielens"):
         return movielens(batch_size, count, unique)
     return None, synthetic(batch_size, count, 1 if unique else SESSION)
@@ -208,10 +247,13 @@ def case_data(model: str, batch_size: int, count: int, unique: bool) -> Tuple[Op
 
 
 class _Side:
-    """One side of a case: a model, its optimizer and its batches, stepped directly or by
-    TorchRec's TrainPipelineSparseDist (DMP modes)."""
+    """One side of a case: a model, its optimizer and its batches (any re-iterable loader: the
+    plugin side's is the loader ``recd_plugin.apply`` returned, read afresh each pass, as a
+    training script does), stepped directly or under DMP, by TorchRec's TrainPipelineSparseDist
+    (``pipeline``) or by a plain loop."""
 
-    def __init__(self, model: nn.Module, batches: List[Any], dmp: bool, constraints: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, model: nn.Module, batches: Any, dmp: bool, constraints: Optional[Dict[str, Any]] = None,
+                 pipeline: bool = True) -> None:
         self.batches = batches
         if not dmp:
             self.model, self.opt, self.pipeline = model, torch.optim.SGD(model.parameters(), lr=LR), None
@@ -224,7 +266,10 @@ class _Side:
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
         device = torch.device("cpu")
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # Tables built on meta (TorchRec's examples) are materialized by DMP from the RNG: the
+        # caller seeds both sides alike. Materialized ones keep their weights through sharding.
+        meta = any(p.is_meta for p in model.parameters())
+        initial = None if meta else {k: v.detach().clone() for k, v in model.state_dict().items()}
         planner = EmbeddingShardingPlanner(topology=Topology(world_size=dist.get_world_size(), compute_device="cpu"),
                                            constraints=constraints)
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -235,12 +280,15 @@ class _Side:
         fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR}
         sharders = [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused)]
         plan = planner.collective_plan(model, sharders, dist.group.WORLD)
+        if meta:
+            torch.manual_seed(0)  # DMP draws the tables' initial weights: alike on both sides
         self.model = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
-        self.model.load_state_dict(initial)  # sharding re-initializes tables: keep the same weights
+        if initial is not None:
+            self.model.load_state_dict(initial)  # sharding re-initializes tables: keep the same weights
         dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(self.model.named_parameters())),
                                       lambda ps: torch.optim.SGD(ps, lr=LR))
         self.opt = CombinedOptimizer([self.model.fused_optimizer, dense])
-        self.pipeline = TrainPipelineSparseDist(self.model, self.opt, device)
+        self.pipeline = TrainPipelineSparseDist(self.model, self.opt, device) if pipeline else None
 
     def run_pass(self, timings: Optional[List[float]], losses: Optional[List[float]]) -> None:
         if self.pipeline is None:
@@ -265,9 +313,17 @@ class _Side:
                 losses.append(float(loss))
 
 
+def _loader(batches: List[Any]) -> Any:
+    """A user's DataLoader over ready batches: one persistent worker (the plugin builds its
+    IKJTs there, off the training loop), the same on both sides."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(batches, batch_size=None, num_workers=1, persistent_workers=True)
+
+
 def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank: int = 0,
            world: int = 1, flag_suffix: str = "", hints: bool = False) -> Tuple[Dict[str, _Side], Dict[str, Any]]:
-    """Plain and plugin sides of one case, plus what the plugin decided and the data."""
+    """Plain and plugin sides of one case, plus what the plugin will decide on and the data."""
     import recd_plugin
     from recd_plugin.transforms.dedup import measure
 
@@ -275,23 +331,18 @@ def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank
     mine = batches[rank::world]
     base, flag = build(name, card)
     config = recd_plugin.RecDConfig.from_string(flag + flag_suffix)
-    spec = config.spec  # every group of the flag (apply narrows config to the groups that pay)
+    spec = config.spec
     u = measure(mine, spec, len(mine)).unique_fraction(spec.groups[0].name)
-    # As a user's DataLoader with workers: the IKJTs are built there, off the timed steps (built
-    # once here, before timing), and apply's probe knows it (it charges the route for building
-    # them only when the training loop does).
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(mine, batch_size=None, num_workers=1)
-    plugin_model, loader = recd_plugin.apply(config, copy.deepcopy(base), loader)
-    plugin_batches = list(loader)
+    # The plugin side as a user's script has it: apply on its model and DataLoader, then the
+    # loader apply returned, read afresh every pass; its first steps decide the route.
+    plugin_model, loader = recd_plugin.apply(config, copy.deepcopy(base), _loader(mine))
     cons = None
     if hints and config.groups:  # the plugin's optional planner hints: deduplicated batch sizes
         from recd_plugin.sharding.planner import constraints
 
         cons = constraints(plugin_model, config, batch_size, {g.name: u for g in config.groups})
-    sides = {"plain": _Side(base, mine, dmp), "plugin": _Side(plugin_model, plugin_batches, dmp, cons)}
-    info = {"route": "dedup" if config.groups else "plain", "unique_fraction": u, "dup_factor": 1 / u,
+    sides = {"plain": _Side(base, _loader(mine), dmp), "plugin": _Side(plugin_model, loader, dmp, cons)}
+    info = {"unique_fraction": u, "dup_factor": 1 / u, "model": plugin_model,
             "config": config, "spec": spec, "plain_batches": mine, "card": card}
     return sides, info
 
@@ -299,9 +350,12 @@ def _sides(name: str, batch_size: int, count: int, unique: bool, dmp: bool, rank
 def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, dmp: bool,
              rank: int = 0, world: int = 1, count_comm: bool = False, flag_suffix: str = "",
              hints: bool = False) -> Dict[str, Any]:
-    """Both sides of one case, alternating in blocks of one pass; ``rounds`` timed passes
-    after one warm-up pass (whose losses are compared). ``flag_suffix`` is appended to the
-    model's plugin flag (tests: ``"; probe_batches=0"`` forces the dedup route)."""
+    """Both sides of one case: first the plugin side's own route decision (its first training
+    steps, consecutive, as in a job: at most ``DECISION_PASSES`` passes), the plain side the
+    same passes; then the two alternating in blocks of one pass, ``rounds`` timed passes after
+    one warm-up pass. Every untimed pass's losses are compared. ``flag_suffix`` is appended to
+    the model's plugin flag (tests: ``"; route=dedup"`` keeps the group unmeasured)."""
+    import recd_plugin
     from recd_plugin.bench.comm import EMBEDDING_OPS, CommCounter
 
     # Small batches step in milliseconds, where scheduler jitter dominates one reading: time
@@ -311,19 +365,32 @@ def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, 
     losses: Dict[str, List[float]] = {"plain": [], "plugin": []}
     times: Dict[str, List[float]] = {"plain": [], "plugin": []}
     comm: Dict[str, float] = {}
-    for side in ("plain", "plugin"):  # warm-up pass: the compared losses (and counted bytes)
+    decision_passes = 0
+    while recd_plugin.decisions(info["model"]) is None and decision_passes < DECISION_PASSES:
+        sides["plugin"].run_pass(None, losses["plugin"])
+        decision_passes += 1
+    for _ in range(decision_passes):
+        sides["plain"].run_pass(None, losses["plain"])
+    for side in ("plain", "plugin"):  # warm-up pass (and counted bytes)
         if count_comm:
             with CommCounter() as counter:
-                sides[side].run_pass(None, losses[side])
-            comm[side] = sum(counter.float_by_op.get(op, 0) for op in EMBEDDING_OPS) / max(len(losses[side]), 1)
+                per_pass: List[float] = []
+                sides[side].run_pass(None, per_pass)
+            losses[side] += per_pass
+            comm[side] = sum(counter.float_by_op.get(op, 0) for op in EMBEDDING_OPS) / max(len(per_pass), 1)
         else:
             sides[side].run_pass(None, losses[side])
     for r in range(rounds):  # the order flips every round: neither side always runs first
         for side in (("plain", "plugin") if r % 2 == 0 else ("plugin", "plain")):
             sides[side].run_pass(times[side], None)
+    decided = recd_plugin.decisions(info["model"]) or []
+    kept = [d for d in decided if d.kept]
     t_plain, t_plugin = median(times["plain"]), median(times["plugin"])
     out = {"model": name, "batch": batch_size, "unique_fraction": info["unique_fraction"],
-           "dup_factor": info["dup_factor"], "route": info["route"],
+           "dup_factor": info["dup_factor"], "route": "dedup" if kept else "plain",
+           "decided_in_steps": decision_passes * steps if decided else None,
+           "decision": [{"group": d.group, "kept": d.kept, "dedup_ms": d.dedup_ms, "plain_ms": d.plain_ms,
+                         "ratio": d.ratio, "why": d.reason} for d in decided],
            "ratio": t_plain / t_plugin, "samples_per_s_plain": batch_size / t_plain,
            "samples_per_s_plugin": batch_size / t_plugin, "timed_steps": len(times["plain"]),
            "max_loss_diff": max((abs(a - b) for a, b in zip(losses["plain"], losses["plugin"])), default=0.0),
@@ -334,7 +401,7 @@ def run_case(name: str, batch_size: int, unique: bool, steps: int, rounds: int, 
     # f, in this mode: the plugin's step with all deduplicable work done once (U = 1), after the
     # timing. The plain route has no deduplicable work (f = 0, bound 1).
     out["step_s_one"] = t_plain
-    if info["route"] == "dedup":
+    if kept:
         fixed = sides["plugin"]
         fixed.batches = _through_plugin([one_session(b, info["spec"]) for b in info["plain_batches"]], info["config"])
         t_one: List[float] = []
@@ -416,14 +483,20 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_sizes: Optio
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as one rank of the DMP modes
             try:
-                for name, batch, unique in tqdm(grid, desc="models, unsharded (cases)", leave=False, disable=None):
+                unsharded = [c for c in grid if c[0] not in META_MODELS]  # meta tables need DMP
+                for name, batch, unique in tqdm(unsharded, desc="models, unsharded (cases)", leave=False, disable=None):
                     cases.append(dict(run_case(name, batch, unique, steps, rounds, False), mode=mode))
             finally:
                 torch.set_num_threads(threads)
         else:
             world = int(mode[3])  # dmp1, dmp2, dmp2_hints
             cases += [dict(c, mode=mode) for c in run_dmp(world, grid, steps, rounds, hints=mode.endswith("_hints"))]
-    result = {"machine": machine(), "quick": quick, "timed_steps": steps * rounds, "cases": cases}
+    noise = aa_noise(cases)
+    for c in cases:
+        c["aa_noise"] = noise.get(c["mode"], float("nan"))
+        c["never_slower"] = c["ratio"] >= 1.0 - c["aa_noise"]
+    result = {"machine": machine(), "quick": quick, "timed_steps": steps * rounds, "cases": cases,
+              "aa_noise": noise}
     _print(result)
     publish("models", _markdown(result), result, json_path, write_docs)
     bad = [c for c in cases if c["max_loss_diff"] > LOSS_TOLERANCE]
@@ -433,38 +506,72 @@ def run(quick: bool = False, json_path: Optional[str] = None, batch_sizes: Optio
     return result
 
 
+def aa_noise(cases: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Per mode, this machine's measurement noise: the largest |1 - ratio| of the cases whose
+    decision left every group plain (both sides then run the same model: an A/A comparison)."""
+    out: Dict[str, float] = {}
+    for c in cases:
+        if c["route"] == "plain":
+            out[c["mode"]] = max(out.get(c["mode"], 0.0), abs(1.0 - c["ratio"]))
+    return out
+
+
 def _print(result: Dict[str, Any]) -> None:
     print(f"recd-plugin on TorchRec's models, {result['machine']}")
-    print(f"{'model':22}{'mode':10}{'batch':>6}{'u':>7}{'route':>7}{'ratio':>7}{'bound':>7}{'f':>6}{'comm':>7}{'dloss':>9}")
+    print(f"{'model':22}{'mode':10}{'batch':>6}{'u':>7}{'route':>7}{'decided':>16}{'ratio':>7}{'A/A':>6}"
+          f"{'bound':>7}{'f':>6}{'comm':>7}{'dloss':>9}")
     for c in result["cases"]:
         print(f"{c['model']:22}{c['mode']:10}{c['batch']:6d}{c['unique_fraction']:7.3f}{c['route']:>7}"
-              f"{c['ratio']:7.2f}{c.get('bound', float('nan')):7.2f}{c.get('f', float('nan')):6.2f}"
+              f"{_decided(c):>16}{c['ratio']:7.2f}{c.get('aa_noise', float('nan')):6.2f}"
+              f"{c.get('bound', float('nan')):7.2f}{c.get('f', float('nan')):6.2f}"
               f"{c.get('comm_ratio', float('nan')):7.2f}{c['max_loss_diff']:9.1e}")
 
 
+def _decided(c: Dict[str, Any]) -> str:
+    """The decision's own measurement: 'dedup/plain ms' per step, or why there is none."""
+    d = c.get("decision") or []
+    if not d:
+        return "unmeasured"
+    return f"{d[0]['dedup_ms']:.1f}/{d[0]['plain_ms']:.1f}" if d[0]["dedup_ms"] == d[0]["dedup_ms"] else "unmeasured"
+
+
 def _markdown(result: Dict[str, Any]) -> str:
+    cases = result["cases"]
+    slower = [c for c in cases if not c["never_slower"]]
+    noise = ", ".join(f"{m} {100 * v:.0f}%" for m, v in result["aa_noise"].items())
+    missed = ", ".join(f"{c['model']} {c['mode']} {c['batch']} ({c['ratio']:.2f})" for c in slower)
     lines = [
         "## TorchRec's models (`recd-plugin bench models" + (" --quick" if result["quick"] else "") + "`)",
         "",
-        f"Machine: {result['machine']}. Median of {result['timed_steps']} timed steps per side "
-        f"({SMALL_BATCH_ROUNDS * result['timed_steps']} for batches under 256) after a warm-up "
-        "pass, sides alternating on the same batches, SGD; DMP modes: default planner and sharders, "
-        "TrainPipelineSparseDist, gloo, one thread per rank. `route`: what the plugin's probe chose "
-        "(`plain`: the group did not pay and was left on TorchRec's plain path; both sides are then the same "
-        "model, so their ratio shows this machine's measurement noise). `f`: 1 - T_one / T_plain measured "
-        "in each mode (T_one: the plugin's step with every sample's session features taken from the batch's "
-        "first sample, U = 1; the route's fixed costs are in it); bound = 1 / ((1 - f) + f u). `comm`: floating-point bytes "
-        "of the embedding collectives per step, plain / plugin (dmp2; per-sample tables included, so it "
-        "stays below the dup factor).",
+        f"Machine: {result['machine']}. The plugin side is switched on by `recd_plugin.apply` alone, with "
+        "a DataLoader (one worker, both sides), and decides its route on its own first training steps "
+        "(`recd_plugin.transforms.route`: blocks of deduplicated and plain batches, timed): `decided` is "
+        "that measurement, deduplicated / plain ms per step, and `route` what it kept. Then median of "
+        f"{result['timed_steps']} timed steps per side ({SMALL_BATCH_ROUNDS * result['timed_steps']} for "
+        "batches under 256) after a warm-up pass, sides alternating on the same batches, SGD; every untimed "
+        "step's losses compared (`max loss diff`). DMP modes: default planner and sharders, "
+        "TrainPipelineSparseDist, gloo, one thread per rank; `dlrm_meta` and `deepfm_meta` are built with "
+        "their tables on `meta` (DMP materializes them; DMP modes only); `reads_batch` reads grouped "
+        "features of the batch in its own forward (recd_plugin/bench/reads_batch.py). `A/A`: the mode's "
+        "measurement noise, the largest |1 - ratio| of its cases left plain (both sides then run the same "
+        f"model): {noise or 'no plain case'}. Never slower means ratio >= 1 - A/A: "
+        f"{len(cases) - len(slower)} of {len(cases)} cases"
+        + (f" (missed: {missed})" if slower else "") + ". "
+        "`f`: 1 - T_one / T_plain measured in each mode (T_one: the plugin's step with every sample's session "
+        "features taken from the batch's first sample, U = 1; the route's fixed costs are in it); bound = "
+        "1 / ((1 - f) + f u). `comm`: floating-point bytes of the embedding collectives per step, plain / "
+        "plugin (dmp2; per-sample tables included, so it stays below the dup factor).",
         "",
-        "| model | mode | batch | u | route | plain samples/s | plugin samples/s | ratio | f | bound | ratio / bound | comm | dup factor | max loss diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | batch | u | decided (ms) | route | plain samples/s | plugin samples/s | ratio | A/A | f | "
+        "bound | ratio / bound | comm | dup factor | max loss diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in result["cases"]:
+    for c in cases:
         bound = c.get("bound", float("nan"))
         lines.append(
-            f"| {c['model']} | {c['mode']} | {c['batch']} | {c['unique_fraction']:.3f} | {c['route']} | "
-            f"{c['samples_per_s_plain']:.0f} | {c['samples_per_s_plugin']:.0f} | {c['ratio']:.2f} | "
-            f"{c.get('f', float('nan')):.2f} | {bound:.2f} | {100 * c['ratio'] / bound:.0f}% | "
-            f"{c.get('comm_ratio', float('nan')):.2f} | {c['dup_factor']:.1f} | {c['max_loss_diff']:.1e} |")
+            f"| {c['model']} | {c['mode']} | {c['batch']} | {c['unique_fraction']:.3f} | {_decided(c)} | "
+            f"{c['route']} | {c['samples_per_s_plain']:.0f} | {c['samples_per_s_plugin']:.0f} | {c['ratio']:.2f} | "
+            f"{100 * c.get('aa_noise', float('nan')):.0f}% | {c.get('f', float('nan')):.2f} | {bound:.2f} | "
+            f"{100 * c['ratio'] / bound:.0f}% | {c.get('comm_ratio', float('nan')):.2f} | {c['dup_factor']:.1f} | "
+            f"{c['max_loss_diff']:.1e} |")
     return "\n".join(lines)

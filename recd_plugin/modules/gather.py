@@ -45,6 +45,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from recd_plugin.errors import UnsupportedModelError
 from recd_plugin.modules.tower import DedupContext
+from recd_plugin.sparse.dedup_kjt import DedupKJT
 from recd_plugin.sparse.ikjt import is_aligned, jagged_index_select
 
 
@@ -143,7 +144,10 @@ class OutputGather:
         return self._gather(path, kjt, output)
 
     def _gather(self, path: str, kjt: KeyedJaggedTensor, output: Any) -> Any:
-        return gather_output(output, kjt, self.group_of, path)
+        group_of = self.group_of
+        if isinstance(kjt, DedupKJT):  # only the groups this batch deduplicates have carriers
+            group_of = {f: g for f, g in group_of.items() if g in kjt.dedup_groups}
+        return gather_output(output, kjt, group_of, path)
 
 
 def gather_output(output: Any, kjt: KeyedJaggedTensor, group_of: Dict[str, str], path: str = "") -> Any:

@@ -12,16 +12,23 @@ and loader step, for the flag's groups and towers (the ``RecDConfig`` itself is 
   reading a group get their outputs gathered from the aligned IKJT's carrier rows
   (``modules/gather.py``). Then the towers get their hooks (``modules/tower.py``). State-dict
   keys never change: swapped modules share the originals' submodules, towers are hooks.
-* ``wrap_loader``: the loader yields IKJT batches (``DedupLoader``; aligned when sharded).
+* ``wrap_loader``: the loader yields IKJT batches (``DedupLoader``; aligned when sharded) whose
+  KJT model code reads as the plain batch (``recd_plugin.sparse.dedup_kjt``), each on the route
+  the group decision asks for: its first training steps time each group both ways, and a group
+  stays deduplicated only where it pays (``recd_plugin.transforms.route``; ``route = "dedup"``
+  keeps every group unmeasured). The decision is kept with the model (:func:`decider_of`):
+  another loader wrapped for it (``recd_plugin.wrap(config, loader, model)``) follows it.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Optional
 
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
+from recd_plugin._ranks import say
 from recd_plugin.config import RecDConfig
 from recd_plugin.errors import DedupSpecError, UnsupportedModelError, did_you_mean
 from recd_plugin.modules import tower as _tower
@@ -32,6 +39,15 @@ from recd_plugin.modules.swap import (custom_forward_modules, dedup_class, gathe
 from recd_plugin.modules.tower import DedupContext
 from recd_plugin.technique import Technique, Undo, all_or_nothing, register_technique
 from recd_plugin.transforms.dedup import DedupLoader
+from recd_plugin.transforms.route import RouteDecider
+
+#: model -> its group decision (one per ``apply``), for the loaders wrapped for it later.
+_DECIDERS: "weakref.WeakKeyDictionary[nn.Module, RouteDecider]" = weakref.WeakKeyDictionary()
+
+
+def decider_of(model: nn.Module) -> Optional[RouteDecider]:
+    """The group decision ``apply`` attached to ``model`` (None if it has none)."""
+    return _DECIDERS.get(model)
 
 
 @register_technique
@@ -44,6 +60,12 @@ class RecD(Technique):
     order = 20
     converted_types = (DedupModule,)
     config: RecDConfig
+
+    def __init__(self, config: RecDConfig, flag: RecDConfig, sharded: bool) -> None:
+        super().__init__(config, flag, sharded)
+        self.decider = RouteDecider([g.name for g in config.groups], measure=config.measures_routes())
+        if config.route == "measure" and not config.measures_routes():
+            self.decider.why_not_measured = "probe_batches = 0 in the flag"
 
     def check(self, model: nn.Module) -> None:
         config = self.config
@@ -63,10 +85,19 @@ class RecD(Technique):
         modules = dict(model.named_modules())
         for path in config.towers:
             _check_tower(config, modules, path)
+            random = random_modules(modules[path], path)
+            if random and config.tower_randomness == "refuse":
+                raise UnsupportedModelError(
+                    f"recd tower {path!r} draws randomness in training ({', '.join(random)}): on unique rows it "
+                    "draws once per session instead of once per sample, so losses would differ from plugin-off "
+                    "(tower_randomness = refuse in the flag). Fix: set those modules' p to 0, or leave the tower "
+                    "out of the flag (or allow it: tower_randomness = allow; docs/recd.md explains the effect)")
 
     def convert(self, model: nn.Module) -> List[Undo]:
-        ctx = DedupContext.attach(model, self.config.spec, pad_over_ranks=self.sharded)
-        with all_or_nothing([ctx.detach]) as undo:
+        decider = self.decider
+        ctx = DedupContext.attach(model, self.config.spec, pad_over_ranks=self.sharded, observer=decider.observe)
+        _DECIDERS[model] = decider
+        with all_or_nothing([ctx.detach, lambda: _DECIDERS.pop(model, None)]) as undo:
             if self.sharded:
                 from recd_plugin.modules.gather import OutputGather  # sharded mode only
 
@@ -74,11 +105,32 @@ class RecD(Technique):
             else:
                 undo.extend(_swap_embedding_modules(model))
             undo.extend(_hook_towers(model, self.config, ctx, self.sharded))
+        decider.announce()
+        for path in self.config.towers:
+            random = random_modules(model.get_submodule(path), path)
+            if random:
+                say(f"recd-plugin: tower {path!r} draws randomness once per session, not per sample, on "
+                    f"deduplicated batches: {', '.join(random)} (statistically a different dropout; docs/recd.md; "
+                    "tower_randomness = refuse makes this an error)")
         return undo
 
     def wrap_loader(self, loader: Any, model: Optional[nn.Module]) -> Any:
         config = self.config
-        return DedupLoader(loader, config.spec, config.verify_batches, config.in_workers, aligned=self.sharded)
+        decider = decider_of(model) if model is not None else None
+        follow = decider is not None  # a later loader of a converted model: follows its decision
+        return DedupLoader(loader, config.spec, config.verify_batches, config.in_workers, aligned=self.sharded,
+                           router=decider or self.decider, follow=follow, where=config.batch_kjt)
+
+
+def random_modules(tower: nn.Module, path: str) -> List[str]:
+    """The modules of ``tower`` that draw randomness in training: dropout layers and attention
+    with dropout (``path.sub (Dropout p=0.1)``)."""
+    found = []
+    for name, m in tower.named_modules():
+        p = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "dropout", None)
+        if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)) and isinstance(p, float) and p > 0:
+            found.append(f"{path + '.' + name if name else path} ({type(m).__name__} p={p:g})")
+    return found
 
 
 def _check_tower(config: RecDConfig, modules: Dict[str, nn.Module], path: str) -> None:

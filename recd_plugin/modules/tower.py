@@ -33,7 +33,7 @@ weight (``check_tower_layers``) before installing anything.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -45,14 +45,19 @@ from recd_plugin.config import verify_step
 from recd_plugin.errors import NotDeduplicableError, UnsupportedModelError
 from recd_plugin.modules.batchnorm import WeightedHandle, weight_batch_norms
 from recd_plugin._ranks import all_reduce_ints
+from recd_plugin.sparse.dedup_kjt import DedupKJT
 from recd_plugin.sparse.ikjt import DedupSpec, group_rows, is_aligned, jagged_index_select, select_rows, unique_rows
 
 
 class DedupContext:
     """Per-forward inverse indices of each feature group, taken from the model's IKJT input."""
 
-    def __init__(self, spec: DedupSpec, pad_over_ranks: bool = False) -> None:
+    def __init__(self, spec: DedupSpec, pad_over_ranks: bool = False,
+                 observer: Optional[Callable[[Optional[KeyedJaggedTensor], bool], None]] = None) -> None:
         self.spec = spec
+        #: called at each forward of the root model with (its batch's KJT, training mode): the
+        #: route decision times the job's steps there (``recd_plugin.transforms.route``)
+        self.observer = observer
         #: sharded mode: every rank hands its towers the same number of rows, the maximum of
         #: U over ranks (ROW_WISE sharding's backward all-gathers per-rank pieces, which gloo
         #: and nccl need equal); the extra rows repeat sample 0 and are never read.
@@ -62,10 +67,11 @@ class DedupContext:
         self.handles: List[RemovableHandle] = []
 
     @classmethod
-    def attach(cls, model: nn.Module, spec: DedupSpec, pad_over_ranks: bool = False) -> "DedupContext":
+    def attach(cls, model: nn.Module, spec: DedupSpec, pad_over_ranks: bool = False,
+               observer: Optional[Callable[[Optional[KeyedJaggedTensor], bool], None]] = None) -> "DedupContext":
         """Record the IKJT at each forward of ``model``; forget it when the forward ends, so a
         tower called directly afterwards never reuses a stale inverse index."""
-        ctx = cls(spec, pad_over_ranks)
+        ctx = cls(spec, pad_over_ranks, observer)
         ctx.handles = [
             model.register_forward_pre_hook(ctx._capture, with_kwargs=True),
             model.register_forward_hook(ctx._forget, always_call=True),
@@ -78,7 +84,10 @@ class DedupContext:
         self.set(None)
 
     def _capture(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        self.set(_find_kjt(list(args) + list(kwargs.values())))
+        kjt = _find_kjt(list(args) + list(kwargs.values()))
+        self.set(kjt)
+        if self.observer is not None:
+            self.observer(kjt, module.training)
 
     def _forget(self, module: nn.Module, args: Any, output: Any) -> None:
         self.set(None)
@@ -98,6 +107,8 @@ class DedupContext:
         kjt = self._kjt
         if kjt is None or kjt.inverse_indices_or_none() is None:
             return None
+        if isinstance(kjt, DedupKJT) and group not in kjt.dedup_groups:
+            return None  # the group takes the plain route in this batch
         # Rows no sample reads (empty bags padded in for equal per-rank counts) take sample
         # 0's dense inputs: any valid row will do, their outputs are never read.
         first, inv = group_rows(kjt, self.spec.group(group).all_features[0])
@@ -108,23 +119,30 @@ class DedupContext:
         return self._cache[group]
 
 
-def _find_kjt(items: List[Any]) -> Optional[KeyedJaggedTensor]:
-    """The first KJT among forward arguments: a KJT, a Batch-like object, or in a tuple/dict."""
+def _find_kjt(items: List[Any], depth: int = 0) -> Optional[KeyedJaggedTensor]:
+    """The batch's KJT among forward arguments: a KJT, or one inside a tuple, list, dict or a
+    batch object's fields (TorchRec's ``Batch``, ``ModelInput``, a user dataclass); the plugin's
+    ``DedupKJT`` first when there are several."""
+    found: Optional[KeyedJaggedTensor] = None
     for item in items:
-        if isinstance(item, KeyedJaggedTensor):
+        if isinstance(item, DedupKJT):
             return item
-        sparse = getattr(item, "sparse_features", None)
-        if isinstance(sparse, KeyedJaggedTensor):
-            return sparse
-        if isinstance(item, (list, tuple)):
-            found = _find_kjt(list(item))
-        elif isinstance(item, dict):
-            found = _find_kjt(list(item.values()))
-        else:
+        if isinstance(item, KeyedJaggedTensor):
+            found = found or item
             continue
-        if found is not None:
-            return found
-    return None
+        if depth >= 2 or isinstance(item, (torch.Tensor, str, bytes, int, float)) or item is None:
+            continue
+        if isinstance(item, (list, tuple)):
+            inner = list(item)
+        elif isinstance(item, dict):
+            inner = list(item.values())
+        else:
+            inner = list(getattr(item, "__dict__", {}).values())
+        sub = _find_kjt(inner, depth + 1)
+        if isinstance(sub, DedupKJT):
+            return sub
+        found = found or sub
+    return found
 
 
 class _TowerHooks:

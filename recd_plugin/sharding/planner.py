@@ -12,8 +12,8 @@ without the plugin, and no table takes TorchRec's variable-batch path. What is l
 
   - RecD: a grouped table looks up only the unique rows' ids, so its
     ``ParameterConstraints.batch_sizes`` become the deduplicated ``ceil(u * B)``; u is the
-    unique fraction ``apply``'s probe measured (summed over ranks), or one measured here on
-    ``loader``'s first batches, or the one given;
+    one given (e.g. by ``recd-plugin analyze``), or one measured here on ``loader``'s first
+    batches (its generators and the global RNG are restored after);
   - FAE (``fae.hot_set`` in the flag; the model stays unconverted when sharded): tables whose
     hot share of rows is at least one half stay whole in HBM (``FUSED``), the others get
     ``FUSED_UVM_CACHING`` at their hot share of rows as cache load factor
@@ -52,12 +52,13 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
+from recd_plugin._rng import random_state_kept
 from recd_plugin.config import RecDConfig, as_flag
-from recd_plugin.errors import MalformedBatchError, ShardingError
+from recd_plugin.errors import ShardingError
 from recd_plugin.modules.swap import embedding_tables
 from recd_plugin.sharding import torchrec_fixes
 from recd_plugin.technique import PlannerHints, build
-from recd_plugin.transforms.dedup import DedupLoader, check_not_deduplicated, measure
+from recd_plugin.transforms.dedup import DedupLoader, measure, yields_ikjt
 
 
 def _with_cpu_row_wise(types: List[str], compute_device_type: str) -> List[str]:
@@ -90,7 +91,7 @@ def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharde
 def measure_unique_fraction(batches: Iterable[Any], config: RecDConfig, limit: int = 8) -> Dict[str, float]:
     """{group: unique rows / samples} over the first ``limit`` batches (plain torchrec
     ``Batch``es): the measurement ``constraints`` turns into planner batch sizes."""
-    stats = measure(batches, config.spec, limit)
+    stats = measure(batches, config.spec, limit, config.batch_kjt)
     return {g.name: stats.unique_fraction(g.name) for g in config.groups}
 
 
@@ -148,7 +149,7 @@ class ShardingSetup:
         constraints: ``{table: ParameterConstraints}`` for ``EmbeddingShardingPlanner``: the
             user's own, with the plugin's hints filled in where the user left a field unset.
         unique_fraction: ``{group: u}`` behind the deduplicated batch sizes, and
-            ``unique_source`` where it came from ("apply's probe", "loader", "given", "");
+            ``unique_source`` where it came from ("loader", "given", "");
             ``recd_tables``: the tables planned for the unique rows.
         hints: ``{table: what the techniques asked of the planner}`` (FAE's placement, DES's
             sharding); ``notes``: hints not given, and why.
@@ -210,12 +211,11 @@ def for_dmp(model: nn.Module, config: Any, batch_size: int, loader: Optional[Ite
 
     Args:
         model: the model ``apply`` converted (unsharded; the one to plan), or a module around it.
-        config: the flag ``apply`` was given (``apply`` narrowed it to the groups that pay and
-            recorded the unique fractions its probe measured).
+        config: the flag ``apply`` was given.
         batch_size: samples per rank per step (B).
         loader: plain torchrec ``Batch``es (the loader as it was *before* ``apply``) to measure
-            the unique fractions on, over the first ``probe_batches``; only needed when
-            ``apply`` did not probe (no loader given to it, or ``probe_batches = 0`` in the flag).
+            the unique fractions on, over the first ``probe_batches`` (the loader's generators
+            and the global random state are restored after, so its first epoch is unchanged).
         base_constraints: the user's own ``{table: ParameterConstraints}``: kept; a hint only
             fills a field the user left unset (the objects given are not modified).
         fused_params: passed to the sharders (e.g. the fused optimizer and learning rate).
@@ -252,8 +252,9 @@ def for_dmp(model: nn.Module, config: Any, batch_size: int, loader: Optional[Ite
         setup.recd_tables = [t for t, c in setup.constraints.items()
                                            if c.batch_sizes is not None and before.get(t) is None]
         if not u:
-            setup.notes.append("recd: no unique fraction measured (apply had no loader to probe): grouped tables are "
-                               "planned for B rows; pass loader= (the plain loader) to plan them for the unique rows")
+            setup.notes.append("recd: no unique fraction given: grouped tables are planned for B rows; pass "
+                               "unique_fraction= (recd-plugin analyze measures it) or loader= (the plain loader) to "
+                               "plan them for the unique rows")
     for technique in build(config):  # FAE's placement, DES's sharder: each technique's own hints
         _merge(setup, technique.planner_hints(model, device, fused_params))
     return setup
@@ -264,18 +265,12 @@ def _unique_fraction(config: RecDConfig, loader: Optional[Iterable[Any]], given:
     if given is not None:
         return dict(given), "given"
     if loader is not None:
-        if isinstance(loader, DedupLoader) and not loader.in_workers:
-            loader = loader.loader  # apply's wrapped loader: measure the plain batches under it
-        try:
-            check_not_deduplicated(loader)
-        except MalformedBatchError:
-            raise ShardingError("for_dmp(loader=...) measures plain batches, and this loader yields deduplicated "
-                                "ones: pass the loader as it was before apply(), or none (apply's probe measured "
-                                "u already)") from None
-        return measure_unique_fraction(loader, config, limit), "loader"
-    probed = getattr(config, "probed_unique_fraction", None)  # set by apply's probe (recd_plugin/plugin.py)
-    if probed:
-        return dict(probed), "apply's probe"
+        if isinstance(loader, DedupLoader):
+            loader = loader.loader  # apply's loader: its batches as they come (plain, or built in workers)
+        elif yields_ikjt(loader) and not config.groups:
+            raise ShardingError("for_dmp(loader=...) measures the flag's groups, and this flag has none")
+        with random_state_kept(loader):  # the job's first epoch draws as if it had not been read
+            return measure_unique_fraction(loader, config, limit), "loader"
     return {}, ""
 
 

@@ -138,6 +138,12 @@ class DedupReader(IterableDataset):
         self._history_ref = self.manifest.history_mode == "reference" and spec.history in self.keys
         self._item_ids: Optional[np.ndarray] = None
 
+    def batch_groups(self) -> List[List[str]]:
+        """The sparse features each batch deduplicates together: the session-level ones (one
+        inverse index) and the item-level ones (another); every other feature has one row per
+        sample. ``recd_plugin.apply`` checks a flag against this before reading a batch."""
+        return [g for g in ([f for f in self.keys if self._where[f] == place] for place in ("sessions", "items")) if g]
+
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (same seed + epoch -> same batches)."""
         self.epoch = epoch

@@ -21,9 +21,10 @@ aligned one in sharded mode); features the flag does not group get one row per s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,10 +32,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recd_plugin.config import verify_step
 from recd_plugin.errors import MalformedBatchError
+from recd_plugin.sparse.dedup_kjt import DedupKJT
 from recd_plugin.sparse.ikjt import (
     DedupSpec, build_ikjt, carrier_rows, complete_cumsum, expand, is_identity, jagged_index_select,
     lost_inverse_error, not_constant, unique_count,
 )
+from recd_plugin.transforms.route import RouteDecider
 
 
 @dataclass
@@ -67,36 +70,105 @@ def batch_samples(kjt: KeyedJaggedTensor) -> int:
     return int(inv[1].shape[-1]) if inv is not None else kjt.stride()
 
 
-def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False, aligned: bool = False) -> Any:
-    """Same batch with ``sparse_features`` replaced by its IKJT.
+def batch_kjt(batch: Any, name: Optional[str] = None) -> Tuple[str, KeyedJaggedTensor]:
+    """(where, the KJT) of a batch: the attribute or key ``name`` (the flag's ``batch_kjt``), else
+    ``sparse_features`` (TorchRec's ``Batch``), else the batch's only KJT field (e.g. the
+    ``idlist_features`` of TorchRec's ``ModelInput``); a batch that is a KJT: ("", itself)."""
+    if isinstance(batch, KeyedJaggedTensor):
+        return "", batch
+    items = _fields(batch)
+    if name is not None:
+        if not isinstance(items.get(name), KeyedJaggedTensor):
+            raise MalformedBatchError(
+                f"the flag's batch_kjt names {name!r}, but this {type(batch).__name__} has "
+                f"{'no field ' + repr(name) if name not in items else 'a ' + type(items[name]).__name__ + ' there'}; "
+                f"its KeyedJaggedTensor fields: {[k for k, v in items.items() if isinstance(v, KeyedJaggedTensor)]}")
+        return name, items[name]
+    if isinstance(items.get("sparse_features"), KeyedJaggedTensor):
+        return "sparse_features", items["sparse_features"]
+    found = [k for k, v in items.items() if isinstance(v, KeyedJaggedTensor)]
+    if len(found) == 1:
+        return found[0], items[found[0]]
+    if found:
+        raise MalformedBatchError(
+            f"cannot tell which KeyedJaggedTensor of this {type(batch).__name__} to deduplicate: it has several "
+            f"({found}); name it in the flag: batch_kjt={found[0]}")
+    raise MalformedBatchError(
+        f"expected a torchrec Batch (or a dataclass, dict or object with one KeyedJaggedTensor field, or a "
+        f"KeyedJaggedTensor), got {type(batch).__name__} with no KeyedJaggedTensor field; wrap a loader that "
+        "yields torchrec.datasets.utils.Batch, or name the field in the flag: batch_kjt=<field>")
+
+
+def _fields(batch: Any) -> Dict[str, Any]:
+    if isinstance(batch, dict):
+        return batch
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return dict(getattr(batch, "__dict__", {}))
+
+
+def with_kjt(batch: Any, where: str, kjt: KeyedJaggedTensor) -> Any:
+    """A copy of ``batch`` whose KJT at ``where`` (from :func:`batch_kjt`) is ``kjt``; the
+    batch's other fields are the same objects."""
+    if where == "":
+        return kjt
+    if isinstance(batch, dict):
+        out = copy.copy(batch)
+        out[where] = kjt
+        return out
+    if dataclasses.is_dataclass(batch) and any(f.name == where and f.init for f in dataclasses.fields(batch)):
+        return dataclasses.replace(batch, **{where: kjt})
+    out = copy.copy(batch)
+    setattr(out, where, kjt)
+    return out
+
+
+def _samples_of(batch: Any) -> Optional[torch.Tensor]:
+    """The batch's labels, if it has them under a usual name (checked against the KJT's batch size)."""
+    for name in ("labels", "label"):
+        labels = _fields(batch).get(name) if not isinstance(batch, KeyedJaggedTensor) else None
+        if isinstance(labels, torch.Tensor):
+            return labels
+    return None
+
+
+def dedup_batch(batch: Any, spec: DedupSpec, verify: bool = False, aligned: bool = False,
+                where: Optional[str] = None, keep_plain: bool = False) -> Any:
+    """Same batch with its KJT replaced by the IKJT, as a :class:`DedupKJT` (model code reads it
+    as the plain batch; TorchRec's and the plugin's modules read the IKJT).
 
     Args:
-        batch: ``Batch`` (dense_features [B, D], sparse_features KJT batch B, labels [B]). A
-            KJT that is already an IKJT (``recd_plugin.storage.DedupReader``'s batches) is
-            checked against ``spec`` and passed on, not deduplicated again (:func:`from_ikjt`).
+        batch: a torchrec ``Batch`` (dense_features [B, D], sparse_features KJT batch B, labels
+            [B]), or any batch :func:`batch_kjt` finds one KJT in. A KJT that is already an IKJT
+            (``recd_plugin.storage.DedupReader``'s batches) is checked against ``spec`` and passed
+            on, not deduplicated again (:func:`from_ikjt`).
         verify: expand the IKJT and check it equals the input (raises NotDeduplicableError);
             for a batch that arrived deduplicated, check its inverse indices and group keys.
         aligned: the aligned IKJT layout (sharded mode; see ``recd_plugin.sparse.ikjt``).
+        where: the batch's KJT field (the flag's ``batch_kjt``; default: found as
+            :func:`batch_kjt` says).
+        keep_plain: the result also carries the plain KJT (a DataLoader worker's batch: the
+            training process may then take either route without rebuilding).
     """
-    kjt = getattr(batch, "sparse_features", None)
-    if not dataclasses.is_dataclass(batch) or not isinstance(kjt, KeyedJaggedTensor):
-        raise MalformedBatchError(
-            f"expected a torchrec Batch (a dataclass with a KeyedJaggedTensor sparse_features), "
-            f"got {type(batch).__name__}; wrap a loader that yields torchrec.datasets.utils.Batch"
-        )
+    where, kjt = batch_kjt(batch, where)
+    if isinstance(kjt, DedupKJT):
+        raise MalformedBatchError("this batch is deduplicated by recd-plugin already (its loader is wrapped twice?)")
     if kjt.inverse_indices_or_none() is None and kjt.variable_stride_per_key():
         raise lost_inverse_error("recd-plugin's loader")  # before its stride is read as a batch size
-    labels = getattr(batch, "labels", None)
-    if isinstance(labels, torch.Tensor) and labels.shape[0] != batch_samples(kjt):
+    labels = _samples_of(batch)
+    if labels is not None and labels.dim() > 0 and labels.shape[0] != batch_samples(kjt):
         raise MalformedBatchError(
             f"batch has {labels.shape[0]} labels but its KJT has batch size {batch_samples(kjt)}"
         )
+    groups = tuple(g.name for g in spec.groups)
     if kjt.inverse_indices_or_none() is not None or kjt.variable_stride_per_key():
-        return dataclasses.replace(batch, sparse_features=from_ikjt(kjt, spec, verify, aligned))
+        out = from_ikjt(kjt, spec, verify, aligned)
+        plain = expand(kjt) if keep_plain else None
+        return with_kjt(batch, where, DedupKJT.of(out, groups, plain=plain) if groups else out)
     ikjt = build_ikjt(kjt, spec, aligned=aligned)
     if verify:
         check_roundtrip(kjt, ikjt, spec)
-    return dataclasses.replace(batch, sparse_features=ikjt)
+    return with_kjt(batch, where, DedupKJT.of(ikjt, groups, plain=kjt if keep_plain else None))
 
 
 def check_roundtrip(kjt: KeyedJaggedTensor, ikjt: KeyedJaggedTensor, spec: DedupSpec) -> None:
@@ -115,14 +187,17 @@ def check_roundtrip(kjt: KeyedJaggedTensor, ikjt: KeyedJaggedTensor, spec: Dedup
         raise not_constant(name, next(g for g in spec.groups if name in g.all_features))
 
 
-def measure(batches: Iterable[Any], spec: DedupSpec, limit: int) -> DedupStats:
-    """Rows and unique rows per group over the first ``limit`` plain ``Batch``es of ``batches``
-    (the probe's, the planner hints' and the benchmarks' one measurement of u)."""
+def measure(batches: Iterable[Any], spec: DedupSpec, limit: int, where: Optional[str] = None) -> DedupStats:
+    """Rows and unique rows per group over the first ``limit`` plain batches of ``batches``
+    (the planner hints' and the benchmarks' one measurement of u)."""
     stats = DedupStats()
     for i, batch in enumerate(batches):
         if i == limit:
             break
-        stats.add(spec, batch_samples(batch.sparse_features), dedup_batch(batch, spec).sparse_features)
+        where_, kjt = batch_kjt(batch, where)
+        if not isinstance(kjt, DedupKJT):  # (a DataLoader worker of the plugin's built it already)
+            kjt = batch_kjt(dedup_batch(batch, spec, where=where_), where_)[1]
+        stats.add(spec, batch_samples(kjt), kjt)
     return stats
 
 
@@ -160,22 +235,36 @@ def _check_groups(spec: DedupSpec, keys: List[str], rows: Dict[str, torch.Tensor
     for g in spec.groups:
         lead = g.all_features[0]
         for f in g.all_features[1:]:
-            if strides[f] == strides[lead] and torch.equal(rows[f], rows[lead]):
-                continue
-            theirs = _batch_groups(keys, rows, strides, batch)
-            of = {k: grp for grp in theirs for k in grp}
-            together = [x for x in g.all_features if x in of.get(lead, [lead])]
-            listed = "; ".join(str(grp) for grp in theirs) or "none: every feature has one row per sample"
-            key = f"groups.{g.name}.key={g.key}; " if g.key is not None and g.key in together else ""
-            feats = ",".join(x for x in together if x != g.key)
-            raise _already_error(
-                f"flag group {g.name!r} puts {f!r} with {lead!r}, but the batch deduplicates them "
-                f"separately ({lead!r} with {of.get(lead, [lead])}, {f!r} with {of.get(f, [f])})",
-                f"Name in each flag group only features the batch deduplicates together (the batch's "
-                f"groups: {listed}), e.g. '{key}groups.{g.name}.features={feats}'; or feed plain "
-                "batches (read the flat data, or recd_plugin.expand the KJT) so that the plugin "
-                "deduplicates them as the flag says.",
-            )
+            if not (strides[f] == strides[lead] and torch.equal(rows[f], rows[lead])):
+                raise _groups_differ(g, f, _batch_groups(keys, rows, strides, batch))
+
+
+def check_stored_groups(spec: DedupSpec, theirs: List[List[str]]) -> None:
+    """Before any batch is read: the flag's groups against the groups a deduplicating reader
+    declares (``DedupReader.batch_groups()``); the same error as the batch check."""
+    of = {k: grp for grp in theirs for k in grp}
+    for g in spec.groups:
+        lead = g.all_features[0]
+        for f in g.all_features[1:]:
+            if of.get(f, [f]) is not of.get(lead, [lead]) or f not in of:
+                raise _groups_differ(g, f, theirs)
+
+
+def _groups_differ(g: Any, f: str, theirs: List[List[str]]) -> MalformedBatchError:
+    lead = g.all_features[0]
+    of = {k: grp for grp in theirs for k in grp}
+    together = [x for x in g.all_features if x in of.get(lead, [lead])]
+    listed = "; ".join(str(grp) for grp in theirs) or "none: every feature has one row per sample"
+    key = f"groups.{g.name}.key={g.key}; " if g.key is not None and g.key in together else ""
+    feats = ",".join(x for x in together if x != g.key)
+    return _already_error(
+        f"flag group {g.name!r} puts {f!r} with {lead!r}, but the batch deduplicates them "
+        f"separately ({lead!r} with {of.get(lead, [lead])}, {f!r} with {of.get(f, [f])})",
+        f"Name in each flag group only features the batch deduplicates together (the batch's "
+        f"groups: {listed}), e.g. '{key}groups.{g.name}.features={feats}'; or feed plain "
+        "batches (read the flat data, or recd_plugin.expand the KJT) so that the plugin "
+        "deduplicates them as the flag says.",
+    )
 
 
 def _check_keys(spec: DedupSpec, ikjt: KeyedJaggedTensor, rows: Dict[str, torch.Tensor],
@@ -291,19 +380,22 @@ def from_ikjt(ikjt: KeyedJaggedTensor, spec: DedupSpec, verify: bool = False,
 
 
 class DedupCollate:
-    """Picklable ``collate_fn``: the user's collate, then ``dedup_batch`` (runs in workers)."""
+    """Picklable ``collate_fn``: the user's collate, then ``dedup_batch`` (runs in workers). The
+    batch carries the plain KJT too (``keep_plain``): the training process then takes either
+    route (``recd_plugin.transforms.route``) without building anything."""
 
     def __init__(self, collate_fn: Optional[Callable[[Any], Any]], spec: DedupSpec, verify_batches: int = 1,
-                 aligned: bool = False) -> None:
+                 aligned: bool = False, where: Optional[str] = None) -> None:
         self.collate_fn = collate_fn
         self.spec = spec
         self.aligned = aligned
+        self.where = where
         self.verify_left = verify_batches  # per worker process: each checks its first batches
 
     def __call__(self, samples: Any) -> Any:
         batch = self.collate_fn(samples) if self.collate_fn is not None else samples
         verify, self.verify_left = verify_step(self.verify_left)
-        return dedup_batch(batch, self.spec, verify, self.aligned)
+        return dedup_batch(batch, self.spec, verify, self.aligned, self.where, keep_plain=True)
 
 
 def check_not_deduplicated(loader: Any) -> None:
@@ -316,6 +408,15 @@ def yields_ikjt(loader: Any) -> bool:
     """True for a loader whose batches arrive deduplicated: it, or a DataLoader's ``dataset``,
     has a true ``deduplicated`` attribute (``recd_plugin.storage.DedupReader`` has)."""
     return bool(getattr(loader, "deduplicated", False) or getattr(getattr(loader, "dataset", None), "deduplicated", False))
+
+
+def stored_groups(loader: Any) -> Optional[List[List[str]]]:
+    """The feature groups a deduplicating reader's batches come in (``batch_groups()`` of the
+    loader or of a DataLoader's ``dataset``), known without reading a batch; None if unknown."""
+    for obj in (loader, getattr(loader, "dataset", None)):
+        if yields_ikjt(obj) and callable(getattr(obj, "batch_groups", None)):
+            return obj.batch_groups()
+    return None
 
 
 def plain_loader(loader: Any) -> Any:
@@ -335,25 +436,36 @@ def builds_in_workers(loader: Any, in_workers: bool = True) -> bool:
 
 
 class DedupLoader:
-    """Iterable wrapper that yields IKJT batches and counts what passes through.
+    """Iterable wrapper that yields IKJT batches (``DedupKJT``) and counts what passes through.
+
+    With a ``router`` (``recd_plugin.transforms.route.RouteDecider``), each batch takes the route
+    it names: some groups deduplicated, or none (the plain batch, as TorchRec's plain path has
+    it). ``follow``: this loader only follows the router's decision (another loader of the same
+    model, e.g. evaluation) and never takes part in the schedule.
 
     Re-iterable when the wrapped loader is (one pass per epoch); ``len()`` is the wrapped
     loader's. ``stats`` accumulates over all epochs.
     """
 
     def __init__(self, loader: Iterable[Any], spec: DedupSpec, verify_batches: int = 1, in_workers: bool = True,
-                 aligned: bool = False) -> None:
+                 aligned: bool = False, router: Optional[RouteDecider] = None, follow: bool = False,
+                 where: Optional[str] = None) -> None:
         self.loader = loader
         self.spec = spec
         #: sharded mode: aligned IKJTs (plain KJTs of batch B to TorchRec; see sparse/ikjt.py)
         self.aligned = aligned
+        self.router, self.follow, self.where = router, follow, where
         self.stats = DedupStats()
         self._verify_left = verify_batches
+        self._specs: Dict[Tuple[str, ...], DedupSpec] = {tuple(g.name for g in spec.groups): spec}
         self.in_workers = False
         check_not_deduplicated(loader)
+        stored = stored_groups(loader)
+        if stored is not None and spec.groups:  # a deduplicating reader: its groups are known up front
+            check_stored_groups(spec, stored)
         if builds_in_workers(loader, in_workers):
             collate = loader.collate_fn  # type: ignore[attr-defined]
-            loader.collate_fn = DedupCollate(collate, spec, verify_batches, aligned)
+            loader.collate_fn = DedupCollate(collate, spec, verify_batches, aligned, where)
             self.in_workers = True
             self._original_collate = collate
 
@@ -373,16 +485,49 @@ class DedupLoader:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
+    def _spec(self, groups: Tuple[str, ...]) -> DedupSpec:
+        if groups not in self._specs:
+            self._specs[groups] = DedupSpec(tuple(g for g in self.spec.groups if g.name in groups))
+        return self._specs[groups]
+
+    def _route(self) -> Tuple[Tuple[str, ...], Any]:
+        every = tuple(g.name for g in self.spec.groups)
+        if self.router is None:
+            return every, None
+        if self.follow:
+            return self.router.best_guess(), None
+        return self.router.route()
+
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            sparse = getattr(batch, "sparse_features", None)
-            if self.in_workers and isinstance(sparse, KeyedJaggedTensor) and sparse.inverse_indices_or_none() is not None:
-                out, batch_in = batch, batch_samples(sparse)
+            groups, tag = self._route()
+            where, kjt = batch_kjt(batch, self.where)
+            if isinstance(kjt, DedupKJT):  # built in a worker, for every group, with the plain KJT
+                out = self._from_worker(batch, where, kjt, groups, tag)
+            elif not groups:  # TorchRec's plain route: the batch as it is (expanded if it came deduplicated)
+                plain = expand(kjt) if kjt.inverse_indices_or_none() is not None else kjt
+                out = with_kjt(batch, where, plain if tag is None else DedupKJT.of(plain, (), tag))
             else:
                 # Also taken when workers were started before the wrap (persistent_workers
                 # keeps the old collate_fn): deduplicate here rather than pass plain batches.
                 verify, self._verify_left = verify_step(self._verify_left)
-                out = dedup_batch(batch, self.spec, verify, self.aligned)
-                batch_in = batch_samples(batch.sparse_features)
-            self.stats.add(self.spec, batch_in, out.sparse_features)
+                out = dedup_batch(batch, self._spec(groups), verify, self.aligned, where)
+            out_kjt = batch_kjt(out, where)[1]
+            if isinstance(out_kjt, DedupKJT):
+                out_kjt.route_tag = tag
+            spec = self._spec(groups)
+            self.stats.add(spec, batch_samples(kjt), out_kjt)
+            if self.router is not None and not self.follow and groups:
+                for g in spec.groups:
+                    self.router.count_rows(g.name, batch_samples(kjt), unique_count(out_kjt, g.all_features[0]))
             yield out
+
+    def _from_worker(self, batch: Any, where: str, kjt: DedupKJT, groups: Tuple[str, ...], tag: Any) -> Any:
+        """A worker's batch (an IKJT of every group, plus the plain KJT) on the route asked for."""
+        plain = kjt.plain()
+        if not groups:
+            return with_kjt(batch, where, plain if tag is None else DedupKJT.of(plain, (), tag))
+        if groups == kjt.dedup_groups:
+            return with_kjt(batch, where, DedupKJT.of(kjt.ikjt(), groups, tag))  # the plain KJT stays behind
+        return with_kjt(batch, where, DedupKJT.of(from_ikjt(kjt.ikjt(), self._spec(groups), aligned=self.aligned),
+                                                  groups, tag))
