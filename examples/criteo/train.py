@@ -67,8 +67,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def batches(args: argparse.Namespace, rank: int = 0) -> DataLoader:
-    """This rank's batches, as a DataLoader (re-iterable: the planner hints measure the first
-    ones before training; with workers, the plugin builds the deduplicated batches in them)."""
+    """This rank's batches, as a DataLoader (with workers, the plugin builds the deduplicated
+    batches in them)."""
     data = CriteoBatches(args.steps, args.batch_size, seed=args.seed * 1000 + rank, max_rows=args.max_rows,
                          session=SESSION)
     return DataLoader(data, batch_size=None, num_workers=args.workers)
@@ -106,7 +106,7 @@ def train(args: argparse.Namespace, flag: Optional[str], device: torch.device = 
     if sharded and args.pipeline:
         return train_pipelined(args, model, loader, config, device)
     if sharded:
-        model, optimizer = shard(model, config, args, loader=loader)
+        model, optimizer = shard(model, config, args)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     losses: List[float] = []
@@ -146,7 +146,7 @@ def train_pipelined(args: argparse.Namespace, model: nn.Module, loader, config: 
     """``args.steps`` steps with TorchRec's TrainPipelineSparseDist; returns (losses, samples/s)."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    step_model, optimizer = shard(TrainStep(model), config, args, inner=model, loader=loader)
+    step_model, optimizer = shard(TrainStep(model), config, args, inner=model)
     pipeline = TrainPipelineSparseDist(step_model, optimizer, device)
     batches, losses, start = iter(loader), [], time.perf_counter()
     while True:
@@ -162,9 +162,8 @@ def train_pipelined(args: argparse.Namespace, model: nn.Module, loader, config: 
 
 
 def shard(model: nn.Module, config: "recd_plugin.RecDConfig", args: argparse.Namespace,
-          inner: Optional[nn.Module] = None, loader=None) -> Tuple[nn.Module, torch.optim.Optimizer]:
-    """DistributedModelParallel with TorchRec's planner; the plugin's sharders and hints (u
-    measured on ``loader``'s first batches)."""
+          inner: Optional[nn.Module] = None) -> Tuple[nn.Module, torch.optim.Optimizer]:
+    """DistributedModelParallel with TorchRec's planner; the plugin's sharders and hints."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -183,8 +182,7 @@ def shard(model: nn.Module, config: "recd_plugin.RecDConfig", args: argparse.Nam
             for m in model.modules() if isinstance(m, EmbeddingBagCollection)
             for c in m.embedding_bag_configs() if c.embedding_dim % 4}
     # recd-plugin: for_dmp takes the model apply() converted (inside the pipeline's TrainStep)
-    setup = sharding.for_dmp(inner or model, config, args.batch_size, loader=loader, base_constraints=base,
-                             fused_params=fused)
+    setup = sharding.for_dmp(inner or model, config, args.batch_size, base_constraints=base, fused_params=fused)
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=dist.get_world_size(),
                                                          compute_device="cuda" if cuda else "cpu"),
                                        constraints=setup.constraints)

@@ -89,6 +89,10 @@ class GroupDecision:
     plain_ms: float = float("nan")
     ratio: float = float("nan")
     unique_fraction: float = float("nan")
+    #: What measuring cost: seconds spent on the route that lost (its steps times the difference),
+    #: and that as a share of 1,000 steps on the decided route.
+    cost_s: float = 0.0
+    cost_share: float = 0.0
 
     def line(self) -> str:
         verdict = "deduplicated" if self.kept else "left on TorchRec's plain path"
@@ -278,22 +282,23 @@ class RouteDecider:
             how = {"dropped": f"; above {DROP_ABOVE}x in a round, so it was not measured further",
                    "settled": "; clearly faster, so kept without more rounds"}.get(a.state, "")
             rule = "" if kept else f" (kept at {KEEP_BELOW}x or less)"
+            cost_s, share = self._cost(a, dedup_s, plain_s, kept)
+            cost = f"; measuring cost {cost_s:.2f} s ({100 * share:.1f}% of 1,000 steps)" if cost_s > 0 else ""
             why = (f"{1e3 * dedup_s:.2f} ms per training step deduplicated vs {1e3 * plain_s:.2f} ms plain, "
                    f"{ratio:.2f}x the time{rule}, measured on this job's own steps (median of {len(ratios)} "
-                   f"round(s) of {len(TIMED)} steps each way{_spread(plain)}){how}{_unique(unique[g])}"
-                   f"{self._cost(a, dedup_s, plain_s, kept)}")
-            decisions.append(GroupDecision(g, kept, why, 1e3 * dedup_s, 1e3 * plain_s, ratio, unique[g]))
+                   f"round(s) of {len(TIMED)} steps each way{_spread(plain)}){how}{_unique(unique[g])}{cost}")
+            decisions.append(GroupDecision(g, kept, why, 1e3 * dedup_s, 1e3 * plain_s, ratio, unique[g], cost_s, share))
         self.decisions = decisions
         self.decided = tuple(d.group for d in decisions if d.kept)
         for d in decisions:
             say(d.line())
 
-    def _cost(self, arm: _Arm, dedup_s: float, plain_s: float, kept: bool) -> str:
-        """What measuring cost: the steps run on the route that lost, times the difference."""
+    def _cost(self, arm: _Arm, dedup_s: float, plain_s: float, kept: bool) -> Tuple[float, float]:
+        """(seconds, share of 1,000 decided steps) measuring cost: the steps run on the route that
+        lost, times the difference."""
         lost = (self.arms[-1].handed * (plain_s - dedup_s)) if kept else arm.handed * (dedup_s - plain_s)
-        if lost <= 0:
-            return ""
-        return f"; measuring cost {lost:.2f} s ({100 * lost / (1000 * min(dedup_s, plain_s)):.1f}% of 1,000 steps)"
+        lost = max(lost, 0.0)
+        return lost, lost / (1000 * (dedup_s if kept else plain_s))
 
     def announce(self) -> None:
         """The line printed by ``apply``: what will be measured, or that nothing will."""
