@@ -132,6 +132,28 @@ def test_a_clearly_faster_route_is_kept_without_more_rounds(dedup: float, rounds
     assert d.arms[1].handed == rounds * BLOCK  # no plain block after it settled
 
 
+def test_a_group_without_repeats_is_dropped_whatever_a_noisy_clock_says() -> None:
+    """u = 1 (the loader counted as many unique rows as samples): nothing can be saved, so a
+    deduplicated block that happened to look faster does not keep it."""
+    d = RouteDecider(["user"])
+    job = FakeJob(d, _times(0.005, 0.010), lag=1)
+    d.count_rows("user", 64, 64)
+    job.run(60)
+    assert d.decided == () and d.arms[0].state == "dropped"
+    assert "barely repeat" in d.decisions[0].reason and "unique fraction 1.000" in d.decisions[0].reason
+
+
+def test_one_round_slower_than_plain_keeps_the_group_plain() -> None:
+    """Two rounds at 0.9x and one at 1.05x: the median says 0.9, but a round saw it slower."""
+    d = RouteDecider(["user"])
+    job = FakeJob(d, lambda g: (0.0105 if job.decider._open and job.decider._open[0] == 1 else 0.009) if g
+                  else 0.010, lag=0)
+    job.run(90)
+    [dec] = d.decisions
+    assert not dec.kept and dec.ratio == pytest.approx(0.9, rel=1e-2), dec.reason
+    assert "below 1x in every round" in dec.reason
+
+
 def test_equal_routes_stay_plain() -> None:
     """Both routes equally fast, within noise: the plain path (never slower)."""
     gen = random.Random(0)
@@ -147,6 +169,19 @@ def test_evaluation_forwards_between_steps_are_not_timed() -> None:
     FakeJob(d, _times(0.005, 0.010), lag=0).run(120, evaluate_every=5)
     assert d.decided == ("user",)
     assert all(v == pytest.approx(0.005, rel=1e-3) for v in d.arms[0].medians.values())
+
+
+def test_a_step_with_two_forwards_of_its_batch_is_timed_as_one_step() -> None:
+    d = RouteDecider(["user"])
+    job = FakeJob(d, _times(0.005, 0.010), lag=1)
+    real = d.on_forward
+
+    def twice(tag, training, device):  # a second forward of the same batch (e.g. a contrastive loss)
+        real(tag, training, device)
+        real(tag, training, device)
+    d.on_forward = twice  # type: ignore[method-assign]
+    job.run(80)
+    assert d.decided == ("user",) and d.decisions[0].dedup_ms == pytest.approx(5.0, rel=1e-3)
 
 
 def test_two_groups_are_decided_each_on_its_own() -> None:

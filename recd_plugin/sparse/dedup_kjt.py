@@ -23,8 +23,10 @@ for the rest of the step (``recd_plugin.expand``: one jagged gather on the batch
     kjt.plain()                    # the plain batch itself
     recd_plugin.is_dedup(kjt)      # True
 
-``to()`` and ``pin_memory()`` keep the IKJT (a ``DedupKJT`` comes back), so a
-batch moved to its device by TorchRec's ``Batch.to`` or a train pipeline arrives deduplicated.
+``to()`` and ``pin_memory()`` keep the IKJT (a ``DedupKJT`` comes back, with the plain batch
+if one is attached), so a batch moved to its device by TorchRec's ``Batch.to`` or a train
+pipeline arrives deduplicated. The loader hands the model deduplicated batches without the
+plain batch attached, so moving one copies the IKJT only.
 
 Not covered: code that reads the KJT's private attributes (``kjt._values``) and TorchRec's static
 helpers called on the batch by model code (``KeyedJaggedTensor.concat([kjt, ...])``) see the IKJT;
@@ -101,16 +103,18 @@ class DedupKJT(KeyedJaggedTensor):
         out.__dict__.update({k: v for k, v in self.__dict__.items() if k not in _OWN})
         return out
 
-    def _again(self, kjt: KeyedJaggedTensor) -> "DedupKJT":
-        # The plain batch is not carried along: model code that reads it on the new device
-        # expands it there (moving both would double the batch's sparse bytes for every model).
-        return DedupKJT.of(kjt, self.dedup_groups, self.route_tag)
-
     def to(self, device: Any, non_blocking: bool = False, dtype: Any = None) -> "DedupKJT":
-        return self._again(KeyedJaggedTensor.to(self, device, non_blocking=non_blocking, dtype=dtype))
+        plain = self._plain_kjt
+        return DedupKJT.of(KeyedJaggedTensor.to(self, device, non_blocking=non_blocking, dtype=dtype),
+                           self.dedup_groups, self.route_tag,
+                           plain.to(device, non_blocking=non_blocking, dtype=dtype) if plain is not None else None)
 
     def pin_memory(self) -> "DedupKJT":
-        return self._again(KeyedJaggedTensor.pin_memory(self))
+        # A DataLoader's pin-memory thread pins what a worker built: the plain KJT the worker
+        # attached (so that the plain route costs the training loop nothing) is pinned along.
+        plain = self._plain_kjt
+        return DedupKJT.of(KeyedJaggedTensor.pin_memory(self), self.dedup_groups, self.route_tag,
+                           plain.pin_memory() if plain is not None else None)
 
     def is_deduplicated(self) -> bool:
         """True if the batch's own data is an IKJT (some group deduplicated)."""

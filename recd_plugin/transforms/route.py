@@ -23,10 +23,13 @@ and 5 may hold the next block's work in a pipeline that reads two batches ahead
 and at none once decided. After each round, every arm's median step time is reduced over
 ranks (maximum: the slowest rank sets a synchronous job's pace), so all ranks decide alike at
 the same step. An arm slower than ``DROP_ABOVE`` x plain in a round is dropped (plain route for
-its group, no more blocks); one below ``SETTLE_AT_ONCE`` x plain in a round, or below
-``SETTLE_BELOW`` x in two, is kept without more rounds (each plain block of a large gain costs
-what the gain would have saved). Otherwise a group is kept when the median over rounds of (its arm / plain) is at most
-:data:`KEEP_BELOW` (:func:`keeps`, the rule ``recd-plugin analyze`` applies to its predictions).
+its group, no more blocks), and so is one whose batches barely repeat (unique fraction at least
+``NO_REPEATS``: nothing to save, whatever a noisy clock says); one below ``SETTLE_AT_ONCE`` x
+plain in a round, or below ``SETTLE_BELOW`` x in two, is kept without more rounds (each plain
+block of a large gain costs what the gain would have saved). Otherwise a group is kept when the
+median over rounds of (its arm / plain) is at most :data:`KEEP_BELOW` (:func:`keeps`, the rule
+``recd-plugin analyze`` applies to its predictions) and no round saw it slower than plain: on a
+busy machine one round can look faster by chance, all of them rarely.
 
 One printed line per group says what was measured and decided. ``route = "dedup"`` in the
 flag skips the measurement and keeps every group (its line says so too).
@@ -48,9 +51,13 @@ from recd_plugin.sparse.dedup_kjt import DedupKJT
 KEEP_BELOW = 0.97
 #: Dropped after one round above this ratio (saves the measurement cost of a clear loss) ...
 DROP_ABOVE = 1.3
-#: ... and kept after one round below this ratio, or two below the next one.
-SETTLE_AT_ONCE = 0.5
+#: ... and kept after one round below this ratio (no machine's noise makes a 4x gain), or two
+#: rounds below the next one.
+SETTLE_AT_ONCE = 0.25
 SETTLE_BELOW = 0.8
+#: A group whose deduplicated batches keep at least this share of their rows has nothing to save
+#: (no sample repeats another): dropped after its first block, whatever its timing says.
+NO_REPEATS = 0.99
 WARM = 2
 BLOCK = 6
 #: Positions of a block whose step (forward to next forward) is timed.
@@ -223,6 +230,8 @@ class RouteDecider:
         if tag.round > self._closed + 1:  # round r begins: the rounds before it are complete
             self._close_rounds(tag.round - 1)
         last = self._last
+        if last is not None and last[0] == tag:
+            return  # the same batch forwarded again within its step (e.g. two forwards per step)
         follows = last is not None and (last[0].round, last[0].arm, last[0].pos + 1) == (tag.round, tag.arm, tag.pos)
         ends_timed = follows and last is not None and last[0].pos in TIMED
         if tag.round < 0 or not (tag.pos in TIMED or ends_timed):
@@ -251,42 +260,52 @@ class RouteDecider:
             for a, us in zip(self.arms, reduced):
                 if us > 0:
                     a.medians[r] = us / 1e6
+            unique = self._unique()
             for a in self.arms[:-1]:
                 if a.state != "open" or plain <= 0 or r not in a.medians:
                     continue  # nothing new about this arm in round r
                 ratios = _ratios(a, self.arms[-1])
-                if ratios[-1] > DROP_ABOVE:
+                if ratios[-1] > DROP_ABOVE or unique[a.groups[0]] >= NO_REPEATS:
                     a.state = "dropped"
                 elif ratios[-1] < SETTLE_AT_ONCE or (len(ratios) >= 2 and all(x < SETTLE_BELOW for x in ratios[-2:])):
                     a.state = "settled"
             self._closed = r
 
-    def _finish(self, not_measured: str = "") -> None:
+    def _unique(self) -> Dict[str, float]:
+        """u per group over the deduplicated batches so far, summed over ranks (NaN: none yet)."""
         rows = all_reduce_ints([n for g in self.groups for n in self._rows[g]])
-        unique = {g: rows[2 * i + 1] / rows[2 * i] if rows[2 * i] else float("nan") for i, g in enumerate(self.groups)}
+        return {g: rows[2 * i + 1] / rows[2 * i] if rows[2 * i] else float("nan") for i, g in enumerate(self.groups)}
+
+    def _finish(self, not_measured: str = "") -> None:
+        unique = self._unique()
         plain = self.arms[-1]
         decisions = []
         for a in self.arms[:-1]:
             g = a.groups[0]
             ratios = _ratios(a, plain)
             if not ratios:
-                why = not_measured or ("not measured: too few training steps reached the model between its "
-                                       "evaluation forwards")
+                why = not_measured or ("not measured: no two consecutive training steps of a block reached the "
+                                       "model (evaluation forwards or foreign batches between every two)")
                 decisions.append(GroupDecision(g, False, f"{why}. To deduplicate it without measuring, set "
                                                   f'route=dedup in the flag.', unique_fraction=unique[g]))
                 continue
+            both = [r for r in sorted(a.medians) if r in plain.medians]
             ratio = statistics.median(ratios)
-            dedup_s = statistics.median(a.medians[r] for r in a.medians if r in plain.medians)
-            plain_s = statistics.median(plain.medians[r] for r in a.medians if r in plain.medians)
-            kept = a.state == "settled" or (a.state == "open" and ratio <= KEEP_BELOW)
-            how = {"dropped": f"; above {DROP_ABOVE}x in a round, so it was not measured further",
+            dedup_s = statistics.median(a.medians[r] for r in both)
+            plain_s = statistics.median(plain.medians[r] for r in both)
+            # Kept: settled, or the median round at KEEP_BELOW or less and no round slower (a noisy
+            # machine can make one round look faster; all of them rarely).
+            kept = a.state == "settled" or (a.state == "open" and keeps(ratio, 1.0) and max(ratios) < 1.0)
+            how = {"dropped": (f"; above {DROP_ABOVE}x in a round" if max(ratios) > DROP_ABOVE else
+                               "; its batches barely repeat") + ", so it was not measured further",
                    "settled": "; clearly faster, so kept without more rounds"}.get(a.state, "")
-            rule = "" if kept else f" (kept at {KEEP_BELOW}x or less)"
+            rule = "" if kept else f" (kept at {KEEP_BELOW}x or less in the median round and below 1x in every round)"
             cost_s, share = self._cost(a, dedup_s, plain_s, kept)
             cost = f"; measuring cost {cost_s:.2f} s ({100 * share:.1f}% of 1,000 steps)" if cost_s > 0 else ""
+            rounds = ", ".join(f"{x:.2f}" for x in ratios)
             why = (f"{1e3 * dedup_s:.2f} ms per training step deduplicated vs {1e3 * plain_s:.2f} ms plain, "
-                   f"{ratio:.2f}x the time{rule}, measured on this job's own steps (median of {len(ratios)} "
-                   f"round(s) of {len(TIMED)} steps each way{_spread(plain)}){how}{_unique(unique[g])}{cost}")
+                   f"{ratio:.2f}x the time{rule}, measured on this job's own steps ({len(ratios)} round(s) of "
+                   f"{len(TIMED)} steps each way, per round {rounds}{_spread(plain)}){how}{_unique(unique[g])}{cost}")
             decisions.append(GroupDecision(g, kept, why, 1e3 * dedup_s, 1e3 * plain_s, ratio, unique[g], cost_s, share))
         self.decisions = decisions
         self.decided = tuple(d.group for d in decisions if d.kept)
