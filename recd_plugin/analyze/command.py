@@ -53,17 +53,26 @@ def measured_pooling(sample) -> Dict[str, float]:
     return out
 
 
+def feature_dims(cfg) -> Dict[str, int]:
+    """Embedding floats per id of each feature: the dims of every table reading it."""
+    dims: Dict[str, int] = {}
+    for t in cfg.tables.values():
+        dims[t.feature] = dims.get(t.feature, 0) + t.dim
+    return dims
+
+
 def analyze(data: str, model: Optional[str] = None, out: Path = Path("analyze_out"), sample_rows: int = 200_000,
             seed: int = 0, session_key: Optional[str] = None, batch_size: int = 1024, budget: float = 0.01,
             dedup_share: float = 0.5, progress: bool = True, step_ms: Optional[float] = None) -> Dict[str, Any]:
-    """Run the whole analysis; returns {sample, group, fae, des, advice, checks, paths}."""
+    """Run the whole analysis; returns {sample, group, search, fae, des, advice, checks, paths}
+    (``search``: the content search, for data without a session key column; else None)."""
     from recd_plugin._plotting import require_matplotlib
     from recd_plugin.analyze.advice import advise
     from recd_plugin.analyze.check import check_predictions
     from recd_plugin.analyze.des import estimate_des
     from recd_plugin.analyze.fae import analyze_fae
     from recd_plugin.analyze.model import load_model_config
-    from recd_plugin.analyze.recd import BATCH_SIZES, analyze_groups, content_group
+    from recd_plugin.analyze.recd import BATCH_SIZES, analyze_groups, content_report, row_costs, search_content
     from recd_plugin.analyze.route import measure_route_costs
     from recd_plugin.analyze.report import write_report
     from recd_plugin.analyze.sources import load_sample
@@ -82,7 +91,12 @@ def analyze(data: str, model: Optional[str] = None, out: Path = Path("analyze_ou
     cfg = load_model_config(model, s.sparse, s.cardinalities)
     # A session key column decides the group; without one, columns repeating by content may.
     sizes = tuple(sorted(set(BATCH_SIZES) | {batch_size}))  # u at the training batch size itself
-    group = (analyze_groups(s, sizes, seed) if s.session_key is not None else content_group(s, sizes, seed))
+    search = None
+    if s.session_key is not None:
+        group = analyze_groups(s, sizes, seed)
+    else:  # groups ranked by the embedding work they save: ids per row x the model's dims
+        search = search_content(s, row_costs(s, feature_dims(cfg)), seed)
+        group = content_report(s, search, sizes, seed)
     width = sum(t.dim for t in cfg.tables.values() if group is not None and t.feature in group.features)
     costs = measure_route_costs(s, group, batch_size, width or None) if group is not None else None
     fae = analyze_fae(s, cfg, budget=budget, seed=seed, progress=progress)
@@ -91,9 +105,10 @@ def analyze(data: str, model: Optional[str] = None, out: Path = Path("analyze_ou
     hot_path = out / "hot.npz"
     if fae.hot is not None:
         fae.hot.save(hot_path)
-    advice = advise(s, group, fae, est, hot_path, batch_size, dedup_share, costs, step_ms)
+    advice = advise(s, group, fae, est, hot_path, batch_size, dedup_share, costs, step_ms, search)
     checks = check_predictions(data, s, group, fae, dedup_share)
-    result = {"sample": s, "group": group, "fae": fae, "des": est, "advice": advice, "checks": checks}
+    result = {"sample": s, "group": group, "search": search, "fae": fae, "des": est, "advice": advice,
+              "checks": checks}
     result["paths"] = write_report(result, out)
     (out / "summary.json").write_text(json.dumps(_summary(result), indent=2, default=_jsonable) + "\n")
     result["paths"]["summary"] = out / "summary.json"
@@ -118,6 +133,7 @@ def _summary(r: Dict[str, Any]) -> Dict[str, Any]:
                     "why": a.why} for a in r["advice"].items],
         "recd": None if g is None else {"key": g.key, "features": g.features, "batch_sizes": g.batch_sizes,
                                         "stored": g.stored, "clustered": g.clustered, "shuffled": g.shuffled},
+        "content_search": _search_summary(r.get("search")),
         "fae": {"skew": fae.skew, "hot_fraction": {str(k): _nan_none(v) for k, v in fae.hot_fraction.items()},
                 "heldout_hot_fraction": fae.heldout_hot_fraction,
                 "static_vs_lru": fae.traffic.ratio("lru") if fae.traffic else None},
@@ -125,6 +141,18 @@ def _summary(r: Dict[str, Any]) -> Dict[str, Any]:
         "checks": [{"benchmark": c.benchmark, "quantity": c.quantity, "predicted": c.predicted,
                     "measured": c.measured, "relative_error": c.relative_error, "note": c.note} for c in r["checks"]],
     }
+
+
+def _search_summary(search) -> Optional[Dict[str, Any]]:
+    """The content search's columns and every group it tried (None with a session key column)."""
+    if search is None:
+        return None
+    return {"batch_size": search.batch_size, "rows": search.rows, "own_u": search.own,
+            "considered": search.considered, "combined": search.combined, "repeating": search.repeating,
+            "tried": [{"features": list(t.features), "u": t.u, "saved": t.saved, "entity": t.entity,
+                       "independent_part": None if t.split is None else list(t.split), "ratio": t.ratio}
+                      for t in search.tried],
+            "chosen": None if search.chosen is None else list(search.chosen.features)}
 
 
 def run(args: argparse.Namespace) -> None:

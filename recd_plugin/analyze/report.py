@@ -98,6 +98,16 @@ def _md_to_html(md: str) -> str:
     return _table(rows[0], rows[1:]) if rows else ""
 
 
+def _search_table(search) -> str:
+    """The content search: every column's own u, then the groups tried, in order."""
+    cols = _table([f"column (own u at batch {search.batch_size}, stored)", "u", "considered"],
+                  [[c, u, "yes" if c in search.considered else "no (u > bound)"] for c, u in search.own.items()])
+    tried = _table([f"group tried (first {search.rows:,} rows)", "joint u", "work saved", "verdict"],
+                   [[", ".join(t.features), t.u, t.saved, "chosen: one entity" if t.entity else
+                     f"{', '.join(t.split)} independent of the rest"] for t in search.tried])
+    return "<h3>Content search (no session key column)</h3>" + cols + tried
+
+
 def summary_text(r: Dict[str, Any]) -> str:
     """The short text the command prints."""
     s = r["sample"]
@@ -133,6 +143,8 @@ def write_report(r: Dict[str, Any], out: Path) -> Dict[str, Path]:
         parts.append(_img(paths["unique_fraction"]))
         parts.append(_table(["feature", "distinct values per row (B=1024, stored)"],
                             [[f, u] for f, u in group.per_feature.items()]))
+    if r.get("search") is not None:
+        parts.append(_search_table(r["search"]))
     parts.append("<h2>FAE: access skew and hot samples</h2>")
     if fae is not None:
         paths["fae"] = plot_fae(fae, out / "fae_skew.png")

@@ -36,7 +36,7 @@ from recd_plugin.errors import AnalyzeError, did_you_mean
 from recd_plugin.storage.parquet_input import open_parquet
 
 #: Integer columns that are not embedding features in the common formats.
-NOT_FEATURES = {"label", "timestamp"}
+NOT_FEATURES = {"label", "click", "timestamp"}
 _READ_ROWS = 65_536
 _HASH_SEED = 0x5EED
 
