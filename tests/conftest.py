@@ -304,6 +304,21 @@ class RecModel(nn.Module):
         return self.head(z).squeeze(-1)
 
 
+def sgd_losses(model: nn.Module, loader, loss_of=None, lr: float = 0.1) -> List[float]:
+    """Per-step losses of plain SGD over ``loader``; ``loss_of(model, batch)`` (default: BCE of
+    ``model(batch)`` against the batch's labels)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for b in loader:
+        opt.zero_grad()
+        loss = loss_of(model, b) if loss_of is not None else \
+            nn.functional.binary_cross_entropy_with_logits(model(b), b.labels)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
 def has_hooks(model: nn.Module) -> List[str]:
     """Names of modules that carry any forward (pre-)hook."""
     return [

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from conftest import assert_kjt_equal, jagged_cases, session_batch
+from conftest import assert_kjt_equal, jagged_cases, session_batch, sgd_losses
 import recd_plugin
 from recd_plugin import RecDConfig
 from recd_plugin.bench.reads_batch import FLAG, ReadsBatch, with_position
@@ -23,18 +23,8 @@ from recd_plugin.sparse.ikjt import build_ikjt
 CARD = {"user_id": 20, "history": 30, "item_id": 30, "position": 64}
 
 
-def _train(model: torch.nn.Module, loader, steps: int = 1000) -> List[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = []
-    for i, b in enumerate(loader):
-        if i == steps:
-            break
-        opt.zero_grad()
-        loss, _ = model(b)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    return losses
+def _train(model: torch.nn.Module, loader) -> List[float]:
+    return sgd_losses(model, loader, lambda m, b: m(b)[0])  # ReadsBatch returns (loss, ...)
 
 
 @pytest.mark.parametrize("tower", [False, True])

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from conftest import RecModel, session_batch
+from conftest import RecModel, session_batch, sgd_losses
 import recd_plugin
 from recd_plugin import ConfigError, RecDConfig
 from recd_plugin.modules.recd import decider_of
@@ -209,28 +209,14 @@ def test_keep_rule() -> None:
 # apply on real models: whatever is decided, the same math; random states untouched.
 
 
-def _train(model: torch.nn.Module, loader, steps: int = 1000) -> List[float]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = []
-    for i, b in enumerate(loader):
-        if i == steps:
-            break
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), b.labels)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    return losses
-
-
 def test_training_through_the_decision_equals_plugin_off(capsys) -> None:
     torch.manual_seed(0)
     base = RecModel()
     batches = [session_batch(s, batch=64, sessions=4) for s in range(60)]
-    plain = _train(copy.deepcopy(base), batches)
+    plain = sgd_losses(copy.deepcopy(base), batches)
     model, loader = recd_plugin.apply(RecDConfig.from_string(USER + "; towers.user_tower=user"),
                                       copy.deepcopy(base), batches)
-    mine = _train(model, loader)
+    mine = sgd_losses(model, loader)
     torch.testing.assert_close(torch.tensor(mine), torch.tensor(plain), rtol=0, atol=1e-5)
     out = capsys.readouterr().out
     assert "will be decided on the first training steps" in out

@@ -491,9 +491,8 @@ class DedupLoader:
         return self._specs[groups]
 
     def _route(self) -> Tuple[Tuple[str, ...], Any]:
-        every = tuple(g.name for g in self.spec.groups)
         if self.router is None:
-            return every, None
+            return tuple(g.name for g in self.spec.groups), None
         if self.follow:
             return self.router.best_guess(), None
         return self.router.route()
@@ -505,8 +504,7 @@ class DedupLoader:
             if isinstance(kjt, DedupKJT):  # built in a worker, for every group, with the plain KJT
                 out = self._from_worker(batch, where, kjt, groups, tag)
             elif not groups:  # TorchRec's plain route: the batch as it is (expanded if it came deduplicated)
-                plain = expand(kjt) if kjt.inverse_indices_or_none() is not None else kjt
-                out = with_kjt(batch, where, plain if tag is None else DedupKJT.of(plain, (), tag))
+                out = _plain_route(batch, where, expand(kjt) if kjt.inverse_indices_or_none() is not None else kjt, tag)
             else:
                 # Also taken when workers were started before the wrap (persistent_workers
                 # keeps the old collate_fn): deduplicate here rather than pass plain batches.
@@ -517,17 +515,22 @@ class DedupLoader:
                 out_kjt.route_tag = tag
             spec = self._spec(groups)
             self.stats.add(spec, batch_samples(kjt), out_kjt)
-            if self.router is not None and not self.follow and groups:
-                for g in spec.groups:
+            if self.router is not None and not self.follow and groups and self.router.decided is None:
+                for g in spec.groups:  # the decision's count of u (it drops a group without repeats)
                     self.router.count_rows(g.name, batch_samples(kjt), unique_count(out_kjt, g.all_features[0]))
             yield out
 
     def _from_worker(self, batch: Any, where: str, kjt: DedupKJT, groups: Tuple[str, ...], tag: Any) -> Any:
         """A worker's batch (an IKJT of every group, plus the plain KJT) on the route asked for."""
-        plain = kjt.plain()
         if not groups:
-            return with_kjt(batch, where, plain if tag is None else DedupKJT.of(plain, (), tag))
+            return _plain_route(batch, where, kjt.plain(), tag)
         if groups == kjt.dedup_groups:
             return with_kjt(batch, where, DedupKJT.of(kjt.ikjt(), groups, tag))  # the plain KJT stays behind
         return with_kjt(batch, where, DedupKJT.of(from_ikjt(kjt.ikjt(), self._spec(groups), aligned=self.aligned),
                                                   groups, tag))
+
+
+def _plain_route(batch: Any, where: str, plain: KeyedJaggedTensor, tag: Any) -> Any:
+    """``batch`` with its plain KJT: as it is once decided; while the route is measured, in a
+    ``DedupKJT`` without groups that carries the schedule's tag to the model's forward."""
+    return with_kjt(batch, where, plain if tag is None else DedupKJT.of(plain, (), tag))
