@@ -23,9 +23,10 @@ from typing import Any, List, Optional
 
 MODULES = [
     "recd_plugin", "recd_plugin.config", "recd_plugin.technique", "recd_plugin.plugin", "recd_plugin.errors",
-    "recd_plugin.sparse.ikjt", "recd_plugin.transforms.dedup", "recd_plugin.modules.swap",
+    "recd_plugin.sparse.ikjt", "recd_plugin.sparse.dedup_kjt", "recd_plugin.transforms.dedup",
+    "recd_plugin.transforms.route", "recd_plugin.modules.swap",
     "recd_plugin.modules.recd", "recd_plugin.modules.dedup_ec", "recd_plugin.modules.dedup_ebc", "recd_plugin.modules.tower",
-    "recd_plugin.modules.gather", "recd_plugin.modules.probe", "recd_plugin.modules.batchnorm",
+    "recd_plugin.modules.gather", "recd_plugin.modules.batchnorm",
     "recd_plugin.sparse.ids",
     "recd_plugin.data", "recd_plugin.data.criteo", "recd_plugin.data.builtin", "recd_plugin.storage",
     "recd_plugin.fae.profile", "recd_plugin.fae.hotset", "recd_plugin.fae.access", "recd_plugin.fae.trace",
