@@ -123,13 +123,15 @@ def test_a_clearly_slower_route_is_dropped_after_one_round_and_costs_little() ->
     assert "measuring cost" in d.decisions[0].reason
 
 
-@pytest.mark.parametrize("dedup, rounds", [(0.002, 1), (0.007, 2)])
-def test_a_clearly_faster_route_is_kept_without_more_rounds(dedup: float, rounds: int) -> None:
-    """At 0.2x plain, one round settles it; at 0.7x, two."""
+@pytest.mark.parametrize("dedup, plain_steps", [(0.002, 2 + 1 + 1), (0.007, 2 * BLOCK)])
+def test_a_clearly_faster_route_is_kept_without_more_rounds(dedup: float, plain_steps: int) -> None:
+    """At 0.2x plain, the first timed plain step settles it and the plain block stops (two
+    steps, the timed one, and the one the loader handed ahead); at 0.7x, two rounds."""
     d = RouteDecider(["user"])
     FakeJob(d, _times(dedup, 0.010), lag=1).run(80)
     assert d.decided == ("user",) and d.arms[0].state == "settled"
-    assert d.arms[1].handed == rounds * BLOCK  # no plain block after it settled
+    assert d.arms[1].handed == plain_steps
+    assert d.decisions[0].ratio == pytest.approx(dedup / 0.010, rel=1e-3)
 
 
 def test_a_group_without_repeats_is_dropped_whatever_a_noisy_clock_says() -> None:

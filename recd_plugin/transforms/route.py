@@ -25,8 +25,9 @@ ranks (maximum: the slowest rank sets a synchronous job's pace), so all ranks de
 the same step. An arm slower than ``DROP_ABOVE`` x plain in a round is dropped (plain route for
 its group, no more blocks), and so is one whose batches barely repeat (unique fraction at least
 ``NO_REPEATS``: nothing to save, whatever a noisy clock says); one below ``SETTLE_AT_ONCE`` x
-plain in a round, or below ``SETTLE_BELOW`` x in two, is kept without more rounds (each plain
-block of a large gain costs what the gain would have saved). Otherwise a group is kept when the
+plain in a round (already at the first timed plain step: the plain block then stops), or below
+``SETTLE_BELOW`` x in two, is kept without more rounds (each plain step of a large gain costs
+many deduplicated ones). Otherwise a group is kept when the
 median over rounds of (its arm / plain) is at most :data:`KEEP_BELOW` (:func:`keeps`, the rule
 ``recd-plugin analyze`` applies to its predictions) and no round saw it slower than plain: on a
 busy machine one round can look faster by chance, all of them rarely.
@@ -240,11 +241,25 @@ class RouteDecider:
         self.sync(device)  # a measurement point: the step before it is over on the device too
         now = self.clock()
         if ends_timed and last is not None:
-            self.arms[tag.arm].samples.setdefault(tag.round, []).append(now - last[1])
+            samples = self.arms[tag.arm].samples.setdefault(tag.round, [])
+            samples.append(now - last[1])
             self._timed += 1
+            if tag.round == 0 and tag.arm == len(self.arms) - 1 and len(samples) == 1:
+                self._settle_early()
             if self._round_complete(tag.round):  # close it now, so the next blocks see the result
                 self._close_rounds(tag.round)
         self._last = (tag, now)
+
+    def _settle_early(self) -> None:
+        """At the first timed plain step: a group whose round-0 steps already take under
+        ``SETTLE_AT_ONCE`` of it is kept now, and the plain block stops (each plain step of a
+        large gain costs many deduplicated ones). Reduced over ranks, at the same step on each."""
+        plain = self.arms[-1]
+        local = [round(1e6 * statistics.median(a.samples[0])) if a.samples.get(0) else -1 for a in self.arms[:-1]]
+        reduced = all_reduce_ints(local + [round(1e6 * plain.samples[0][0])], "max")
+        for a, us in zip(self.arms[:-1], reduced[:-1]):
+            if a.state == "open" and 0 < us < SETTLE_AT_ONCE * reduced[-1]:
+                a.state, a.medians[0], plain.medians[0] = "settled", us / 1e6, reduced[-1] / 1e6
 
     def _round_complete(self, r: int) -> bool:
         """Every arm still timed in round ``r`` has all its steps of the round."""
